@@ -1,0 +1,1 @@
+//! Benchmarks only; see frame.rs and mask.rs.

@@ -1,0 +1,283 @@
+//! The audit log of audit.md: one JSON object per line, written by a dedicated task that never
+//! drops a line (senders wait when it is behind), flushed on shutdown, reopened on SIGHUP.
+//! Receives no row data, bind values or literals: statements arrive already normalized.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::session::SessionInfo;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    QueryBlocked,
+    RowLimit,
+    RawAccess,
+    RulesReloaded,
+    RulesRejected,
+    AuthFailed,
+    TlsRejected,
+    ProtocolError,
+    /// A `monitor`-mode rule matched: the statement ran and would have been blocked.
+    QueryFlagged,
+}
+
+/// One audit line. Optional fields are omitted when empty.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub ts: String,
+    pub event: EventKind,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub session: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub client: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub database: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub application: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statement: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<&'static str>,
+    /// SHA-256 of the previous line (tamper evidence); set by the writer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
+}
+
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    now.format(&fmt).unwrap_or_default()
+}
+
+impl Event {
+    pub fn new(event: EventKind) -> Self {
+        Event {
+            ts: now_rfc3339(),
+            event,
+            session: String::new(),
+            client: String::new(),
+            user: String::new(),
+            database: String::new(),
+            application: String::new(),
+            rule: None,
+            reason: None,
+            statement: None,
+            fingerprint: None,
+            tables: Vec::new(),
+            columns: Vec::new(),
+            rows: None,
+            mode: None,
+            prev: None,
+        }
+    }
+
+    pub fn session(event: EventKind, info: &SessionInfo) -> Self {
+        Event {
+            session: info.id.clone(),
+            client: info.client.clone(),
+            user: info.user.clone(),
+            database: info.database.clone(),
+            application: info.application.clone(),
+            ..Self::new(event)
+        }
+    }
+
+    #[must_use]
+    pub fn reason(mut self, reason: &str) -> Self {
+        self.reason = Some(reason.to_owned());
+        self
+    }
+
+    #[must_use]
+    pub fn rule(mut self, rule: &str) -> Self {
+        self.rule = Some(rule.to_owned());
+        self
+    }
+}
+
+enum Msg {
+    Line(Box<Event>),
+    Reopen,
+}
+
+/// The sending side, cheap to clone. With no path configured, events are only counted.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    tx: Option<mpsc::Sender<Msg>>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("audit message")
+    }
+}
+
+/// Owns the writer task; `finish` waits until every line is written and flushed.
+#[derive(Debug)]
+pub struct AuditWriter {
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot open audit log {path}: {source}")]
+    Open { path: String, source: std::io::Error },
+}
+
+impl Audit {
+    pub fn disabled() -> Self {
+        Audit { tx: None }
+    }
+
+    /// Starts the writer for `path` (`-` is standard output).
+    pub fn start(path: &str, chain: bool, metrics: Arc<Metrics>) -> Result<(Audit, AuditWriter), AuditError> {
+        let target = Target::open(path)?;
+        let (tx, mut rx) = mpsc::channel::<Msg>(4096);
+        let path = path.to_owned();
+        // A plain thread: file writes block, and this keeps them off the async workers.
+        let handle = std::thread::Builder::new()
+            .name("pgveil-audit".to_owned())
+            .spawn(move || {
+                let mut target = target;
+                let mut prev: Option<String> = None;
+                while let Some(msg) = rx.blocking_recv() {
+                    match msg {
+                        Msg::Reopen => match Target::open(&path) {
+                            Ok(t) => target = t,
+                            Err(e) => tracing::error!(error = %e, "audit log reopen failed; keeping the old file"),
+                        },
+                        Msg::Line(mut event) => {
+                            let started = Instant::now();
+                            if chain {
+                                event.prev = Some(prev.take().unwrap_or_else(|| "0".repeat(64)));
+                            }
+                            let Ok(mut line) = serde_json::to_string(&event) else { continue };
+                            if chain {
+                                prev = Some(hex::encode(Sha256::digest(line.as_bytes())));
+                            }
+                            line.push('\n');
+                            // One write per line, and flush before taking the next: lines are
+                            // never split or interleaved, and nothing waits in a buffer.
+                            loop {
+                                match target.write_line(line.as_bytes()) {
+                                    Ok(()) => break,
+                                    Err(e) => {
+                                        tracing::error!(error = %e, "audit log write failed; retrying");
+                                        std::thread::sleep(std::time::Duration::from_millis(200));
+                                    }
+                                }
+                            }
+                            metrics.audit_lines_total.fetch_add(1, Relaxed);
+                            let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                            metrics.audit_write_nanos_sum.fetch_add(nanos, Relaxed);
+                        }
+                    }
+                }
+            })
+            .map_err(|source| AuditError::Open { path: "(thread)".to_owned(), source })?;
+        Ok((Audit { tx: Some(tx) }, AuditWriter { handle: Some(handle) }))
+    }
+
+    /// Queues an event. Never drops it: if the writer is behind, this waits for room (from
+    /// async code use [`Audit::send`], which yields instead of blocking).
+    pub fn log(&self, event: Event) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(Msg::Line(Box::new(event))) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                let tx = tx.clone();
+                // Back-pressure without blocking a runtime worker: a task waits for room.
+                tokio::spawn(async move {
+                    let _ = tx.send(msg).await;
+                });
+            }
+        }
+    }
+
+    /// Queues an event, waiting for room: back-pressure on the caller, never loss.
+    pub async fn send(&self, event: Event) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Line(Box::new(event))).await;
+        }
+    }
+
+    /// Asks the writer to reopen its file (after logrotate moved it).
+    pub fn reopen(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.try_send(Msg::Reopen);
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+}
+
+impl AuditWriter {
+    /// Waits for every queued line to be written. Call after the last `Audit` clone is dropped.
+    pub fn finish(mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+enum Target {
+    Stdout,
+    File(std::fs::File),
+}
+
+impl Target {
+    fn open(path: &str) -> Result<Target, AuditError> {
+        if path == "-" {
+            return Ok(Target::Stdout);
+        }
+        let p = PathBuf::from(path);
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map(Target::File)
+            .map_err(|source| AuditError::Open { path: path.to_owned(), source })
+    }
+
+    fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+        match self {
+            Target::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(line)?;
+                out.flush()
+            }
+            Target::File(f) => {
+                f.write_all(line)?;
+                f.flush()
+            }
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Operator settings: the configuration file of config.md, with `PGVEIL_<SECTION>_<KEY>`
+//! environment overrides. Validated once at load; the rest of the proxy reads plain structs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: String,
+    pub upstream: Upstream,
+    pub tls: ClientTls,
+    pub auth: Auth,
+    pub catalog: Catalog,
+    pub rules: Option<PathBuf>,
+    pub audit: Audit,
+    pub admin: Admin,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:6432".to_owned(),
+            upstream: Upstream::default(),
+            tls: ClientTls::default(),
+            auth: Auth::default(),
+            catalog: Catalog::default(),
+            rules: None,
+            audit: Audit::default(),
+            admin: Admin::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upstream {
+    /// A host name or address, or a directory holding the server's Unix socket (as libpq allows).
+    pub host: String,
+    pub port: u16,
+    pub tls: UpstreamTls,
+    pub ca: Option<PathBuf>,
+    /// Time allowed for connecting to the server.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream {
+            host: "127.0.0.1".to_owned(),
+            port: 5432,
+            tls: UpstreamTls::Prefer,
+            ca: None,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Upstream {
+    /// Whether `host` names a Unix socket directory.
+    pub fn is_unix(&self) -> bool {
+        self.host.starts_with('/')
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        Path::new(&self.host).join(format!(".s.PGSQL.{}", self.port))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    Disable,
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTls {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub clients: ClientTlsMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTlsMode {
+    Disable,
+    #[default]
+    Allow,
+    Require,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    pub mode: AuthMode,
+    pub query: Option<String>,
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    #[default]
+    Relay,
+    Scram,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Catalog {
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Audit {
+    /// `-` for standard output; unset for no audit log.
+    pub path: Option<String>,
+    pub raw_access: bool,
+    /// Each line carries the SHA-256 of the previous line (`pgveil audit verify` checks it).
+    pub chain: bool,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit { path: None, raw_access: false, chain: true }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_connections: usize,
+    #[serde(with = "duration")]
+    pub startup_timeout: Duration,
+    /// How long SIGTERM waits for sessions to finish before closing them.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 2000,
+            startup_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+const SECTIONS: &[&str] = &["upstream", "tls", "auth", "catalog", "audit", "admin", "limits"];
+const TOP_LEVEL: &[&str] = &["listen", "rules"];
+
+impl Config {
+    /// Reads the file (if any), applies `PGVEIL_*` environment overrides and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (src, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "(environment)".to_owned()),
+        };
+        Self::from_yaml_with_env(&src, &name, std::env::vars())
+    }
+
+    /// Parses YAML text and applies environment-style overrides (`PGVEIL_SECTION_KEY=value`).
+    pub fn from_yaml_with_env(
+        src: &str,
+        name: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid { path: name.to_owned(), message };
+        let mut tree: serde_json::Value = if src.trim().is_empty() {
+            serde_json::Value::Object(serde_json::Map::new())
+        } else {
+            serde_saphyr::from_str(src).map_err(|e| invalid(e.to_string()))?
+        };
+        let serde_json::Value::Object(root) = &mut tree else {
+            return Err(invalid("the configuration must be a mapping".to_owned()));
+        };
+        for (var, raw) in env {
+            let Some(rest) = var.strip_prefix("PGVEIL_") else { continue };
+            let rest = rest.to_ascii_lowercase();
+            let value = scalar(&raw);
+            if TOP_LEVEL.contains(&rest.as_str()) {
+                root.insert(rest, value);
+            } else if let Some((section, key)) = rest.split_once('_').filter(|(s, _)| SECTIONS.contains(s)) {
+                let entry =
+                    root.entry(section.to_owned()).or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+                if let serde_json::Value::Object(map) = entry {
+                    map.insert(key.to_owned(), value);
+                }
+            }
+        }
+        let config: Config = serde_json::from_value(tree).map_err(|e| invalid(e.to_string()))?;
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.listen
+            .parse::<SocketAddr>()
+            .map_err(|e| format!("listen: {:?} is not an address:port ({e})", self.listen))?;
+        if let Some(admin) = &self.admin.listen {
+            admin.parse::<SocketAddr>().map_err(|e| format!("admin.listen: {admin:?}: {e}"))?;
+        }
+        if self.tls.clients != ClientTlsMode::Disable && (self.tls.cert.is_none() != self.tls.key.is_none()) {
+            return Err("tls: cert and key must be given together".to_owned());
+        }
+        if self.tls.clients == ClientTlsMode::Require && self.tls.cert.is_none() {
+            return Err("tls.clients is require but tls.cert and tls.key are not set".to_owned());
+        }
+        if self.upstream.tls == UpstreamTls::VerifyFull && self.upstream.ca.is_none() {
+            return Err("upstream.tls is verify-full but upstream.ca is not set".to_owned());
+        }
+        if self.auth.mode == AuthMode::Scram && self.auth.query.is_none() && self.auth.file.is_none() {
+            return Err("auth.mode is scram but neither auth.query nor auth.file is set".to_owned());
+        }
+        if self.limits.max_connections == 0 {
+            return Err("limits.max_connections must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// An environment value as YAML would read it (numbers and booleans typed), else a string.
+fn scalar(raw: &str) -> serde_json::Value {
+    match serde_saphyr::from_str::<serde_json::Value>(raw) {
+        Ok(v @ (serde_json::Value::Bool(_) | serde_json::Value::Number(_))) => v,
+        _ => serde_json::Value::String(raw.to_owned()),
+    }
+}
+
+/// Durations written as `10s`, `500ms`, `2m` or `1h` (a bare number is seconds).
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn parse(s: &str) -> Option<Duration> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: f64 = num.parse().ok()?;
+        let secs = match unit.trim() {
+            "" | "s" => n,
+            "ms" => n / 1000.0,
+            "m" | "min" => n * 60.0,
+            "h" => n * 3600.0,
+            "d" => n * 86400.0,
+            _ => return None,
+        };
+        Duration::try_from_secs_f64(secs).ok()
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(f64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Duration::try_from_secs_f64(n).map_err(serde::de::Error::custom),
+            Raw::Str(s) => parse(&s).ok_or_else(|| serde::de::Error::custom(format!("invalid duration {s:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file() {
+        let src = "listen: 127.0.0.1:7000\nupstream:\n  port: 5432\nlimits:\n  startup_timeout: 3s\n";
+        let env = [
+            ("PGVEIL_UPSTREAM_PORT".to_owned(), "6543".to_owned()),
+            ("PGVEIL_LIMITS_MAX_CONNECTIONS".to_owned(), "5".to_owned()),
+            ("PGVEIL_HASH_KEY".to_owned(), "secret".to_owned()),
+            ("PGVEIL_RULES".to_owned(), "/tmp/r.yaml".to_owned()),
+        ];
+        let c = Config::from_yaml_with_env(src, "t.yaml", env).unwrap();
+        assert_eq!(c.upstream.port, 6543);
+        assert_eq!(c.limits.max_connections, 5);
+        assert_eq!(c.limits.startup_timeout, Duration::from_secs(3));
+        assert_eq!(c.rules.as_deref(), Some(Path::new("/tmp/r.yaml")));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let e = Config::from_yaml_with_env("listen: 1.2.3.4:5\nupstrem: {}\n", "t.yaml", []).unwrap_err();
+        assert!(e.to_string().contains("upstrem"), "{e}");
+        let e = Config::from_yaml_with_env("upstream: {tls: maybe}\n", "t.yaml", []).unwrap_err();
+        assert!(e.to_string().contains("maybe"), "{e}");
+        let e = Config::from_yaml_with_env("tls: {clients: require}\n", "t.yaml", []).unwrap_err();
+        assert!(e.to_string().contains("tls.cert"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration::parse("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(duration::parse("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(duration::parse("ten"), None);
+    }
+}

@@ -1,0 +1,78 @@
+//! pgveil: a PostgreSQL wire-protocol proxy that masks protected columns and blocks
+//! over-broad statements for the roles a rules file names.
+//!
+//! Reading order: `config` (operator settings) → `server` (accept loop, limits, shutdown) →
+//! `session` (one connection: handshake, upstream, authentication, relay) → `forward` (the
+//! byte pump) → `protocol` (sans-IO wire format). Around them: `tls`, `cancel`, `audit`,
+//! `metrics`, `admin`.
+
+pub mod admin;
+pub mod audit;
+pub mod cancel;
+pub mod config;
+pub mod forward;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod tls;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use tokio_util::sync::CancellationToken;
+
+pub use server::serve;
+
+/// Everything sessions share: passed as `Arc<Shared>`, never global, so two proxies can run in
+/// one process (the tests do).
+pub struct Shared {
+    pub config: config::Config,
+    pub server_tls: Option<tls::ServerTls>,
+    pub upstream_tls: Option<tokio_rustls::TlsConnector>,
+    pub cancel: Arc<cancel::CancelMap>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub audit: audit::Audit,
+    /// Set while the proxy accepts clients (`/readyz`).
+    pub ready: AtomicBool,
+    /// Cancelled when SIGTERM arrives: new sessions are refused.
+    pub stop_accepting: CancellationToken,
+    /// Cancelled when the grace period is over: open sessions are closed.
+    pub hard_stop: CancellationToken,
+    /// Notified on SIGHUP: the rules watcher reloads the file.
+    pub reload: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Builds the shared state from a validated configuration, loading certificates.
+    pub fn new(
+        config: config::Config,
+        audit: audit::Audit,
+        metrics: Arc<metrics::Metrics>,
+    ) -> Result<Shared, tls::TlsError> {
+        let server_tls = match (&config.tls.cert, &config.tls.key, config.tls.clients) {
+            (_, _, config::ClientTlsMode::Disable) => None,
+            (Some(cert), Some(key), _) => Some(tls::server_tls(cert, key)?),
+            _ => None,
+        };
+        let upstream_tls = tls::upstream_connector(&config)?;
+        Ok(Shared {
+            config,
+            server_tls,
+            upstream_tls,
+            cancel: Arc::default(),
+            metrics,
+            audit,
+            ready: AtomicBool::new(false),
+            stop_accepting: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            reload: tokio::sync::Notify::new(),
+        })
+    }
+}

@@ -1,0 +1,100 @@
+//! The `pgveil` command: arguments → telemetry → configuration → `proxy::serve`.
+#![allow(clippy::print_stderr, clippy::print_stdout)] // a CLI prints its findings
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "pgveil",
+    version,
+    about = "PostgreSQL proxy that masks protected columns and blocks over-broad reads"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// The configuration file (config.md); every key can be overridden by PGVEIL_<SECTION>_<KEY>.
+        #[arg(long, short, env = "PGVEIL_CONFIG")]
+        config: Option<PathBuf>,
+        /// Log format.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config, log_format } => {
+            init_tracing(&log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("pgveil: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pgveil: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGVEIL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = proxy::config::Config::load(config_path.as_deref())?;
+    let metrics = Arc::new(proxy::metrics::Metrics::default());
+    let (audit, writer) = match &config.audit.path {
+        Some(path) => {
+            let (a, w) = proxy::audit::Audit::start(path, config.audit.chain, Arc::clone(&metrics))?;
+            (a, Some(w))
+        }
+        None => (proxy::audit::Audit::disabled(), None),
+    };
+    let listener = tokio::net::TcpListener::bind(&config.listen).await?;
+    let admin = match &config.admin.listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let shared = Arc::new(proxy::Shared::new(config, audit.clone(), metrics)?);
+    tracing::info!(listen = %shared.config.listen, upstream = %format!("{}:{}", shared.config.upstream.host, shared.config.upstream.port), "pgveil ready");
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(admin) = admin {
+        tokio::spawn(proxy::admin::serve(admin, Arc::clone(&shared), admin_stop.clone()));
+    }
+    let signals = proxy::server::signals(Arc::clone(&shared));
+    proxy::serve(listener, Arc::clone(&shared), signals).await;
+    admin_stop.cancel();
+    drop(shared);
+    drop(audit);
+    if let Some(w) = writer {
+        // Every queued line is on disk before the process exits.
+        tokio::task::spawn_blocking(move || w.finish()).await?;
+    }
+    tracing::info!("pgveil stopped");
+    Ok(())
+}

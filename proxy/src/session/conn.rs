@@ -1,0 +1,58 @@
+//! A stream plus its read buffer: frames are split off the buffer as frozen slices.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::protocol::{Direction, Frame, decode};
+use crate::session::SessionError;
+
+const READ_CHUNK: usize = 16 * 1024;
+
+#[derive(Debug)]
+pub struct Conn<S> {
+    pub io: S,
+    pub rbuf: BytesMut,
+    dir: Direction,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    pub fn new(io: S, dir: Direction, leftover: BytesMut) -> Self {
+        let mut rbuf = leftover;
+        rbuf.reserve(READ_CHUNK);
+        Conn { io, rbuf, dir }
+    }
+
+    /// Reads the next whole frame; `Ok(None)` at a clean end of stream between frames.
+    pub async fn read_frame(&mut self) -> Result<Option<Frame>, SessionError> {
+        loop {
+            if let Some(frame) = decode(&mut self.rbuf, self.dir).map_err(|e| SessionError::frame(self.dir, e))? {
+                return Ok(Some(frame));
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            let n = self.io.read_buf(&mut self.rbuf).await.map_err(|e| SessionError::io(self.dir, e))?;
+            if n == 0 {
+                return if self.rbuf.is_empty() { Ok(None) } else { Err(SessionError::Truncated(self.dir)) };
+            }
+        }
+    }
+
+    /// The next frame if one is already buffered, without reading.
+    pub fn buffered_frame(&mut self) -> Result<Option<Frame>, SessionError> {
+        decode(&mut self.rbuf, self.dir).map_err(|e| SessionError::frame(self.dir, e))
+    }
+
+    pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        let to = match self.dir {
+            Direction::FromClient => Direction::FromServer,
+            Direction::FromServer => Direction::FromClient,
+        };
+        // A write error is the peer we write to going away; name that side.
+        self.io.write_all(bytes).await.map_err(|e| SessionError::io(to, e))
+    }
+
+    pub async fn flush(&mut self) -> Result<(), SessionError> {
+        self.io.flush().await.map_err(|e| SessionError::io(self.dir, e))
+    }
+}

@@ -1,0 +1,58 @@
+//! The server leg: connecting (TCP or Unix socket), TLS negotiation with SSLRequest, and the
+//! channel-binding material of the server's certificate.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_util::either::Either;
+
+use crate::Shared;
+use crate::config::UpstreamTls;
+use crate::protocol::messages;
+use crate::session::SessionError;
+
+pub type ServerStream = Either<Either<TcpStream, UnixStream>, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Opens a connection to PostgreSQL, negotiating TLS as `upstream.tls` says.
+pub async fn connect(shared: &Shared) -> Result<ServerStream, SessionError> {
+    let up = &shared.config.upstream;
+    let timeout = up.connect_timeout;
+    let fail = |e: String| SessionError::Connect(e);
+    if up.is_unix() {
+        let path = up.socket_path();
+        let sock = tokio::time::timeout(timeout, UnixStream::connect(&path))
+            .await
+            .map_err(|_| fail(format!("timed out connecting to {}", path.display())))?
+            .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        return Ok(Either::Left(Either::Right(sock)));
+    }
+    let addr = format!("{}:{}", up.host, up.port);
+    let mut tcp = tokio::time::timeout(timeout, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| fail(format!("timed out connecting to {addr}")))?
+        .map_err(|e| fail(format!("{addr}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let Some(connector) = shared.upstream_tls.as_ref() else {
+        return Ok(Either::Left(Either::Left(tcp)));
+    };
+    tcp.write_all(&messages::ssl_request()).await.map_err(|e| fail(format!("{addr}: {e}")))?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(|e| fail(format!("{addr}: {e}")))?;
+    match answer[0] {
+        b'S' => {
+            let name = crate::tls::upstream_name(&up.host);
+            let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
+                .await
+                .map_err(|_| fail(format!("TLS handshake with {addr} timed out")))?
+                .map_err(|e| fail(format!("TLS handshake with {addr} failed: {e}")))?;
+            Ok(Either::Right(tls))
+        }
+        b'N' if up.tls == UpstreamTls::Prefer => Ok(Either::Left(Either::Left(tcp))),
+        b'N' => Err(SessionError::UpstreamTlsRefused),
+        _ => Err(SessionError::UnexpectedServerMessage(answer[0])),
+    }
+}
+
+/// Whether the server leg is encrypted (and so channel binding cannot be relayed).
+pub fn is_tls(stream: &ServerStream) -> bool {
+    matches!(stream, Either::Right(_))
+}

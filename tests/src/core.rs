@@ -1,0 +1,318 @@
+//! The core proxy through real clients: TLS on the client leg, relayed authentication,
+//! simple / extended / binary / COPY / NOTIFY / cancel, pgbench, and byte-for-byte fidelity.
+
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use proxy::config::{ClientTlsMode, UpstreamTls};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::client::{connect_plain, connect_tls, psql, stderr, stdout, url};
+use crate::harness::{pg, proxy as harness_proxy};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_over_tls_require_and_verify_full() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn(cluster).await;
+    let out = psql(
+        &cluster.psql_bin(),
+        &url(p.port(), "app_user", &db.name, "sslmode=require"),
+        "SELECT count(*) FROM customers",
+    );
+    assert_eq!(stdout(&out).trim(), "200", "{}", stderr(&out));
+    let verify = format!(
+        "host=localhost port={} user=app_user password=app_user_pw dbname={} sslmode=verify-full sslrootcert={}",
+        p.port(),
+        db.name,
+        p.certs.ca.display()
+    );
+    let out = psql(&cluster.psql_bin(), &verify, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The upstream leg is plaintext in this configuration; the client leg is TLS-verified.
+    assert_eq!(stdout(&out).trim(), "f");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_client_is_refused_when_tls_is_required() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn_with(cluster, |c| c.tls.clients = ClientTlsMode::Require).await;
+    let out = psql(&cluster.psql_bin(), &url(p.port(), "app_user", &db.name, "sslmode=disable"), "SELECT 1");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("SSL/TLS is required"), "{}", stderr(&out));
+    let out = psql(&cluster.psql_bin(), &url(p.port(), "app_user", &db.name, "sslmode=require"), "SELECT 1");
+    assert_eq!(stdout(&out).trim(), "1", "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_both_legs_relays_scram_without_channel_binding() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn_with(cluster, |c| c.upstream.tls = UpstreamTls::VerifyFull).await;
+    let conn = url(p.port(), "app_user", &db.name, "sslmode=require channel_binding=disable");
+    let out = psql(&cluster.psql_bin(), &conn, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
+    assert_eq!(stdout(&out).trim(), "t", "{}", stderr(&out));
+    // libpq's default channel_binding=prefer cannot work when relaying over two TLS legs:
+    // the client is told what to change instead of getting PostgreSQL's cryptic error.
+    let out = psql(&cluster.psql_bin(), &url(p.port(), "app_user", &db.name, "sslmode=require"), "SELECT 1");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("auth.mode: scram"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_trust_password_and_md5() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn(cluster).await;
+    for (user, password) in [("trust_user", ""), ("clear_user", "clear_pw"), ("md5_user", "md5_pw")] {
+        let password = if password.is_empty() { String::new() } else { format!("password={password}") };
+        let conn =
+            format!("host=127.0.0.1 port={} user={user} {password} dbname={} sslmode=require", p.port(), db.name);
+        let out = psql(&cluster.psql_bin(), &conn, "SELECT current_user");
+        assert_eq!(stdout(&out).trim(), user, "{user}: {}", stderr(&out));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_over_tls_does_everything() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn(cluster).await;
+    let conn = format!("{} sslmode=require", url(p.port(), "app_user", &db.name, ""));
+    let client = connect_tls(&conn, &p.certs.ca).await.expect("connect through the proxy");
+
+    // Simple protocol.
+    let rows = client.simple_query("SELECT 1 AS a, 'x' AS b; SELECT 2").await.unwrap();
+    assert_eq!(rows.len(), 6, "two row descriptions, two rows, two command completes");
+    // Extended protocol, binary results (tokio-postgres asks for binary).
+    let row = client.query_one("SELECT $1::int4 + 1, now()::date, 12.5::numeric", &[&41i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    // A prepared statement reused many times.
+    let stmt = client.prepare("SELECT name FROM customers WHERE id = $1").await.unwrap();
+    for id in 1..=200 {
+        let row = client.query_one(&stmt, &[&id]).await.unwrap();
+        let name: String = row.get(0);
+        assert!(!name.is_empty());
+    }
+    // A transaction, rolled back.
+    client.batch_execute("BEGIN; DELETE FROM orders; ROLLBACK").await.unwrap();
+    let n: i64 = client.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1000);
+
+    // COPY FROM STDIN, then COPY TO STDOUT.
+    client.batch_execute("CREATE TABLE copied (a int, b text)").await.unwrap();
+    let sink = client.copy_in("COPY copied FROM STDIN").await.unwrap();
+    let mut sink = Box::pin(sink);
+    let mut data = BytesMut::new();
+    for i in 0..1000 {
+        data.put_slice(format!("{i}\trow {i}\n").as_bytes());
+    }
+    sink.send(data.freeze()).await.unwrap();
+    assert_eq!(sink.as_mut().finish().await.unwrap(), 1000);
+    let stream = client.copy_out("COPY (SELECT a, b FROM copied ORDER BY a) TO STDOUT").await.unwrap();
+    let chunks: Vec<_> = stream.collect().await;
+    let total: usize = chunks.into_iter().map(|c| c.unwrap().len()).sum();
+    assert!(total > 8000, "copy out returned {total} bytes");
+
+    // LISTEN / NOTIFY across two sessions.
+    let (listener, mut connection) = {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in proxy::tls::load_certs(&p.certs.ca).unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(proxy::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_postgres::connect(&conn, tokio_postgres_rustls::MakeRustlsConnect::new(config)).await.unwrap()
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(msg)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = msg {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    listener.batch_execute("LISTEN events").await.unwrap();
+    client.batch_execute("NOTIFY events, 'hello'").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("notification in time");
+    assert_eq!(got.as_deref(), Some("hello"));
+    drop(listener);
+    driver.abort();
+
+    // Cancel a long query through the proxy's synthetic key.
+    let token = client.cancel_token();
+    let ca = p.certs.ca.clone();
+    let started = Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in proxy::tls::load_certs(&ca).unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(proxy::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        token.cancel_query(tokio_postgres_rustls::MakeRustlsConnect::new(config)).await
+    });
+    let err = client.simple_query("SELECT pg_sleep(30)").await.expect_err("cancelled");
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "cancel took {:?}", started.elapsed());
+    canceller.await.unwrap().unwrap();
+    // The session is still usable.
+    assert_eq!(client.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0), 7);
+
+    // A wrong password is an authentication error; the proxy keeps serving others.
+    let bad =
+        format!("host=127.0.0.1 port={} user=app_user password=wrong dbname={} sslmode=require", p.port(), db.name);
+    let err = connect_tls(&bad, &p.certs.ca).await.expect_err("wrong password");
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD), "{err}");
+    assert_eq!(client.query_one("SELECT 8", &[]).await.unwrap().get::<_, i32>(0), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_cancel_key_does_nothing() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn(cluster).await;
+    let client = connect_plain(&url(p.port(), "app_user", &db.name, "sslmode=disable")).await.unwrap();
+    let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(1.5), 'done'").await.map(|r| r.len()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A cancel request with a key nobody was issued.
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let mut pkt = BytesMut::new();
+    pkt.put_u32(16);
+    pkt.put_u32(80_877_102);
+    pkt.put_u32(12345);
+    pkt.put_u32(67890);
+    s.write_all(&pkt).await.unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(s.read(&mut buf).await.unwrap(), 0, "no reply on a cancel connection");
+    assert!(query.await.unwrap().is_ok(), "the query ran to completion");
+}
+
+fn pgbench(bin: &std::path::Path, conn_args: &[String], args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin).args(conn_args).args(args).output().expect("run pgbench")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_modes_have_no_failures_and_match_direct() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn(cluster).await;
+    let bin = cluster.bin.join("pgbench");
+    let conn = |port: u16| {
+        vec![
+            "-h".to_owned(),
+            "127.0.0.1".to_owned(),
+            "-p".to_owned(),
+            port.to_string(),
+            "-U".to_owned(),
+            "app_user".to_owned(),
+            db.name.clone(),
+        ]
+    };
+    let init = std::process::Command::new(&bin)
+        .args(["-i", "-s", "1", "-q", "-h"])
+        .arg(&cluster.socket_dir)
+        .args(["-p", &cluster.port.to_string(), "-U", "postgres", &db.name])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    cluster.psql_admin(&db.name, "GRANT ALL ON ALL TABLES IN SCHEMA public TO app_user").unwrap();
+    for mode in ["simple", "extended", "prepared"] {
+        let out = std::process::Command::new(&bin)
+            .env("PGPASSWORD", "app_user_pw")
+            .env("PGSSLMODE", "require")
+            .args(conn(p.port()))
+            .args(["-n", "-c", "8", "-j", "2", "-t", "300", "-M", mode])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{mode}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("number of transactions actually processed: 2400/2400"), "{mode}: {text}");
+        assert!(text.contains("number of failed transactions: 0"), "{mode}: {text}");
+    }
+    // Same data through the proxy and direct.
+    let sum = "SELECT sum(abalance), sum(bbalance) FROM pgbench_accounts, (SELECT sum(bbalance) bbalance FROM pgbench_branches) b";
+    let via = psql(&cluster.psql_bin(), &url(p.port(), "app_user", &db.name, "sslmode=require"), sum);
+    let direct = cluster.psql_admin(&db.name, sum).unwrap();
+    assert_eq!(stdout(&via), direct);
+    let _ = pgbench;
+}
+
+/// Reads server messages until a ReadyForQuery, returning the raw bytes.
+async fn read_until_ready(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&body);
+        if head[0] == b'Z' {
+            return out;
+        }
+    }
+}
+
+async fn raw_session(port: u16, db: &str, queries: &[&str]) -> Vec<Vec<u8>> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut startup = BytesMut::new();
+    startup.put_u32(0);
+    startup.put_u32(196_608);
+    for (k, v) in [("user", "trust_user"), ("database", db), ("application_name", "fidelity")] {
+        startup.put_slice(k.as_bytes());
+        startup.put_u8(0);
+        startup.put_slice(v.as_bytes());
+        startup.put_u8(0);
+    }
+    startup.put_u8(0);
+    let len = u32::try_from(startup.len()).unwrap().to_be_bytes();
+    startup[..4].copy_from_slice(&len);
+    s.write_all(&startup).await.unwrap();
+    read_until_ready(&mut s).await; // authentication and startup differ (keys, by design)
+    let mut replies = Vec::new();
+    for q in queries {
+        let mut msg = BytesMut::new();
+        msg.put_u8(b'Q');
+        msg.put_u32(u32::try_from(q.len() + 5).unwrap());
+        msg.put_slice(q.as_bytes());
+        msg.put_u8(0);
+        s.write_all(&msg).await.unwrap();
+        replies.push(read_until_ready(&mut s).await);
+    }
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_messages_reach_the_client_byte_for_byte() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn(cluster).await;
+    let queries = [
+        "SELECT * FROM customers ORDER BY id",
+        "SELECT id, amount, placed_at FROM orders ORDER BY id",
+        "SELECT 1/0",
+        "DO $$ BEGIN RAISE NOTICE 'a notice with %', 42; END $$",
+        "BEGIN; SELECT nonexistent; ROLLBACK",
+        "COPY (SELECT * FROM customers ORDER BY id) TO STDOUT WITH (FORMAT csv)",
+        "",
+        "SELECT 'é', '\\x00'::bytea, NULL, 1.5::float8, '{1,2}'::int[]",
+    ];
+    let direct = raw_session(cluster.port, &db.name, &queries).await;
+    let proxied = raw_session(p.port(), &db.name, &queries).await;
+    for ((q, d), v) in queries.iter().zip(&direct).zip(&proxied) {
+        assert!(d.len() > 5, "{q}: direct reply too short");
+        assert!(d == v, "{q}: the proxy changed the server's bytes ({} vs {} bytes)", d.len(), v.len());
+    }
+}

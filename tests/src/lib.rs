@@ -1,0 +1,7 @@
+//! pgveil's end-to-end tests: a real PostgreSQL, real clients, the proxy in-process.
+//! One test binary; the harness is public so benches and scripts can reuse it.
+
+pub mod harness;
+
+#[cfg(test)]
+mod core;
