@@ -230,7 +230,12 @@ impl Cluster {
         for _ in 0..20 {
             match self.psql_admin("postgres", &format!("CREATE DATABASE {name} TEMPLATE fixture")) {
                 Ok(_) => {
-                    return TestDb { name, port: self.port, socket_dir: self.socket_dir.clone(), psql: self.psql_bin() };
+                    return TestDb {
+                        name,
+                        port: self.port,
+                        socket_dir: self.socket_dir.clone(),
+                        psql: self.psql_bin(),
+                    };
                 }
                 Err(e) => {
                     // "source database is being accessed by other users": another test's copy.
