@@ -507,3 +507,45 @@ mod tests {
         assert_eq!(e.len(), 4, "{e:#?}");
     }
 }
+
+#[cfg(test)]
+mod corpus {
+    use super::*;
+
+    /// Every broken file in `testdata/invalid` explains itself (snapshots in `snapshots/`).
+    #[test]
+    fn invalid_rule_files_explain_themselves() {
+        insta::glob!(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata"), "invalid/*.yaml", |path| {
+            let src = std::fs::read_to_string(path).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let opts = if name.starts_with("hash-without-key") {
+                CompileOptions::default()
+            } else {
+                CompileOptions { hash_key: Some(b"k".to_vec()) }
+            };
+            let diags = compile(&src, &opts).expect_err("an invalid file compiled");
+            insta::assert_snapshot!(crate::diagnostic::render_all(&diags, &name, &src));
+        });
+    }
+
+    /// Every valid example compiles, and also deserializes into the schema types.
+    #[test]
+    fn valid_files_compile_and_match_the_schema_types() {
+        insta::glob!(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata"), "valid/*.yaml", |path| {
+            let src = std::fs::read_to_string(path).unwrap();
+            compile(&src, &CompileOptions { hash_key: Some(b"k".to_vec()) }).unwrap();
+            serde_saphyr::from_str::<crate::file::RulesFile>(&src).unwrap();
+        });
+    }
+
+    #[test]
+    fn committed_json_schema_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/rules.schema.json");
+        let current = crate::file::schema_json();
+        if std::env::var_os("PGVEIL_BLESS").is_some() {
+            std::fs::write(path, &current).unwrap();
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(committed == current, "rules/rules.schema.json is stale: run `PGVEIL_BLESS=1 cargo test -p rules`");
+    }
+}

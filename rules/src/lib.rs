@@ -3,6 +3,7 @@
 
 pub mod compile;
 pub mod diagnostic;
+pub mod file;
 pub mod mask;
 pub mod names;
 pub mod policy;

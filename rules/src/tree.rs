@@ -195,8 +195,15 @@ pub fn parse(src: &str) -> Result<Node, SyntaxError> {
     })
 }
 
+/// The parser's message without the prefixes the diagnostic adds itself.
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or_default().to_owned()
+    let line = s.lines().next().unwrap_or_default();
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    let line = match line.strip_prefix("line ").and_then(|rest| rest.split_once(": ")) {
+        Some((_, msg)) => msg,
+        None => line,
+    };
+    line.to_owned()
 }
 
 #[cfg(test)]
