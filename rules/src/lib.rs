@@ -1,14 +1,19 @@
 //! pgveil's policy side, pure and I/O-free: the rules file model, loading and validation with
 //! positions, the compiled policy, statement analysis and the masks.
 
+pub mod catalog;
 pub mod compile;
 pub mod diagnostic;
 pub mod file;
 pub mod mask;
 pub mod names;
 pub mod policy;
+pub mod sql;
 pub mod tree;
 pub mod types;
+
+#[cfg(test)]
+mod tests;
 
 pub use compile::{CompileOptions, compile};
 pub use diagnostic::Diagnostic;
