@@ -121,6 +121,8 @@ impl Event {
 enum Msg {
     Line(Box<Event>),
     Reopen,
+    /// Everything queued before this is written; the writer then stops.
+    Close,
 }
 
 /// The sending side, cheap to clone. With no path configured, events are only counted.
@@ -165,6 +167,7 @@ impl Audit {
                 let mut prev: Option<String> = None;
                 while let Some(msg) = rx.blocking_recv() {
                     match msg {
+                        Msg::Close => break,
                         Msg::Reopen => match Target::open(&path) {
                             Ok(t) => target = t,
                             Err(e) => tracing::error!(error = %e, "audit log reopen failed; keeping the old file"),
@@ -228,6 +231,13 @@ impl Audit {
     pub fn reopen(&self) {
         if let Some(tx) = &self.tx {
             let _ = tx.try_send(Msg::Reopen);
+        }
+    }
+
+    /// Asks the writer to stop after every line queued so far (call once sessions are done).
+    pub async fn close(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Close).await;
         }
     }
 

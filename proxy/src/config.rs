@@ -120,6 +120,9 @@ pub enum AuthMode {
 pub struct Catalog {
     pub user: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// Read from `password_file` or `PGVEIL_CATALOG_PASSWORD` at load; never from the file.
+    #[serde(skip)]
+    pub password: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,6 +176,8 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
 }
 
+/// `PGVEIL_CATALOG_PASSWORD` is a secret read directly, not a configuration key.
+const NOT_KEYS: &[&str] = &["catalog_password", "hash_key", "config", "log"];
 const SECTIONS: &[&str] = &["upstream", "tls", "auth", "catalog", "audit", "admin", "limits"];
 const TOP_LEVEL: &[&str] = &["listen", "rules"];
 
@@ -207,6 +212,9 @@ impl Config {
         for (var, raw) in env {
             let Some(rest) = var.strip_prefix("PGVEIL_") else { continue };
             let rest = rest.to_ascii_lowercase();
+            if NOT_KEYS.contains(&rest.as_str()) {
+                continue;
+            }
             let value = scalar(&raw);
             if TOP_LEVEL.contains(&rest.as_str()) {
                 root.insert(rest, value);
@@ -218,8 +226,17 @@ impl Config {
                 }
             }
         }
-        let config: Config = serde_json::from_value(tree).map_err(|e| invalid(e.to_string()))?;
+        let mut config: Config = serde_json::from_value(tree).map_err(|e| invalid(e.to_string()))?;
         config.validate().map_err(invalid)?;
+        config.catalog.password = match &config.catalog.password_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.clone(), source })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+            None => std::env::var("PGVEIL_CATALOG_PASSWORD").ok(),
+        };
         Ok(config)
     }
 

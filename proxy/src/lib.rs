@@ -9,9 +9,12 @@
 pub mod admin;
 pub mod audit;
 pub mod cancel;
+pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod forward;
 pub mod metrics;
+pub mod policy;
 pub mod protocol;
 pub mod server;
 pub mod session;
@@ -41,6 +44,13 @@ pub struct Shared {
     pub hard_stop: CancellationToken,
     /// Notified on SIGHUP: the rules watcher reloads the file.
     pub reload: tokio::sync::Notify,
+    /// The rules in force (`None`: no rules file, every session is a byte pump).
+    pub policy: arc_swap::ArcSwapOption<rules::Policy>,
+    /// Bumped on every successful reload.
+    pub policy_generation: std::sync::atomic::AtomicU64,
+    pub rules_options: rules::CompileOptions,
+    pub catalogs: catalog::Catalogs,
+    pub analysis_cache: session::analysis::Cache,
 }
 
 impl std::fmt::Debug for Shared {
@@ -55,6 +65,17 @@ impl Shared {
         config: config::Config,
         audit: audit::Audit,
         metrics: Arc<metrics::Metrics>,
+    ) -> Result<Shared, tls::TlsError> {
+        Self::with_rules(config, audit, metrics, None, rules::CompileOptions::default())
+    }
+
+    /// As `new`, with the rules in force at start and the options reloads compile with.
+    pub fn with_rules(
+        config: config::Config,
+        audit: audit::Audit,
+        metrics: Arc<metrics::Metrics>,
+        policy: Option<rules::Policy>,
+        rules_options: rules::CompileOptions,
     ) -> Result<Shared, tls::TlsError> {
         let server_tls = match (&config.tls.cert, &config.tls.key, config.tls.clients) {
             (_, _, config::ClientTlsMode::Disable) => None,
@@ -73,6 +94,11 @@ impl Shared {
             stop_accepting: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             reload: tokio::sync::Notify::new(),
+            policy: arc_swap::ArcSwapOption::new(policy.map(Arc::new)),
+            policy_generation: std::sync::atomic::AtomicU64::new(0),
+            rules_options,
+            catalogs: catalog::Catalogs::default(),
+            analysis_cache: session::analysis::Cache::new(),
         })
     }
 }

@@ -29,20 +29,40 @@ enum Command {
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
     },
+    /// Validate a rules file (exit 0: valid, 1: findings, 2: usage).
+    Check {
+        #[arg(long)]
+        rules: PathBuf,
+        /// Also check tables, columns and mask types against this database (postgres://…).
+        #[arg(long)]
+        against: Option<String>,
+    },
+    /// Show what the rules decide for a statement run by a role.
+    Explain {
+        #[arg(long)]
+        rules: PathBuf,
+        #[arg(long)]
+        role: String,
+        /// Read columns, views and role memberships from this database (postgres://…).
+        #[arg(long)]
+        against: Option<String>,
+        /// The statement.
+        sql: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgveil: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
     match cli.command {
         Command::Run { config, log_format } => {
             init_tracing(&log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("pgveil: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
             match runtime.block_on(run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -50,6 +70,16 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+        Command::Check { rules, against } => {
+            let (report, code) = runtime.block_on(proxy::cli::check(&rules, against.as_deref()));
+            print!("{report}");
+            ExitCode::from(code)
+        }
+        Command::Explain { rules, role, against, sql } => {
+            let (report, code) = runtime.block_on(proxy::cli::explain(&rules, &role, against.as_deref(), &sql));
+            print!("{report}");
+            ExitCode::from(code)
         }
     }
 }
@@ -67,6 +97,11 @@ fn init_tracing(format: &str) {
 
 async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = proxy::config::Config::load(config_path.as_deref())?;
+    let rules_options = proxy::policy::options_from_env();
+    let policy = match &config.rules {
+        Some(path) => Some(proxy::policy::load(path, &rules_options).map_err(|e| anyhow::anyhow!("{e}"))?),
+        None => None,
+    };
     let metrics = Arc::new(proxy::metrics::Metrics::default());
     let (audit, writer) = match &config.audit.path {
         Some(path) => {
@@ -80,15 +115,22 @@ async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
         None => None,
     };
-    let shared = Arc::new(proxy::Shared::new(config, audit.clone(), metrics)?);
-    tracing::info!(listen = %shared.config.listen, upstream = %format!("{}:{}", shared.config.upstream.host, shared.config.upstream.port), "pgveil ready");
+    let shared = Arc::new(proxy::Shared::with_rules(config, audit.clone(), metrics, policy, rules_options)?);
+    tracing::info!(
+        listen = %shared.config.listen,
+        upstream = %format!("{}:{}", shared.config.upstream.host, shared.config.upstream.port),
+        rules = ?shared.config.rules,
+        "pgveil ready"
+    );
     let admin_stop = tokio_util::sync::CancellationToken::new();
     if let Some(admin) = admin {
         tokio::spawn(proxy::admin::serve(admin, Arc::clone(&shared), admin_stop.clone()));
     }
+    tokio::spawn(proxy::policy::watch(Arc::clone(&shared)));
     let signals = proxy::server::signals(Arc::clone(&shared));
     proxy::serve(listener, Arc::clone(&shared), signals).await;
     admin_stop.cancel();
+    audit.close().await;
     drop(shared);
     drop(audit);
     if let Some(w) = writer {

@@ -76,9 +76,16 @@ pub fn server_tls_from(
 
 /// The connector towards PostgreSQL, or `None` when `upstream.tls` is `disable`.
 pub fn upstream_connector(config: &Config) -> Result<Option<tokio_rustls::TlsConnector>, TlsError> {
+    if config.upstream.tls == UpstreamTls::Disable {
+        return Ok(None);
+    }
+    Ok(Some(tokio_rustls::TlsConnector::from(Arc::new(upstream_client_config(config)?))))
+}
+
+/// The rustls client configuration for the server leg (also used by the catalog connection).
+pub fn upstream_client_config(config: &Config) -> Result<rustls::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let mut client = match config.upstream.tls {
-        UpstreamTls::Disable => return Ok(None),
         UpstreamTls::VerifyFull => {
             let mut roots = rustls::RootCertStore::empty();
             if let Some(ca) = &config.upstream.ca {
@@ -89,18 +96,23 @@ pub fn upstream_connector(config: &Config) -> Result<Option<tokio_rustls::TlsCon
             builder.with_root_certificates(roots).with_no_client_auth()
         }
         // prefer / require encrypt without verifying the server, as libpq's sslmode does.
-        UpstreamTls::Prefer | UpstreamTls::Require => builder
+        UpstreamTls::Disable | UpstreamTls::Prefer | UpstreamTls::Require => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
             .with_no_client_auth(),
     };
     client.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
-    Ok(Some(tokio_rustls::TlsConnector::from(Arc::new(client))))
+    Ok(client)
 }
 
 /// The server name to verify for the upstream host (an IP address or a DNS name).
 pub fn upstream_name(host: &str) -> ServerName<'static> {
     ServerName::try_from(host.to_owned()).unwrap_or_else(|_| ServerName::try_from("localhost").expect("valid name"))
+}
+
+/// A verifier that accepts any server certificate (`sslmode=require` semantics).
+pub fn no_verification() -> Arc<dyn ServerCertVerifier> {
+    Arc::new(NoVerification(provider()))
 }
 
 /// `sslmode=require` semantics: encryption without authentication of the server.

@@ -56,6 +56,8 @@ pub struct RowLimit {
 /// What the session must do for one statement of the text.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StatementPlan {
+    /// Every output column with the mask the analysis gives it (for `pgveil explain`).
+    pub columns: Vec<(String, Option<Mask>)>,
     /// Masks by output position for columns whose origin the server does not report;
     /// empty when RowDescription's origins suffice.
     pub outputs: Vec<Option<Mask>>,
@@ -96,6 +98,11 @@ pub fn fingerprint(sql: &str) -> Option<String> {
     pg_query::fingerprint(sql, pg_query::ParserOptions::DEFAULT, pg_query::FingerprintOptions::DEFAULT)
         .ok()
         .map(|f| f.hex)
+}
+
+/// The relations a statement names (`schema.table` or `table`), for tools.
+pub fn tables(sql: &str) -> Option<Vec<String>> {
+    pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).ok().map(|p| p.tables())
 }
 
 /// Relations masked sessions may never read: statistics hold sample values of every column.
@@ -600,6 +607,7 @@ impl<'a> Analyzer<'a> {
                 }
                 let outputs = self.select(s, None, true)?;
                 plan.outputs = self.output_masks(&outputs)?;
+                plan.columns = describe(&outputs);
             }
             N::InsertStmt(s) => plan.outputs = self.insert(s)?,
             N::UpdateStmt(s) => plan.outputs = self.update(s)?,
@@ -1773,6 +1781,10 @@ impl<'a> Analyzer<'a> {
         self.column_refs_seen = usize::MAX / 2;
         Ok(())
     }
+}
+
+fn describe(outputs: &[ScopeCol]) -> Vec<(String, Option<Mask>)> {
+    outputs.iter().map(|c| (c.name.clone(), c.lin.0.as_ref().map(|m| m.mask.clone()))).collect()
 }
 
 fn relax(lin: Lin, clause: Clause) -> Lin {

@@ -5,3 +5,5 @@ pub mod harness;
 
 #[cfg(test)]
 mod core;
+#[cfg(test)]
+mod masking;

@@ -2,10 +2,13 @@
 //! relayed authentication, then either a plain byte pump (sessions no rule applies to) or the
 //! inspecting relay of `inspect.rs`.
 
+pub mod analysis;
 mod auth;
 pub mod conn;
 mod error;
 mod handshake;
+mod inspect;
+pub mod rows;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -89,6 +92,7 @@ async fn serve_session(
     if shared.stop_accepting.is_cancelled() {
         return Err(SessionError::Shutdown);
     }
+    let rules = session_rules(shared, startup).await?;
     let server = upstream::connect(shared).await.inspect_err(|_| shared.metrics.rejected(Rejected::Upstream))?;
     let server_tls = upstream::is_tls(&server);
     let mut server = Conn::new(server, Direction::FromServer, BytesMut::new());
@@ -96,8 +100,11 @@ async fn serve_session(
     // Protocol negotiation, per leg: never forward `_pq_` options or a version we do not speak.
     let asked = startup.minor;
     let unsupported: Vec<&str> = startup.protocol_options().collect();
-    let params: Vec<(String, String)> =
+    let mut params: Vec<(String, String)> =
         startup.params.iter().filter(|(k, _)| !k.starts_with("_pq_.")).cloned().collect();
+    if rules.is_some() {
+        pin_settings(&mut params)?;
+    }
     let mut minor = asked.min(NEWEST_MINOR);
     server.write_all(&messages::startup_message(minor, &params)).await?;
     server.flush().await?;
@@ -131,9 +138,78 @@ async fn serve_session(
             return Ok(());
         }
     }
-    let _cancel_guard = after_auth(shared, client, &mut server, minor).await?;
-    tracing::debug!("session ready");
-    crate::forward::pump(shared, client, &mut server).await
+    let (_cancel_guard, backend) = after_auth(shared, client, &mut server, minor).await?;
+    tracing::debug!(inspected = rules.is_some(), "session ready");
+    match rules {
+        None => crate::forward::pump(shared, client, &mut server).await,
+        Some(rules) => inspect::Inspector::new(shared, info, rules, backend).run(client, &mut server).await,
+    }
+}
+
+/// Decides, before the server is contacted, whether this session is inspected: it is unless
+/// no rules are loaded or the identity is exempt. Fails closed when memberships cannot be read.
+async fn session_rules(
+    shared: &Arc<Shared>,
+    startup: &Startup,
+) -> Result<Option<analysis::SessionRules>, SessionError> {
+    let Some(policy) = shared.policy.load_full() else { return Ok(None) };
+    let user = startup.user();
+    if policy.is_exempt(&rules::Identity::new([user])) {
+        return Ok(None);
+    }
+    let catalog = shared.catalogs.for_db(startup.database());
+    let roles = match catalog.memberships(&shared.config, user).await {
+        Ok(r) if r.is_empty() => vec![user.to_owned()],
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read role memberships");
+            return Err(SessionError::Refused(Box::new(
+                messages::ErrorResponse::fatal(
+                    messages::sqlstate::CANNOT_CONNECT_NOW,
+                    "pgveil: cannot verify the role's memberships (the catalog connection is unavailable)",
+                )
+                .with_hint("retry shortly; the operator should check pgveil's catalog settings"),
+            )));
+        }
+    };
+    let identity = rules::Identity::new(roles.iter().map(String::as_str).chain([user]));
+    if policy.is_exempt(&identity) {
+        return Ok(None);
+    }
+    Ok(Some(analysis::SessionRules::new(shared, policy, identity, user, startup.database())))
+}
+
+/// Settings that change how statements are lexed or values printed are pinned for inspected
+/// sessions (threat model I9): appended to the startup options, which win over role defaults.
+fn pin_settings(params: &mut Vec<(String, String)>) -> Result<(), SessionError> {
+    if let Some((_, enc)) = params.iter().find(|(k, _)| k == "client_encoding")
+        && inspect::is_unsafe_encoding(enc.as_bytes())
+    {
+        return Err(SessionError::Refused(Box::new(messages::ErrorResponse::fatal(
+            messages::sqlstate::FEATURE_NOT_SUPPORTED,
+            format!("pgveil: client_encoding {enc} is not supported for sessions with masked columns; use UTF8"),
+        ))));
+    }
+    const PINS: &str = "-c standard_conforming_strings=on -c bytea_output=hex -c DateStyle=ISO";
+    match params.iter_mut().find(|(k, _)| k == "options") {
+        Some((_, v)) => {
+            v.push(' ');
+            v.push_str(PINS);
+        }
+        None => params.push(("options".to_owned(), PINS.to_owned())),
+    }
+    Ok(())
+}
+
+/// Cancels whatever the backend is running (a `max_rows` cut).
+pub(super) async fn cancel_backend(shared: &Shared, pid: u32, key: &[u8]) {
+    let Ok(mut server) = upstream::connect(shared).await else { return };
+    let _ = server.write_all(&messages::cancel_request(pid, key)).await;
+    let _ = server.flush().await;
+    let mut sink = [0u8; 1];
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut server, &mut sink))
+            .await;
 }
 
 /// Relays ParameterStatus and notices up to the first ReadyForQuery, replacing the server's
@@ -143,15 +219,17 @@ async fn after_auth(
     client: &mut Conn<ClientStream>,
     server: &mut Conn<ServerStream>,
     minor: u16,
-) -> Result<Option<Registration>, SessionError> {
+) -> Result<(Option<Registration>, (u32, bytes::Bytes)), SessionError> {
     let mut registration = None;
+    let mut backend = (0, bytes::Bytes::new());
     loop {
         let frame: Frame = server.read_frame().await?.ok_or(SessionError::Truncated(Direction::FromServer))?;
         match frame.tag() {
             b'K' => {
                 let (pid, key) = messages::backend_key(&frame).ok_or(SessionError::UnexpectedServerMessage(b'K'))?;
                 let key_len = if minor >= 2 { 32 } else { 4 };
-                let reg = shared.cancel.register(key_len, pid, bytes::Bytes::copy_from_slice(key));
+                backend = (pid, bytes::Bytes::copy_from_slice(key));
+                let reg = shared.cancel.register(key_len, pid, backend.1.clone());
                 let mut out = BytesMut::new();
                 messages::backend_key_data(&mut out, reg.pid, &reg.key);
                 client.write_all(&out).await?;
@@ -160,7 +238,7 @@ async fn after_auth(
             b'Z' => {
                 client.write_all(frame.as_bytes()).await?;
                 client.flush().await?;
-                return Ok(registration);
+                return Ok((registration, backend));
             }
             b'E' => {
                 client.write_all(frame.as_bytes()).await?;

@@ -10,6 +10,9 @@ use tokio_util::sync::CancellationToken;
 use super::certs::{self, CertFiles};
 use super::pg::Cluster;
 
+/// The key tests use for the `hash` mask.
+pub const HASH_KEY: &[u8] = b"pgveil-test-hash-key";
+
 #[derive(Debug)]
 pub struct ProxyHandle {
     pub addr: SocketAddr,
@@ -18,6 +21,7 @@ pub struct ProxyHandle {
     pub dir: PathBuf,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
+    writer: Option<proxy::audit::AuditWriter>,
 }
 
 /// A configuration pointing at the cluster, with client TLS offered (`allow`) and a plaintext
@@ -50,14 +54,47 @@ pub async fn spawn_with(cluster: &Cluster, adjust: impl FnOnce(&mut Config)) -> 
     let (certs, dir) = proxy_certs();
     let mut config = config(cluster, &certs);
     adjust(&mut config);
+    start(config, certs, dir, None).await
+}
+
+/// A proxy enforcing the rules file `rules_yaml` (the catalog connection logs in as `pgveil`).
+/// The rules are written to `<dir>/rules.yaml`, which the proxy watches.
+pub async fn spawn_with_rules(cluster: &Cluster, rules_yaml: &str, adjust: impl FnOnce(&mut Config)) -> ProxyHandle {
+    let (certs, dir) = proxy_certs();
+    let rules_path = dir.join("rules.yaml");
+    std::fs::write(&rules_path, rules_yaml).expect("write rules");
+    let mut config = config(cluster, &certs);
+    config.rules = Some(rules_path);
+    config.catalog.user = Some("pgveil".to_owned());
+    config.catalog.password = Some("pgveil_pw".to_owned());
+    adjust(&mut config);
+    let opts = rules::CompileOptions { hash_key: Some(HASH_KEY.to_vec()) };
+    let policy = rules::compile(rules_yaml, &opts).expect("test rules compile");
+    start(config, certs, dir, Some((policy, opts))).await
+}
+
+async fn start(
+    config: Config,
+    certs: CertFiles,
+    dir: PathBuf,
+    rules: Option<(rules::Policy, rules::CompileOptions)>,
+) -> ProxyHandle {
     let listener = tokio::net::TcpListener::bind(&config.listen).await.expect("bind loopback");
     let addr = listener.local_addr().expect("local addr");
     let metrics = Arc::new(proxy::metrics::Metrics::default());
-    let shared =
-        Arc::new(proxy::Shared::new(config, proxy::audit::Audit::disabled(), metrics).expect("proxy shared state"));
+    let (audit, writer) = match &config.audit.path {
+        Some(p) => {
+            let (a, w) = proxy::audit::Audit::start(p, config.audit.chain, Arc::clone(&metrics)).expect("audit log");
+            (a, Some(w))
+        }
+        None => (proxy::audit::Audit::disabled(), None),
+    };
+    let (policy, opts) = rules.map_or((None, rules::CompileOptions::default()), |(p, o)| (Some(p), o));
+    let shared = Arc::new(proxy::Shared::with_rules(config, audit, metrics, policy, opts).expect("proxy shared state"));
+    tokio::spawn(proxy::policy::watch(Arc::clone(&shared)));
     let stop = CancellationToken::new();
     let task = tokio::spawn(proxy::serve(listener, Arc::clone(&shared), stop.clone().cancelled_owned()));
-    ProxyHandle { addr, shared, certs, dir, stop, task: Some(task) }
+    ProxyHandle { addr, shared, certs, dir, stop, task: Some(task), writer }
 }
 
 impl ProxyHandle {
@@ -65,11 +102,15 @@ impl ProxyHandle {
         self.addr.port()
     }
 
-    /// Stops accepting and waits for the drain to finish.
+    /// Stops accepting, waits for the drain to finish and for the audit log to be written.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
         if let Some(task) = self.task.take() {
             let _ = task.await;
+        }
+        self.shared.audit.close().await;
+        if let Some(w) = self.writer.take() {
+            let _ = tokio::task::spawn_blocking(move || w.finish()).await;
         }
     }
 }

@@ -1,0 +1,256 @@
+//! The proxy's own catalog connection: per database, a snapshot of relations (for masking by
+//! RowDescription origin and for statement analysis) and role memberships. Shared by every
+//! session of that database; refreshed periodically, after DDL, and when a statement names a
+//! relation the snapshot does not know.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use rules::catalog::{Catalog, Column, RelKind, Relation};
+use rules::names::TableName;
+use tokio::sync::Mutex;
+
+use crate::config::{Config, UpstreamTls};
+use crate::metrics::Metrics;
+
+/// How often a snapshot is reloaded even without a reason.
+const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// Refreshes forced by unknown names are spaced at least this far apart.
+const MIN_FORCED_GAP: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("the catalog connection is not configured (catalog.user)")]
+    NotConfigured,
+    #[error("catalog connection failed: {0}")]
+    Connect(String),
+    #[error("catalog query failed: {0}")]
+    Query(String),
+}
+
+/// One database's snapshot and the connection that fills it.
+pub struct DbCatalog {
+    db: String,
+    snapshot: ArcSwap<Catalog>,
+    generation: AtomicU64,
+    loaded_at: Mutex<Option<Instant>>,
+    stale: AtomicBool,
+    client: Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl std::fmt::Debug for DbCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbCatalog").field("db", &self.db).finish_non_exhaustive()
+    }
+}
+
+/// Every database's catalog.
+#[derive(Debug, Default)]
+pub struct Catalogs {
+    dbs: dashmap::DashMap<String, Arc<DbCatalog>>,
+}
+
+impl Catalogs {
+    pub fn for_db(&self, db: &str) -> Arc<DbCatalog> {
+        Arc::clone(
+            self.dbs
+                .entry(db.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(DbCatalog {
+                        db: db.to_owned(),
+                        snapshot: ArcSwap::from_pointee(Catalog::default()),
+                        generation: AtomicU64::new(0),
+                        loaded_at: Mutex::new(None),
+                        stale: AtomicBool::new(true),
+                        client: Mutex::new(None),
+                    })
+                })
+                .value(),
+        )
+    }
+
+    /// Marks every snapshot stale (after DDL the proxy saw).
+    pub fn invalidate_all(&self) {
+        for db in &self.dbs {
+            db.stale.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+const RELATIONS_SQL: &str = "
+SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text,
+       coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
+       coalesce(array_agg(a.attnum::int4 ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
+       coalesce(array_agg(a.atttypid::int8 ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
+       CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND NOT a.attisdropped
+WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f')
+  AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+GROUP BY c.oid, n.nspname, c.relname, c.relkind";
+
+const ANCESTORS_SQL: &str = "
+WITH RECURSIVE up(child, parent, depth) AS (
+  SELECT inhrelid, inhparent, 1 FROM pg_catalog.pg_inherits
+  UNION ALL
+  SELECT up.child, i.inhparent, up.depth + 1 FROM up JOIN pg_catalog.pg_inherits i ON i.inhrelid = up.parent
+  WHERE up.depth < 32
+)
+SELECT child::int8, parent::int8 FROM up ORDER BY child, depth";
+
+pub const MEMBERSHIP_SQL: &str =
+    "SELECT rolname::text FROM pg_catalog.pg_roles WHERE pg_catalog.pg_has_role($1::text, oid, 'MEMBER')";
+
+impl DbCatalog {
+    pub fn snapshot(&self) -> Arc<Catalog> {
+        self.snapshot.load_full()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    pub fn mark_stale(&self) {
+        self.stale.store(true, Ordering::Relaxed);
+    }
+
+    /// The snapshot, reloaded first if it is stale or old. Fails closed: an error here means
+    /// masked sessions must not run statements.
+    pub async fn current(&self, config: &Config, metrics: &Metrics) -> Result<Arc<Catalog>, CatalogError> {
+        let needs = {
+            let at = self.loaded_at.lock().await;
+            at.is_none() || self.stale.load(Ordering::Relaxed) || at.is_some_and(|t| t.elapsed() > REFRESH_EVERY)
+        };
+        if needs {
+            self.refresh(config, metrics, false).await?;
+        }
+        Ok(self.snapshot())
+    }
+
+    /// Reloads now (`forced`: because a name was unknown; rate-limited).
+    pub async fn refresh(&self, config: &Config, metrics: &Metrics, forced: bool) -> Result<(), CatalogError> {
+        let mut at = self.loaded_at.lock().await;
+        if forced && at.is_some_and(|t| t.elapsed() < MIN_FORCED_GAP) {
+            return Ok(());
+        }
+        let mut guard = self.client.lock().await;
+        let client = match guard.as_ref() {
+            Some(c) if !c.is_closed() => c,
+            _ => {
+                *guard = Some(connect(config, &self.db).await?);
+                guard.as_ref().ok_or(CatalogError::NotConfigured)?
+            }
+        };
+        let loaded = load(client).await;
+        let catalog = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                *guard = None;
+                return Err(e);
+            }
+        };
+        self.snapshot.store(Arc::new(catalog));
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.stale.store(false, Ordering::Relaxed);
+        *at = Some(Instant::now());
+        metrics.catalog_refreshes_total.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Every role `user` is a member of, itself included.
+    pub async fn memberships(&self, config: &Config, user: &str) -> Result<Vec<String>, CatalogError> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+            *guard = Some(connect(config, &self.db).await?);
+        }
+        let client = guard.as_ref().ok_or(CatalogError::NotConfigured)?;
+        match client.query(MEMBERSHIP_SQL, &[&user]).await {
+            Ok(rows) => Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect()),
+            Err(e) => {
+                *guard = None;
+                Err(CatalogError::Query(e.to_string()))
+            }
+        }
+    }
+}
+
+pub async fn load(client: &tokio_postgres::Client) -> Result<Catalog, CatalogError> {
+    let q = |e: tokio_postgres::Error| CatalogError::Query(e.to_string());
+    let rows = client.query(RELATIONS_SQL, &[]).await.map_err(q)?;
+    let ancestors = client.query(ANCESTORS_SQL, &[]).await.map_err(q)?;
+    let mut names: HashMap<u32, TableName> = HashMap::new();
+    let mut relations = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let oid = u32::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+        let name = TableName::new(row.get::<_, &str>(1), row.get::<_, &str>(2));
+        names.insert(oid, name.clone());
+        let kind = RelKind::from_relkind(row.get::<_, &str>(3).chars().next().unwrap_or(' '));
+        let col_names: Vec<String> = row.get(4);
+        let attnums: Vec<i32> = row.get(5);
+        let types: Vec<i64> = row.get(6);
+        let columns = col_names
+            .into_iter()
+            .zip(attnums)
+            .zip(types)
+            .map(|((name, attnum), ty)| Column {
+                name,
+                attnum: i16::try_from(attnum).unwrap_or(0),
+                type_oid: u32::try_from(ty).unwrap_or(0),
+            })
+            .collect();
+        relations.push(Relation { oid, name, kind, columns, ancestors: Vec::new(), view_sql: row.get(7) });
+    }
+    let mut parents: HashMap<u32, Vec<TableName>> = HashMap::new();
+    for row in &ancestors {
+        let child = u32::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+        let parent = u32::try_from(row.get::<_, i64>(1)).unwrap_or(0);
+        if let Some(p) = names.get(&parent) {
+            parents.entry(child).or_default().push(p.clone());
+        }
+    }
+    for r in &mut relations {
+        if let Some(p) = parents.remove(&r.oid) {
+            r.ancestors = p;
+        }
+    }
+    Ok(Catalog::new(relations))
+}
+
+async fn connect(config: &Config, db: &str) -> Result<tokio_postgres::Client, CatalogError> {
+    let user = config.catalog.user.as_deref().ok_or(CatalogError::NotConfigured)?;
+    let mut pg = tokio_postgres::Config::new();
+    pg.user(user).dbname(db).application_name("pgveil-catalog").connect_timeout(config.upstream.connect_timeout);
+    if let Some(pw) = config.catalog.password.as_deref() {
+        pg.password(pw);
+    }
+    if config.upstream.is_unix() {
+        pg.host_path(&config.upstream.host);
+    } else {
+        pg.host(&config.upstream.host);
+    }
+    pg.port(config.upstream.port);
+    let fail = |e: tokio_postgres::Error| CatalogError::Connect(e.to_string());
+    let client = match config.upstream.tls {
+        UpstreamTls::Disable => {
+            let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(fail)?;
+            tokio::spawn(conn);
+            client
+        }
+        mode => {
+            pg.ssl_mode(if mode == UpstreamTls::Prefer {
+                tokio_postgres::config::SslMode::Prefer
+            } else {
+                tokio_postgres::config::SslMode::Require
+            });
+            let tls = crate::tls::upstream_client_config(config).map_err(|e| CatalogError::Connect(e.to_string()))?;
+            let (client, conn) = pg.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls)).await.map_err(fail)?;
+            tokio::spawn(conn);
+            client
+        }
+    };
+    Ok(client)
+}

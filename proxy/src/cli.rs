@@ -1,0 +1,217 @@
+//! The DBA-facing commands: `pgveil check` (validate a rules file, optionally against a live
+//! database) and `pgveil explain` (what the rules decide for one statement and role).
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use rules::catalog::{Catalog, RelKind, Relation};
+use rules::names::TableName;
+use rules::types::PgType;
+
+/// Exit codes of config.md.
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FINDING: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+
+/// Validates a rules file; returns the report and the exit code.
+pub async fn check(path: &Path, against: Option<&str>) -> (String, u8) {
+    let src = match std::fs::read_to_string(path) {
+        Ok(s) => s,
+        Err(e) => return (format!("{}: cannot read: {e}\n", path.display()), EXIT_USAGE),
+    };
+    let name = path.display().to_string();
+    let policy = match rules::compile(&src, &crate::policy::options_from_env()) {
+        Ok(p) => p,
+        Err(diags) => return (rules::diagnostic::render_all(&diags, &name, &src), EXIT_FINDING),
+    };
+    let mut out = String::new();
+    let Some(url) = against else {
+        let _ = writeln!(
+            out,
+            "{name}: ok ({} protected columns, {} selects rules, {} exempt roles)",
+            policy.columns().len(),
+            policy.selects().len(),
+            policy.exempt().len()
+        );
+        return (out, EXIT_OK);
+    };
+    let catalog = match live_catalog(url).await {
+        Ok((c, _)) => c,
+        Err(e) => return (format!("cannot read the catalog of {}: {e}\n", redact_url(url)), EXIT_USAGE),
+    };
+    let mut diags = Vec::new();
+    for (col, rule) in policy.columns() {
+        let Some(rel) = catalog.get(&col.table) else {
+            diags.push(rules::Diagnostic::new(rule.pos, format!("table {} does not exist in the database", col.table)));
+            continue;
+        };
+        let Some(c) = rel.column(&col.column) else {
+            let known: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
+            let mut d = rules::Diagnostic::new(
+                rule.pos,
+                format!("column {} does not exist in table {}", col.column, col.table),
+            );
+            d.hint = rules::diagnostic::did_you_mean(&col.column, &known).map(|s| format!("did you mean `{s}`?"));
+            diags.push(d);
+            continue;
+        };
+        let ty = PgType::from_oid(c.type_oid);
+        for m in std::iter::once(&rule.mask).chain(rule.by_role.iter().map(|(_, m)| m)) {
+            if let Err(why) = rules::mask::fits(m, ty) {
+                diags.push(rules::Diagnostic::new(rule.pos, format!("mask does not fit column {col}: {why}")));
+            }
+        }
+    }
+    for s in policy.selects() {
+        for t in &s.tables {
+            if catalog.get(t).is_none() {
+                diags.push(rules::Diagnostic::new(
+                    s.pos,
+                    format!("`selects` entry `{}`: table {t} does not exist", s.name),
+                ));
+            }
+        }
+    }
+    if diags.is_empty() {
+        let _ = writeln!(out, "{name}: ok against {} ({} relations checked)", redact_url(url), catalog.len());
+        (out, EXIT_OK)
+    } else {
+        (rules::diagnostic::render_all(&diags, &name, &src), EXIT_FINDING)
+    }
+}
+
+/// What the rules decide for `sql` run by `role`.
+pub async fn explain(path: &Path, role: &str, against: Option<&str>, sql: &str) -> (String, u8) {
+    let src = match std::fs::read_to_string(path) {
+        Ok(s) => s,
+        Err(e) => return (format!("{}: cannot read: {e}\n", path.display()), EXIT_USAGE),
+    };
+    let policy = match rules::compile(&src, &crate::policy::options_from_env()) {
+        Ok(p) => Arc::new(p),
+        Err(diags) => return (rules::diagnostic::render_all(&diags, &path.display().to_string(), &src), EXIT_FINDING),
+    };
+    let (catalog, roles) = match against {
+        Some(url) => match live_catalog(url).await {
+            Ok((c, client)) => {
+                let roles = client
+                    .query(crate::catalog::MEMBERSHIP_SQL, &[&role])
+                    .await
+                    .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
+                    .unwrap_or_default();
+                (c, roles)
+            }
+            Err(e) => return (format!("cannot read the catalog of {}: {e}\n", redact_url(url)), EXIT_USAGE),
+        },
+        None => (catalog_from_rules(&policy, sql), Vec::new()),
+    };
+    let identity = rules::Identity::new(roles.iter().map(String::as_str).chain([role]));
+    let mut out = String::new();
+    let members: Vec<&str> = identity.roles().map(rules::RoleName::as_str).collect();
+    let _ = writeln!(out, "role: {role} (identity: {})", members.join(", "));
+    if against.is_none() {
+        let _ =
+            writeln!(out, "catalog: from the rules file only (pass --against for real columns, views and memberships)");
+    }
+    if policy.is_exempt(&identity) {
+        let _ = writeln!(out, "decision: allowed, unchanged (the role is exempt)");
+        return (out, EXIT_OK);
+    }
+    let view = policy.for_identity(&identity);
+    let analysis = rules::sql::Analyzer::new(&view, &catalog, role).analyze(sql);
+    for f in &analysis.flagged {
+        let _ = writeln!(out, "monitor: rule \"{}\" would block: {}", f.rule, f.reason);
+    }
+    if let Some(b) = &analysis.block {
+        let _ = writeln!(out, "decision: BLOCKED by rule \"{}\"\n  reason: {}", b.rule, b.reason);
+        if !b.hint.is_empty() {
+            let _ = writeln!(out, "  hint: {}", b.hint);
+        }
+        return (out, EXIT_FINDING);
+    }
+    let _ = writeln!(out, "decision: allowed");
+    for (i, st) in analysis.statements.iter().enumerate() {
+        if analysis.statements.len() > 1 {
+            let _ = writeln!(out, "statement {}:", i + 1);
+        }
+        for (n, (name, mask)) in st.columns.iter().enumerate() {
+            let m = mask.as_ref().map_or_else(|| "unmasked".to_owned(), ToString::to_string);
+            let _ = writeln!(out, "  {:>3}  {name:<24} {m}", n + 1);
+        }
+        if let Some(l) = &st.max_rows {
+            let _ = writeln!(out, "  max_rows: {} (rule \"{}\")", l.rows, l.rule);
+        }
+    }
+    (out, EXIT_OK)
+}
+
+/// Without a database: every table the rules name, with the columns the rules name, plus the
+/// tables the statement names (columns unknown).
+fn catalog_from_rules(policy: &rules::Policy, sql: &str) -> Catalog {
+    let mut rels: std::collections::BTreeMap<TableName, Vec<String>> = std::collections::BTreeMap::new();
+    for col in policy.columns().keys() {
+        rels.entry(col.table.clone()).or_default().push(col.column.clone());
+    }
+    for s in policy.selects() {
+        for t in &s.tables {
+            rels.entry(t.clone()).or_default();
+        }
+    }
+    if let Ok(parsed) = pg_query_tables(sql) {
+        for t in parsed {
+            let (schema, table) =
+                t.split_once('.').map_or(("public".to_owned(), t.clone()), |(s, t)| (s.to_owned(), t.to_owned()));
+            rels.entry(TableName::new(&schema, &table)).or_default();
+        }
+    }
+    Catalog::new(rels.into_iter().enumerate().map(|(i, (name, cols))| {
+        Relation {
+            oid: u32::try_from(i).unwrap_or(0) + 100_000,
+            name,
+            kind: RelKind::Table,
+            columns: cols
+                .into_iter()
+                .enumerate()
+                .map(|(j, c)| rules::catalog::Column {
+                    name: c,
+                    attnum: i16::try_from(j + 1).unwrap_or(0),
+                    type_oid: 25,
+                })
+                .collect(),
+            ancestors: Vec::new(),
+            view_sql: None,
+        }
+    }))
+}
+
+fn pg_query_tables(sql: &str) -> Result<Vec<String>, ()> {
+    rules::sql::tables(sql).ok_or(())
+}
+
+async fn live_catalog(url: &str) -> Result<(Catalog, tokio_postgres::Client), String> {
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(crate::tls::no_verification())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![crate::tls::ALPN_POSTGRESQL.to_vec()];
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres_rustls::MakeRustlsConnect::new(config))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let catalog = crate::catalog::load(&client).await.map_err(|e| e.to_string())?;
+    Ok((catalog, client))
+}
+
+/// A connection URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or_default();
+            format!("{}{user}@{}", &url[..s + 3], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,757 @@
+//! The inspecting relay for sessions the rules apply to: every statement is analysed before
+//! it reaches the server, every result is masked on its way back, and blocked statements are
+//! answered with SQLSTATE 42501 while the server is made to fail at the same point (threat
+//! model I10), so client and server agree on what ran and one ReadyForQuery follows each Sync.
+//!
+//! The session keeps a queue of the responses it expects, one entry per message sent to the
+//! server, mirroring the server's skip-to-Sync after an error.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rules::Mode;
+use rules::sql::{Analysis, Block, Effect, RowLimit, StatementPlan};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::analysis::SessionRules;
+use super::conn::Conn;
+use super::rows::{self, RowPlan};
+use super::{SessionError, SessionInfo};
+use crate::Shared;
+use crate::audit::{Event, EventKind};
+use crate::protocol::messages::{self, ErrorResponse, FieldDesc, sqlstate};
+use crate::protocol::{Direction, Frame};
+
+/// Text the server is sent in place of a blocked statement: a syntax error, so the server
+/// fails at the same point and skips to Sync (or ends the Query) exactly as it would have.
+const BLOCKED_SQL: &[u8] = b"PGVEIL BLOCKED STATEMENT";
+
+#[derive(Debug, Default)]
+struct Prepared {
+    plan: StatementPlan,
+    desc: Option<Arc<Vec<FieldDesc>>>,
+}
+
+#[derive(Debug, Default)]
+struct Portal {
+    plan: StatementPlan,
+    formats: Vec<i16>,
+    /// From Describe('P'): real formats.
+    desc: Option<Arc<Vec<FieldDesc>>>,
+    /// From the statement's Describe('S'): formats come from Bind.
+    stmt_desc: Option<Arc<Vec<FieldDesc>>>,
+    row_plan: Option<RowPlan>,
+    rows: u64,
+    cut: bool,
+}
+
+#[derive(Debug)]
+struct QueryState {
+    plans: Vec<StatementPlan>,
+    idx: usize,
+    row_plan: Option<RowPlan>,
+    blocked: Option<Box<ErrorResponse>>,
+    rows: u64,
+    cut: bool,
+}
+
+#[derive(Debug)]
+enum Expect {
+    Parse { blocked: Option<Box<ErrorResponse>> },
+    Bind,
+    DescribeStatement(Bytes),
+    DescribePortal { portal: Bytes, swallow: bool },
+    Execute(Bytes),
+    Close,
+    Sync,
+    Query(QueryState),
+    FunctionCall,
+}
+
+pub(super) struct Inspector<'a> {
+    shared: &'a Arc<Shared>,
+    info: &'a SessionInfo,
+    rules: SessionRules,
+    backend: (u32, Bytes),
+    statements: HashMap<Bytes, Prepared>,
+    portals: HashMap<Bytes, Portal>,
+    sql_prepared: HashMap<String, StatementPlan>,
+    expect: VecDeque<Expect>,
+    to_client: BytesMut,
+    to_server: BytesMut,
+    /// After the proxy itself failed a statement mid-flight (a row limit), the server's
+    /// further output up to ReadyForQuery is not for the client.
+    suppress: bool,
+}
+
+impl<'a> Inspector<'a> {
+    pub(super) fn new(
+        shared: &'a Arc<Shared>,
+        info: &'a SessionInfo,
+        rules: SessionRules,
+        backend: (u32, Bytes),
+    ) -> Self {
+        Inspector {
+            shared,
+            info,
+            rules,
+            backend,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            sql_prepared: HashMap::new(),
+            expect: VecDeque::new(),
+            to_client: BytesMut::with_capacity(64 * 1024),
+            to_server: BytesMut::with_capacity(16 * 1024),
+            suppress: false,
+        }
+    }
+
+    pub(super) async fn run<C, S>(mut self, client: &mut Conn<C>, server: &mut Conn<S>) -> Result<(), SessionError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        // Bytes the client sent before the session became ready are handled first.
+        while let Some(f) = client.buffered_frame()? {
+            if !self.on_client(f).await? {
+                return self.flush_server(server).await;
+            }
+        }
+        self.flush_server(server).await?;
+        loop {
+            tokio::select! {
+                f = client.read_frame() => {
+                    let Some(f) = f? else { return Ok(()) };
+                    if !self.on_client(f).await? {
+                        return self.flush_server(server).await;
+                    }
+                    while let Some(f) = client.buffered_frame()? {
+                        if !self.on_client(f).await? {
+                            return self.flush_server(server).await;
+                        }
+                    }
+                    self.flush_server(server).await?;
+                }
+                f = server.read_frame() => {
+                    let Some(f) = f? else {
+                        self.flush_client(client).await?;
+                        return Err(SessionError::Truncated(Direction::FromServer));
+                    };
+                    self.on_server(f)?;
+                    while let Some(f) = server.buffered_frame()? {
+                        self.on_server(f)?;
+                    }
+                    self.flush_client(client).await?;
+                }
+                () = self.shared.hard_stop.cancelled() => return Err(SessionError::Shutdown),
+            }
+        }
+    }
+
+    async fn flush_server<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        server: &mut Conn<S>,
+    ) -> Result<(), SessionError> {
+        if !self.to_server.is_empty() {
+            let out = self.to_server.split();
+            self.shared.metrics.bytes_client_to_server.fetch_add(out.len() as u64, Relaxed);
+            server.write_all(&out).await?;
+            server.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_client<C: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut Conn<C>,
+    ) -> Result<(), SessionError> {
+        if !self.to_client.is_empty() {
+            let out = self.to_client.split();
+            self.shared.metrics.bytes_server_to_client.fetch_add(out.len() as u64, Relaxed);
+            client.write_all(&out).await?;
+            client.flush().await?;
+        }
+        Ok(())
+    }
+
+    // ---- client → server -------------------------------------------------------------
+
+    /// Handles one client message; `false` when the client terminated.
+    async fn on_client(&mut self, f: Frame) -> Result<bool, SessionError> {
+        match f.tag() {
+            b'Q' => {
+                let text = messages::query_text(&f).ok_or(SessionError::ClientProtocol(
+                    crate::protocol::FrameError::BadLength { tag: b'Q', len: 0 },
+                ))?;
+                self.shared.metrics.statement(crate::metrics::StatementKind::Simple);
+                self.statements.remove(&Bytes::new());
+                self.portals.remove(&Bytes::new());
+                let analysis = self.rules.analyze(self.shared, text).await;
+                let verdict = self.verdict(&analysis, text).await;
+                match verdict {
+                    Some(err) => {
+                        messages::tagged(&mut self.to_server, b'Q', &[BLOCKED_SQL, b"\0"].concat());
+                        self.expect.push_back(Expect::Query(QueryState {
+                            plans: Vec::new(),
+                            idx: 0,
+                            row_plan: None,
+                            blocked: Some(err),
+                            rows: 0,
+                            cut: false,
+                        }));
+                    }
+                    None => {
+                        self.to_server.put_slice(f.as_bytes());
+                        self.expect.push_back(Expect::Query(QueryState {
+                            plans: analysis.statements.clone(),
+                            idx: 0,
+                            row_plan: None,
+                            blocked: None,
+                            rows: 0,
+                            cut: false,
+                        }));
+                    }
+                }
+            }
+            b'P' => {
+                let (name, sql) = messages::parse_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'P'))?;
+                let name = Bytes::copy_from_slice(name);
+                self.shared.metrics.statement(crate::metrics::StatementKind::Parse);
+                let analysis = self.rules.analyze(self.shared, sql).await;
+                match self.verdict(&analysis, sql).await {
+                    Some(err) => {
+                        let mut body = BytesMut::new();
+                        body.put_slice(&name);
+                        body.put_u8(0);
+                        body.put_slice(BLOCKED_SQL);
+                        body.put_u8(0);
+                        body.put_u16(0);
+                        messages::tagged(&mut self.to_server, b'P', &body);
+                        self.statements.remove(&name);
+                        self.expect.push_back(Expect::Parse { blocked: Some(err) });
+                    }
+                    None => {
+                        let plan = analysis.statements.first().cloned().unwrap_or_default();
+                        self.statements.insert(name, Prepared { plan, desc: None });
+                        self.to_server.put_slice(f.as_bytes());
+                        self.expect.push_back(Expect::Parse { blocked: None });
+                    }
+                }
+            }
+            b'B' => {
+                let bind = messages::bind_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'B'))?;
+                let (plan, stmt_desc) = match self.statements.get(bind.statement) {
+                    Some(p) => (p.plan.clone(), p.desc.clone()),
+                    None => {
+                        let name = String::from_utf8_lossy(bind.statement).into_owned();
+                        (self.sql_prepared.get(&name).cloned().unwrap_or_default(), None)
+                    }
+                };
+                let portal = Portal { plan, formats: bind.result_formats.clone(), stmt_desc, ..Portal::default() };
+                self.portals.insert(Bytes::copy_from_slice(bind.portal), portal);
+                self.to_server.put_slice(f.as_bytes());
+                self.expect.push_back(Expect::Bind);
+            }
+            b'D' => {
+                let (kind, name) = messages::target(&f).ok_or(SessionError::UnexpectedClientMessage(b'D'))?;
+                let name = Bytes::copy_from_slice(name);
+                self.to_server.put_slice(f.as_bytes());
+                self.expect.push_back(match kind {
+                    b'S' => Expect::DescribeStatement(name),
+                    _ => Expect::DescribePortal { portal: name, swallow: false },
+                });
+            }
+            b'E' => {
+                let (portal, _) = messages::execute_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'E'))?;
+                let portal = Bytes::copy_from_slice(portal);
+                let known = self.portals.get(&portal).is_some_and(|p| p.desc.is_some() || p.stmt_desc.is_some());
+                if !known {
+                    // Execute without a Describe: ask the server for the row description
+                    // ourselves and keep its answer from the client.
+                    let mut body = BytesMut::new();
+                    body.put_u8(b'P');
+                    body.put_slice(&portal);
+                    body.put_u8(0);
+                    messages::tagged(&mut self.to_server, b'D', &body);
+                    self.expect.push_back(Expect::DescribePortal { portal: portal.clone(), swallow: true });
+                }
+                self.to_server.put_slice(f.as_bytes());
+                self.expect.push_back(Expect::Execute(portal));
+            }
+            b'C' => {
+                let (kind, name) = messages::target(&f).ok_or(SessionError::UnexpectedClientMessage(b'C'))?;
+                if kind == b'S' {
+                    self.statements.remove(name);
+                } else {
+                    self.portals.remove(name);
+                }
+                self.to_server.put_slice(f.as_bytes());
+                self.expect.push_back(Expect::Close);
+            }
+            b'S' => {
+                self.to_server.put_slice(f.as_bytes());
+                self.expect.push_back(Expect::Sync);
+            }
+            b'F' => {
+                if self.rules.is_strict() {
+                    let b = Block {
+                        rule: "function_call".to_owned(),
+                        reason: "the FunctionCall protocol message is not allowed for masked sessions".to_owned(),
+                        hint: "call functions with SELECT".to_owned(),
+                        tables: Vec::new(),
+                        columns: Vec::new(),
+                    };
+                    let err = self.record_block(&b, None).await;
+                    messages::tagged(&mut self.to_server, b'Q', &[BLOCKED_SQL, b"\0"].concat());
+                    self.expect.push_back(Expect::Query(QueryState {
+                        plans: Vec::new(),
+                        idx: 0,
+                        row_plan: None,
+                        blocked: Some(err),
+                        rows: 0,
+                        cut: false,
+                    }));
+                } else {
+                    self.to_server.put_slice(f.as_bytes());
+                    self.expect.push_back(Expect::FunctionCall);
+                }
+            }
+            b'X' => {
+                self.to_server.put_slice(f.as_bytes());
+                return Ok(false);
+            }
+            // Flush, CopyData, CopyDone, CopyFail: forwarded as they are.
+            _ => self.to_server.put_slice(f.as_bytes()),
+        }
+        Ok(true)
+    }
+
+    /// Applies an analysis: `Some(error)` when the statement must not run.
+    async fn verdict(&mut self, analysis: &Analysis, text: &[u8]) -> Option<Box<ErrorResponse>> {
+        let text = std::str::from_utf8(text).ok();
+        for f in &analysis.flagged {
+            self.audit_block(EventKind::QueryFlagged, f, text, Some("monitor")).await;
+        }
+        if let Some(b) = &analysis.block {
+            return Some(self.record_block(b, text).await);
+        }
+        for e in &analysis.effects {
+            match e {
+                Effect::Prepare(name, plan) => {
+                    self.sql_prepared.insert(name.clone(), (**plan).clone());
+                }
+                Effect::Deallocate(Some(name)) => {
+                    self.sql_prepared.remove(name);
+                }
+                Effect::Deallocate(None) => self.sql_prepared.clear(),
+                Effect::Execute(name) => {
+                    let plan = self.sql_prepared.get(name);
+                    if self.rules.is_strict() && plan.is_none_or(|p| !p.outputs.is_empty()) {
+                        let b = Block {
+                            rule: "prepare".to_owned(),
+                            reason: format!(
+                                "EXECUTE {name}: pgveil did not see this statement prepared in a way it can mask"
+                            ),
+                            hint: "PREPARE it in this session, or use the extended protocol".to_owned(),
+                            tables: Vec::new(),
+                            columns: Vec::new(),
+                        };
+                        return Some(self.record_block(&b, text).await);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    async fn record_block(&mut self, b: &Block, text: Option<&str>) -> Box<ErrorResponse> {
+        self.shared.metrics.blocked(&b.rule, block_reason_label(b));
+        self.audit_block(EventKind::QueryBlocked, b, text, None).await;
+        Box::new(block_error(b))
+    }
+
+    async fn audit_block(&self, kind: EventKind, b: &Block, text: Option<&str>, mode: Option<&'static str>) {
+        let mut ev = Event::session(kind, self.info).rule(&b.rule).reason(&b.reason);
+        ev.statement = Some(match text.and_then(rules::sql::normalize) {
+            Some(n) => n,
+            None => statement_digest(text.unwrap_or_default()),
+        });
+        ev.fingerprint = text.and_then(rules::sql::fingerprint);
+        ev.tables.clone_from(&b.tables);
+        ev.columns.clone_from(&b.columns);
+        ev.mode = mode;
+        self.shared.audit.send(ev).await;
+    }
+
+    // ---- server → client -------------------------------------------------------------
+
+    fn forward(&mut self, f: &Frame) {
+        if !self.suppress {
+            self.to_client.put_slice(f.as_bytes());
+        }
+    }
+
+    fn on_server(&mut self, f: Frame) -> Result<(), SessionError> {
+        match f.tag() {
+            b'1' => {
+                self.pop(|e| matches!(e, Expect::Parse { .. }))?;
+                self.forward(&f);
+            }
+            b'2' => {
+                self.pop(|e| matches!(e, Expect::Bind))?;
+                self.forward(&f);
+            }
+            b'3' => {
+                self.pop(|e| matches!(e, Expect::Close))?;
+                self.forward(&f);
+            }
+            b't' => self.forward(&f),
+            b'T' => self.row_description(&f)?,
+            b'n' => match self.expect.pop_front() {
+                Some(Expect::DescribePortal { swallow: true, .. }) => {}
+                Some(Expect::DescribeStatement(_) | Expect::DescribePortal { .. }) => self.forward(&f),
+                _ => return Err(SessionError::UnexpectedServerMessage(b'n')),
+            },
+            b'D' => self.data_row(&f)?,
+            b'C' | b'I' => self.command_complete(&f)?,
+            b's' => {
+                self.pop(|e| matches!(e, Expect::Execute(_)))?;
+                self.forward(&f);
+            }
+            b'E' => self.error(&f)?,
+            b'Z' => {
+                self.pop(|e| matches!(e, Expect::Sync | Expect::Query(_) | Expect::FunctionCall))?;
+                self.suppress = false;
+                self.forward(&f);
+            }
+            b'N' => {
+                if self.rules.is_strict() && !self.suppress {
+                    rows::scrub_error(&f, &mut self.to_client);
+                } else {
+                    self.forward(&f);
+                }
+            }
+            b'S' => {
+                self.parameter_status(&f)?;
+                self.forward(&f);
+            }
+            b'G' | b'H' | b'd' | b'c' | b'A' | b'V' => self.forward(&f),
+            other => return Err(SessionError::UnexpectedServerMessage(other)),
+        }
+        Ok(())
+    }
+
+    fn pop(&mut self, ok: impl Fn(&Expect) -> bool) -> Result<Expect, SessionError> {
+        match self.expect.pop_front() {
+            Some(e) if ok(&e) => Ok(e),
+            // The server answered something we did not ask for: we no longer know what its
+            // messages mean, so the session ends (fail closed, I8).
+            _ => Err(SessionError::UnexpectedServerMessage(b'?')),
+        }
+    }
+
+    fn origin_plan(
+        &self,
+        fields: &[FieldDesc],
+        formats: impl Fn(usize) -> rules::types::Format,
+        analysed: &[Option<rules::Mask>],
+    ) -> RowPlan {
+        let catalog = self.rules.catalog.snapshot();
+        let policy = self.shared.policy.load_full();
+        RowPlan::build(fields, formats, analysed, |fd| {
+            policy
+                .as_ref()
+                .and_then(|p| rows::origin_mask(p, &self.rules.identity, &catalog, fd.table_oid, fd.attnum).cloned())
+        })
+    }
+
+    fn row_description(&mut self, f: &Frame) -> Result<(), SessionError> {
+        let fields = Arc::new(messages::row_description(f).ok_or(SessionError::UnexpectedServerMessage(b'T'))?);
+        match self.expect.front_mut() {
+            Some(Expect::DescribeStatement(name)) => {
+                let name = name.clone();
+                self.expect.pop_front();
+                if let Some(p) = self.statements.get_mut(&name) {
+                    p.desc = Some(fields);
+                }
+                self.forward(f);
+            }
+            Some(Expect::DescribePortal { portal, swallow }) => {
+                let (portal, swallow) = (portal.clone(), *swallow);
+                self.expect.pop_front();
+                if let Some(p) = self.portals.get_mut(&portal) {
+                    p.desc = Some(fields);
+                    p.row_plan = None;
+                }
+                if !swallow {
+                    self.forward(f);
+                }
+            }
+            Some(Expect::Query(q)) => {
+                let analysed = q.plans.get(q.idx).map(|p| p.outputs.clone()).unwrap_or_default();
+                let formats: Vec<i16> = fields.iter().map(|fd| fd.format).collect();
+                let plan = self.origin_plan(&fields, |i| rows::format_at(&formats, i), &analysed);
+                if let Some(Expect::Query(q)) = self.expect.front_mut() {
+                    q.row_plan = Some(plan);
+                    q.rows = 0;
+                }
+                self.forward(f);
+            }
+            _ => return Err(SessionError::UnexpectedServerMessage(b'T')),
+        }
+        Ok(())
+    }
+
+    fn data_row(&mut self, f: &Frame) -> Result<(), SessionError> {
+        let (plan, limit, rows) = match self.expect.front() {
+            Some(Expect::Execute(portal)) => {
+                let portal = portal.clone();
+                let built = {
+                    let p = self.portals.get(&portal).ok_or(SessionError::UnexpectedServerMessage(b'D'))?;
+                    match (&p.row_plan, &p.desc, &p.stmt_desc) {
+                        (Some(_), _, _) => None,
+                        (None, Some(desc), _) => {
+                            let formats: Vec<i16> = desc.iter().map(|fd| fd.format).collect();
+                            Some(self.origin_plan(desc, |i| rows::format_at(&formats, i), &p.plan.outputs))
+                        }
+                        (None, None, Some(desc)) => {
+                            Some(self.origin_plan(desc, |i| rows::format_at(&p.formats, i), &p.plan.outputs))
+                        }
+                        // Rows we cannot classify never reach the client (I1).
+                        (None, None, None) => return Err(SessionError::UnexpectedServerMessage(b'D')),
+                    }
+                };
+                let p = self.portals.get_mut(&portal).ok_or(SessionError::UnexpectedServerMessage(b'D'))?;
+                if let Some(b) = built {
+                    p.row_plan = Some(b);
+                }
+                p.rows += 1;
+                (p.row_plan.clone().unwrap_or_default(), p.plan.max_rows.clone(), p.rows)
+            }
+            Some(Expect::Query(_)) => {
+                let Some(Expect::Query(q)) = self.expect.front_mut() else {
+                    return Err(SessionError::UnexpectedServerMessage(b'D'));
+                };
+                let Some(plan) = q.row_plan.clone() else { return Err(SessionError::UnexpectedServerMessage(b'D')) };
+                q.rows += 1;
+                (plan, q.plans.get(q.idx).and_then(|p| p.max_rows.clone()), q.rows)
+            }
+            _ => return Err(SessionError::UnexpectedServerMessage(b'D')),
+        };
+        if let Some(limit) = &limit
+            && limit.mode == Mode::Enforce
+            && rows > limit.rows
+        {
+            self.cut(limit);
+            return Ok(());
+        }
+        if self.suppress {
+            return Ok(());
+        }
+        if plan.is_identity() {
+            self.to_client.put_slice(f.as_bytes());
+        } else {
+            let masked = plan
+                .rewrite(f, &mut self.to_client, self.rules.hash_key())
+                .map_err(|_| SessionError::UnexpectedServerMessage(b'D'))?;
+            self.shared.metrics.masked_cells_total.fetch_add(masked, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The first row past a `max_rows` limit: stop forwarding, cancel the backend's work.
+    fn cut(&mut self, limit: &RowLimit) {
+        let first = match self.expect.front_mut() {
+            Some(Expect::Execute(portal)) => {
+                let portal = portal.clone();
+                self.portals.get_mut(&portal).is_some_and(|p| !std::mem::replace(&mut p.cut, true))
+            }
+            Some(Expect::Query(q)) => !std::mem::replace(&mut q.cut, true),
+            _ => false,
+        };
+        if first {
+            self.shared.metrics.rows_cut_total.fetch_add(1, Relaxed);
+            let shared = Arc::clone(self.shared);
+            let (pid, key) = self.backend.clone();
+            tokio::spawn(async move { super::cancel_backend(&shared, pid, &key).await });
+            let mut ev = Event::session(EventKind::RowLimit, self.info)
+                .rule(&limit.rule)
+                .reason(&format!("result cut after {} rows (max_rows)", limit.rows));
+            ev.rows = Some(limit.rows);
+            ev.tables.clone_from(&limit.tables);
+            self.shared.audit.log(ev);
+        }
+    }
+
+    fn limit_error(limit_rows: u64, rule: &str) -> ErrorResponse {
+        ErrorResponse::error(
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            format!("pgveil: result cut after {limit_rows} rows by rule \"{rule}\" (max_rows)"),
+        )
+        .with_hint("add a WHERE clause or a LIMIT to fetch fewer rows")
+    }
+
+    fn command_complete(&mut self, f: &Frame) -> Result<(), SessionError> {
+        if f.tag() == b'C' && is_ddl_tag(f.body_ref()) {
+            self.rules.catalog.mark_stale();
+        }
+        match self.expect.front_mut() {
+            Some(Expect::Execute(portal)) => {
+                let portal = portal.clone();
+                self.expect.pop_front();
+                let cut = self.portals.get(&portal).filter(|p| p.cut).and_then(|p| p.plan.max_rows.clone());
+                if let Some(limit) = cut {
+                    self.send_error(&Self::limit_error(limit.rows, &limit.rule));
+                    // The server did not fail: hide its further output up to the Sync.
+                    self.suppress = true;
+                } else {
+                    self.forward(f);
+                }
+            }
+            Some(Expect::Query(q)) => {
+                let limit = q.cut.then(|| q.plans.get(q.idx).and_then(|p| p.max_rows.clone())).flatten();
+                q.idx += 1;
+                q.row_plan = None;
+                q.rows = 0;
+                q.cut = false;
+                if let Some(limit) = limit {
+                    self.send_error(&Self::limit_error(limit.rows, &limit.rule));
+                    self.suppress = true;
+                } else {
+                    self.forward(f);
+                }
+            }
+            _ => return Err(SessionError::UnexpectedServerMessage(f.tag())),
+        }
+        Ok(())
+    }
+
+    fn send_error(&mut self, e: &ErrorResponse) {
+        if !self.suppress {
+            e.encode(&mut self.to_client);
+        }
+    }
+
+    fn error(&mut self, f: &Frame) -> Result<(), SessionError> {
+        let strict = self.rules.is_strict();
+        let mut replacement: Option<ErrorResponse> = None;
+        match self.expect.front_mut() {
+            Some(Expect::Query(q)) => {
+                if let Some(b) = q.blocked.take() {
+                    replacement = Some(*b);
+                } else if q.cut {
+                    let limit = q.plans.get(q.idx).and_then(|p| p.max_rows.clone());
+                    if let Some(l) = limit {
+                        replacement = Some(Self::limit_error(l.rows, &l.rule));
+                    }
+                    q.cut = false;
+                }
+            }
+            Some(Expect::FunctionCall) => {}
+            _ => {
+                // Extended protocol: the server now skips to Sync; so do our expectations.
+                match self.expect.front() {
+                    Some(Expect::Parse { blocked: Some(b) }) => replacement = Some((**b).clone()),
+                    Some(Expect::Execute(portal)) => {
+                        if let Some(l) =
+                            self.portals.get(portal).filter(|p| p.cut).and_then(|p| p.plan.max_rows.clone())
+                        {
+                            replacement = Some(Self::limit_error(l.rows, &l.rule));
+                        }
+                    }
+                    _ => {}
+                }
+                while self.expect.front().is_some_and(|e| !matches!(e, Expect::Sync)) {
+                    self.expect.pop_front();
+                }
+            }
+        }
+        if self.suppress {
+            return Ok(());
+        }
+        match replacement {
+            Some(e) => e.encode(&mut self.to_client),
+            None if strict => {
+                rows::scrub_error(f, &mut self.to_client);
+            }
+            None => self.forward(f),
+        }
+        Ok(())
+    }
+
+    fn parameter_status(&mut self, f: &Frame) -> Result<(), SessionError> {
+        if !self.rules.is_strict() {
+            return Ok(());
+        }
+        let (name, value) = messages::parameter_status(f).ok_or(SessionError::UnexpectedServerMessage(b'S'))?;
+        let unsafe_value = match name {
+            b"standard_conforming_strings" => value != b"on",
+            b"client_encoding" => is_unsafe_encoding(value),
+            _ => false,
+        };
+        if unsafe_value {
+            // A setting that changes how statements are lexed changed under us (I9).
+            return Err(SessionError::Refused(Box::new(ErrorResponse::fatal(
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                "pgveil: a setting that masked sessions must keep pinned was changed; closing the session",
+            ))));
+        }
+        Ok(())
+    }
+}
+
+/// Client encodings whose multi-byte characters can contain quote or backslash bytes.
+pub(super) fn is_unsafe_encoding(value: &[u8]) -> bool {
+    let v = String::from_utf8_lossy(value).to_ascii_uppercase().replace(['-', '_'], "");
+    matches!(
+        v.as_str(),
+        "SJIS"
+            | "SHIFTJIS"
+            | "BIG5"
+            | "GBK"
+            | "UHC"
+            | "GB18030"
+            | "JOHAB"
+            | "SHIFTJIS2004"
+            | "WIN932"
+            | "WIN936"
+            | "WIN949"
+            | "WIN950"
+    )
+}
+
+fn is_ddl_tag(tag: &[u8]) -> bool {
+    ["CREATE", "ALTER", "DROP", "GRANT", "REVOKE", "COMMENT", "REFRESH", "SELECT INTO"]
+        .iter()
+        .any(|p| tag.starts_with(p.as_bytes()))
+}
+
+fn block_reason_label(b: &Block) -> &'static str {
+    if b.reason.contains("SELECT *") {
+        "select_star"
+    } else if b.reason.contains("without a WHERE") {
+        "unfiltered"
+    } else {
+        "policy"
+    }
+}
+
+/// The client-facing error for a blocked statement.
+pub(super) fn block_error(b: &Block) -> ErrorResponse {
+    let mut e = ErrorResponse::error(
+        sqlstate::INSUFFICIENT_PRIVILEGE,
+        format!("pgveil: statement blocked by rule \"{}\": {}", b.rule, b.reason),
+    );
+    if !b.hint.is_empty() {
+        e = e.with_hint(b.hint.clone());
+    }
+    e
+}
+
+/// An unparseable statement is logged by length and hash only (audit.md).
+fn statement_digest(text: &str) -> String {
+    use sha2::Digest;
+    format!("(unparsed: {} bytes, sha256 {})", text.len(), hex::encode(sha2::Sha256::digest(text.as_bytes())))
+}

@@ -1,0 +1,221 @@
+//! Result masking: a per-result plan compiled once from RowDescription (origins, types,
+//! formats) and the statement's analysis, then applied to each DataRow. Untouched cells are
+//! copied as slices; masked cells are replaced with type-correct values in the column's
+//! format. A malformed row is an error (the session closes: fail closed).
+
+use bytes::{BufMut, BytesMut};
+use rules::catalog::{Catalog, RelKind};
+use rules::mask::{self, Mask, Masked};
+use rules::names::ColumnName;
+use rules::types::{Format, PgType};
+use rules::{HashKey, Identity, Policy};
+
+use crate::protocol::Frame;
+use crate::protocol::messages::FieldDesc;
+use crate::protocol::wire::{Reader, begin, finish};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CellPlan {
+    mask: Mask,
+    ty: PgType,
+    format: Format,
+}
+
+/// How to mask the rows of one result.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowPlan {
+    cells: Vec<Option<CellPlan>>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed DataRow from the server")]
+pub struct RowError;
+
+/// The format of column `i` under Bind's 0 / 1 / N rule.
+pub fn format_at(codes: &[i16], i: usize) -> Format {
+    let code = match codes {
+        [] => 0,
+        [one] => *one,
+        many => many.get(i).copied().unwrap_or(0),
+    };
+    Format::from_code(code).unwrap_or(Format::Text)
+}
+
+/// The mask RowDescription's origin implies: the column of a table, partition or inheritance
+/// child (views are covered by the statement's analysis).
+pub fn origin_mask<'p>(
+    policy: &'p Policy,
+    identity: &Identity,
+    catalog: &Catalog,
+    table_oid: u32,
+    attnum: i16,
+) -> Option<&'p Mask> {
+    if table_oid == 0 || attnum <= 0 {
+        return None;
+    }
+    let rel = catalog.by_oid(table_oid)?;
+    if matches!(rel.kind, RelKind::View | RelKind::MaterializedView) {
+        return None;
+    }
+    let col = rel.column_by_attnum(attnum)?;
+    std::iter::once(&rel.name)
+        .chain(rel.ancestors.iter())
+        .find_map(|t| policy.column_mask(&ColumnName { table: t.clone(), column: col.name.clone() }, identity))
+}
+
+impl RowPlan {
+    /// Combines the two layers (threat model I2): a column is masked if either says so.
+    pub fn build(
+        fields: &[FieldDesc],
+        formats: impl Fn(usize) -> Format,
+        analysed: &[Option<Mask>],
+        origin: impl Fn(&FieldDesc) -> Option<Mask>,
+    ) -> RowPlan {
+        let cells = fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let m = analysed.get(i).cloned().flatten().or_else(|| origin(f))?;
+                let ty = PgType::from_oid(f.type_oid);
+                // A mask that cannot produce this type's values falls back to one that can.
+                let mask = if mask::fits(&m, ty).is_ok() {
+                    m
+                } else if mask::fits(&Mask::Redact, ty).is_ok() {
+                    Mask::Redact
+                } else {
+                    Mask::Nullify
+                };
+                Some(CellPlan { mask, ty, format: formats(i) })
+            })
+            .collect();
+        RowPlan { cells }
+    }
+
+    /// Whether rows pass untouched (their original bytes are forwarded).
+    pub fn is_identity(&self) -> bool {
+        self.cells.iter().all(Option::is_none)
+    }
+
+    /// Writes the masked row to `out`; returns the number of cells masked.
+    pub fn rewrite(&self, row: &Frame, out: &mut BytesMut, key: Option<&HashKey>) -> Result<u64, RowError> {
+        let mut r = Reader::new(row.body_ref());
+        let n = r.u16().ok_or(RowError)?;
+        if usize::from(n) != self.cells.len() {
+            return Err(RowError);
+        }
+        let at = begin(out, b'D');
+        out.put_u16(n);
+        let mut masked = 0;
+        for plan in &self.cells {
+            let cell = r.value().ok_or(RowError)?;
+            match (plan, cell) {
+                (_, None) => out.put_i32(-1),
+                (None, Some(v)) => {
+                    out.put_i32(i32::try_from(v.len()).map_err(|_| RowError)?);
+                    out.put_slice(v);
+                }
+                (Some(p), Some(v)) => {
+                    masked += 1;
+                    match mask::apply(&p.mask, p.ty, p.format, v, key) {
+                        Masked::Null => out.put_i32(-1),
+                        Masked::Value(m) => {
+                            out.put_i32(i32::try_from(m.len()).map_err(|_| RowError)?);
+                            out.put_slice(&m);
+                        }
+                    }
+                }
+            }
+        }
+        if !r.is_empty() {
+            return Err(RowError);
+        }
+        finish(out, at);
+        Ok(masked)
+    }
+}
+
+/// ErrorResponse / NoticeResponse for a masked session, without the fields that can echo
+/// values (threat model I7 / B14): detail, hint, context and internal query are dropped; the
+/// message of classes that quote data is replaced with a generic text.
+pub fn scrub_error(frame: &Frame, out: &mut BytesMut) -> bool {
+    let Some(fields) = crate::protocol::messages::error_fields(frame) else { return false };
+    let code = fields.iter().find(|(c, _)| *c == b'C').map(|(_, v)| *v).unwrap_or_default();
+    let generic: Option<&[u8]> = match code.get(..2) {
+        Some(b"22") => Some(b"invalid input value (details hidden by pgveil)"),
+        Some(b"23") => Some(b"integrity constraint violated (details hidden by pgveil)"),
+        Some(b"P0") => Some(b"error raised by procedural code (details hidden by pgveil)"),
+        Some(b"XX") => Some(b"internal error (details hidden by pgveil)"),
+        _ => None,
+    };
+    let kept: Vec<(u8, &[u8])> = fields
+        .iter()
+        .filter(|(c, _)| !matches!(c, b'D' | b'H' | b'W' | b'q' | b'p' | b'F' | b'L' | b'R'))
+        .map(|(c, v)| if *c == b'M' { (*c, generic.unwrap_or(v)) } else { (*c, *v) })
+        .collect();
+    crate::protocol::messages::encode_fields(out, frame.tag(), &kept);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(type_oid: u32) -> FieldDesc {
+        FieldDesc { table_oid: 0, attnum: 0, type_oid, typlen: -1, typmod: -1, format: 0 }
+    }
+
+    fn data_row(cells: &[Option<&[u8]>]) -> Frame {
+        let mut out = BytesMut::new();
+        let at = begin(&mut out, b'D');
+        out.put_u16(u16::try_from(cells.len()).unwrap());
+        for c in cells {
+            match c {
+                None => out.put_i32(-1),
+                Some(v) => {
+                    out.put_i32(i32::try_from(v.len()).unwrap());
+                    out.put_slice(v);
+                }
+            }
+        }
+        finish(&mut out, at);
+        Frame::from_encoded(out.freeze()).unwrap()
+    }
+
+    #[test]
+    fn masks_only_planned_cells_and_keeps_nulls() {
+        let fields = [field(23), field(25), field(25)];
+        let plan = RowPlan::build(&fields, |_| Format::Text, &[None, Some(Mask::Redact), Some(Mask::Email)], |_| None);
+        let row = data_row(&[Some(b"7"), Some(b"900-00-0001"), None]);
+        let mut out = BytesMut::new();
+        assert_eq!(plan.rewrite(&row, &mut out, None), Ok(2));
+        let masked = Frame::from_encoded(out.freeze()).unwrap();
+        let body = masked.body_ref();
+        assert!(!body.windows(11).any(|w| w == b"900-00-0001"));
+        assert!(body.windows(4).any(|w| w == b"****"));
+        assert_eq!(&body[body.len() - 4..], &(-1i32).to_be_bytes(), "NULL stays NULL");
+    }
+
+    #[test]
+    fn wrong_shapes_fail_closed() {
+        let plan = RowPlan::build(&[field(25)], |_| Format::Text, &[Some(Mask::Redact)], |_| None);
+        let mut out = BytesMut::new();
+        assert_eq!(plan.rewrite(&data_row(&[Some(b"a"), Some(b"b")]), &mut out, None), Err(RowError));
+        let bad = Frame::from_encoded(bytes::Bytes::from_static(b"D\0\0\0\x0a\0\x01\0\0\0\x09")).unwrap();
+        assert_eq!(plan.rewrite(&bad, &mut out, None), Err(RowError));
+    }
+
+    #[test]
+    fn masks_that_do_not_fit_fall_back() {
+        let plan = RowPlan::build(&[field(23)], |_| Format::Binary, &[Some(Mask::Email)], |_| None);
+        let mut out = BytesMut::new();
+        plan.rewrite(&data_row(&[Some(&42i32.to_be_bytes())]), &mut out, None).unwrap();
+        assert!(out.ends_with(&0i32.to_be_bytes()), "int4 redacted to 0 in binary");
+    }
+
+    #[test]
+    fn bind_formats() {
+        assert_eq!(format_at(&[], 3), Format::Text);
+        assert_eq!(format_at(&[1], 3), Format::Binary);
+        assert_eq!(format_at(&[0, 1], 1), Format::Binary);
+    }
+}
