@@ -6,4 +6,6 @@ pub mod harness;
 #[cfg(test)]
 mod core;
 #[cfg(test)]
+mod leaks;
+#[cfg(test)]
 mod masking;
