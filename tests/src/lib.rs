@@ -8,4 +8,6 @@ mod core;
 #[cfg(test)]
 mod leaks;
 #[cfg(test)]
+mod false_blocks;
+#[cfg(test)]
 mod masking;
