@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod audit_cli;
 pub mod cancel;
 pub mod catalog;
 pub mod cli;

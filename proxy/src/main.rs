@@ -37,6 +37,34 @@ enum Command {
         #[arg(long)]
         against: Option<String>,
     },
+    /// Read the audit log: a table of events, a summary, or `verify` the hash chain.
+    #[command(args_conflicts_with_subcommands = true)]
+    Audit {
+        #[command(subcommand)]
+        verify: Option<AuditCommand>,
+        /// The audit log (default: audit.path of PGVEIL_CONFIG, else ./audit.jsonl).
+        file: Option<PathBuf>,
+        /// Only events newer than this (e.g. 15m, 1h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        rule: Option<String>,
+        #[arg(long)]
+        event: Option<String>,
+        #[arg(long)]
+        database: Option<String>,
+        /// Counts by event, rule, user and hour, and the top statement fingerprints.
+        #[arg(long)]
+        summary: bool,
+        /// Keep printing new events as they are written.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line, for piping.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what the rules decide for a statement run by a role.
     Explain {
         #[arg(long)]
@@ -49,6 +77,12 @@ enum Command {
         /// The statement.
         sql: String,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of an audit log (exit 1 if it is broken).
+    Verify { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -75,6 +109,62 @@ fn main() -> ExitCode {
             let (report, code) = runtime.block_on(proxy::cli::check(&rules, against.as_deref()));
             print!("{report}");
             ExitCode::from(code)
+        }
+        Command::Audit { verify: Some(AuditCommand::Verify { file }), .. } => match std::fs::read_to_string(&file) {
+            Ok(text) => match proxy::audit_cli::verify(&text) {
+                Ok(n) => {
+                    println!("{}: chain intact ({n} lines)", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    println!("{}: {e}", file.display());
+                    ExitCode::from(1)
+                }
+            },
+            Err(e) => {
+                eprintln!("pgveil: cannot read {}: {e}", file.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Audit { verify: None, file, since, user, rule, event, database, summary, follow, json } => {
+            let file = file.unwrap_or_else(|| {
+                proxy::config::Config::load(std::env::var_os("PGVEIL_CONFIG").map(PathBuf::from).as_deref())
+                    .ok()
+                    .and_then(|c| c.audit.path)
+                    .map_or_else(|| PathBuf::from("audit.jsonl"), PathBuf::from)
+            });
+            let since = match since.as_deref().map(proxy::audit_cli::since) {
+                Some(None) => {
+                    eprintln!("pgveil: --since takes a duration such as 15m, 1h or 7d");
+                    return ExitCode::from(2);
+                }
+                Some(s) => s,
+                None => None,
+            };
+            let filter = proxy::audit_cli::Filter { since, user, rule, event, database };
+            if follow {
+                return match runtime.block_on(proxy::audit_cli::follow(&file, &filter, json)) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("pgveil: {}: {e}", file.display());
+                        ExitCode::from(2)
+                    }
+                };
+            }
+            match std::fs::read_to_string(&file) {
+                Ok(text) if summary => {
+                    print!("{}", proxy::audit_cli::summary(&text, &filter));
+                    ExitCode::SUCCESS
+                }
+                Ok(text) => {
+                    print!("{}", proxy::audit_cli::table(&text, &filter, json));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pgveil: cannot read {}: {e}", file.display());
+                    ExitCode::from(2)
+                }
+            }
         }
         Command::Explain { rules, role, against, sql } => {
             let (report, code) = runtime.block_on(proxy::cli::explain(&rules, &role, against.as_deref(), &sql));

@@ -10,4 +10,6 @@ mod leaks;
 #[cfg(test)]
 mod false_blocks;
 #[cfg(test)]
+mod blocking;
+#[cfg(test)]
 mod masking;
