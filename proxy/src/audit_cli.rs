@@ -54,7 +54,11 @@ pub fn table(text: &str, filter: &Filter, json: bool) -> String {
     let (values, bad) = parse_lines(text);
     let mut out = String::new();
     if !json {
-        let _ = writeln!(out, "{:<24} {:<15} {:<14} {:<12} {:<28} {}", "TIME", "EVENT", "USER", "DATABASE", "RULE", "REASON / STATEMENT");
+        let _ = writeln!(
+            out,
+            "{:<24} {:<15} {:<14} {:<12} {:<28} {}",
+            "TIME", "EVENT", "USER", "DATABASE", "RULE", "REASON / STATEMENT"
+        );
     }
     for v in values.iter().filter(|v| filter.matches(v)) {
         if json {
@@ -68,7 +72,15 @@ pub fn table(text: &str, filter: &Filter, json: bool) -> String {
             (Some(s), None) => s.to_owned(),
             (None, None) => String::new(),
         };
-        let _ = writeln!(out, "{:<24} {:<15} {:<14} {:<12} {:<28} {detail}", f("ts"), f("event"), f("user"), f("database"), f("rule"));
+        let _ = writeln!(
+            out,
+            "{:<24} {:<15} {:<14} {:<12} {:<28} {detail}",
+            f("ts"),
+            f("event"),
+            f("user"),
+            f("database"),
+            f("rule")
+        );
     }
     if bad > 0 {
         let _ = writeln!(out, "({bad} lines were not JSON)");
@@ -104,7 +116,9 @@ pub fn summary(text: &str, filter: &Filter) -> String {
         }
     }
     let mut out = format!("{total} events\n");
-    for (title, map) in [("by event", &by_event), ("by rule", &by_rule), ("by user", &by_user), ("by hour (UTC)", &by_hour)] {
+    for (title, map) in
+        [("by event", &by_event), ("by rule", &by_rule), ("by user", &by_user), ("by hour (UTC)", &by_hour)]
+    {
         let _ = writeln!(out, "\n{title}:");
         let mut rows: Vec<_> = map.iter().collect();
         rows.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
@@ -130,7 +144,10 @@ pub fn verify(text: &str) -> Result<usize, String> {
     let mut n = 0;
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("line {}: not JSON: {e}", i + 1))?;
-        let claimed = v.get("prev").and_then(|p| p.as_str()).ok_or_else(|| format!("line {}: no `prev` field (chain off?)", i + 1))?;
+        let claimed = v
+            .get("prev")
+            .and_then(|p| p.as_str())
+            .ok_or_else(|| format!("line {}: no `prev` field (chain off?)", i + 1))?;
         let expected = prev.clone().unwrap_or_else(|| "0".repeat(64));
         // A reopened or rotated file starts a new chain from the zero hash.
         if claimed != expected && !(claimed == "0".repeat(64) && n > 0) {
@@ -175,7 +192,8 @@ mod tests {
         let mut prev = "0".repeat(64);
         let mut out = String::new();
         for l in lines {
-            let line = format!("{{\"ts\":\"2026-01-01T00:00:00.000Z\",\"event\":\"query_blocked\",{l},\"prev\":\"{prev}\"}}");
+            let line =
+                format!("{{\"ts\":\"2026-01-01T00:00:00.000Z\",\"event\":\"query_blocked\",{l},\"prev\":\"{prev}\"}}");
             prev = hex::encode(Sha256::digest(line.as_bytes()));
             out.push_str(&line);
             out.push('\n');
@@ -185,7 +203,11 @@ mod tests {
 
     #[test]
     fn verify_detects_changes() {
-        let log = chained(&["\"user\":\"a\",\"rule\":\"r1\"", "\"user\":\"b\",\"rule\":\"r2\"", "\"user\":\"a\",\"rule\":\"r1\""]);
+        let log = chained(&[
+            "\"user\":\"a\",\"rule\":\"r1\"",
+            "\"user\":\"b\",\"rule\":\"r2\"",
+            "\"user\":\"a\",\"rule\":\"r1\"",
+        ]);
         assert_eq!(verify(&log), Ok(3));
         let tampered = log.replacen("\"user\":\"b\"", "\"user\":\"c\"", 1);
         assert!(verify(&tampered).unwrap_err().contains("line 3"));
@@ -195,7 +217,11 @@ mod tests {
 
     #[test]
     fn summary_counts() {
-        let log = chained(&["\"user\":\"a\",\"rule\":\"r1\"", "\"user\":\"b\",\"rule\":\"r2\"", "\"user\":\"a\",\"rule\":\"r1\""]);
+        let log = chained(&[
+            "\"user\":\"a\",\"rule\":\"r1\"",
+            "\"user\":\"b\",\"rule\":\"r2\"",
+            "\"user\":\"a\",\"rule\":\"r1\"",
+        ]);
         let s = summary(&log, &Filter::default());
         assert!(s.starts_with("3 events"), "{s}");
         assert!(s.contains("       2  r1"), "{s}");

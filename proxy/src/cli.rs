@@ -15,13 +15,13 @@ pub const EXIT_FINDING: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 
 /// Validates a rules file; returns the report and the exit code.
-pub async fn check(path: &Path, against: Option<&str>) -> (String, u8) {
+pub async fn check(path: &Path, against: Option<&str>, opts: &rules::CompileOptions) -> (String, u8) {
     let src = match std::fs::read_to_string(path) {
         Ok(s) => s,
         Err(e) => return (format!("{}: cannot read: {e}\n", path.display()), EXIT_USAGE),
     };
     let name = path.display().to_string();
-    let policy = match rules::compile(&src, &crate::policy::options_from_env()) {
+    let policy = match rules::compile(&src, opts) {
         Ok(p) => p,
         Err(diags) => return (rules::diagnostic::render_all(&diags, &name, &src), EXIT_FINDING),
     };
@@ -82,12 +82,18 @@ pub async fn check(path: &Path, against: Option<&str>) -> (String, u8) {
 }
 
 /// What the rules decide for `sql` run by `role`.
-pub async fn explain(path: &Path, role: &str, against: Option<&str>, sql: &str) -> (String, u8) {
+pub async fn explain(
+    path: &Path,
+    role: &str,
+    against: Option<&str>,
+    sql: &str,
+    opts: &rules::CompileOptions,
+) -> (String, u8) {
     let src = match std::fs::read_to_string(path) {
         Ok(s) => s,
         Err(e) => return (format!("{}: cannot read: {e}\n", path.display()), EXIT_USAGE),
     };
-    let policy = match rules::compile(&src, &crate::policy::options_from_env()) {
+    let policy = match rules::compile(&src, opts) {
         Ok(p) => Arc::new(p),
         Err(diags) => return (rules::diagnostic::render_all(&diags, &path.display().to_string(), &src), EXIT_FINDING),
     };

@@ -106,7 +106,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { rules, against } => {
-            let (report, code) = runtime.block_on(proxy::cli::check(&rules, against.as_deref()));
+            let (report, code) =
+                runtime.block_on(proxy::cli::check(&rules, against.as_deref(), &proxy::policy::options_from_env()));
             print!("{report}");
             ExitCode::from(code)
         }
@@ -167,7 +168,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Explain { rules, role, against, sql } => {
-            let (report, code) = runtime.block_on(proxy::cli::explain(&rules, &role, against.as_deref(), &sql));
+            let (report, code) = runtime.block_on(proxy::cli::explain(
+                &rules,
+                &role,
+                against.as_deref(),
+                &sql,
+                &proxy::policy::options_from_env(),
+            ));
             print!("{report}");
             ExitCode::from(code)
         }

@@ -65,15 +65,19 @@ async fn monitor_mode_lets_statements_run_and_records_them() {
     let audit_dir = tempdir();
     let audit_path = audit_dir.join("audit.jsonl");
     let rules = RULES.replace("    max_rows: 1000", "    max_rows: 1000\n    mode: monitor");
-    let p = harness_proxy::spawn_with_rules(cluster, &rules, |c| c.audit.path = Some(audit_path.display().to_string())).await;
+    let p = harness_proxy::spawn_with_rules(cluster, &rules, |c| c.audit.path = Some(audit_path.display().to_string()))
+        .await;
     let client = connect_plain(&url(p.port(), "analyst", &db.name, "sslmode=disable")).await.unwrap();
     let rows = client.query("SELECT * FROM customers WHERE id = 1", &[]).await.expect("monitor mode runs it");
     assert_eq!(rows.len(), 1);
     drop(client);
     p.shutdown().await;
     let log = std::fs::read_to_string(&audit_path).unwrap();
-    let flagged: Vec<serde_json::Value> =
-        log.lines().map(|l| serde_json::from_str(l).unwrap()).filter(|v: &serde_json::Value| v["event"] == "query_flagged").collect();
+    let flagged: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["event"] == "query_flagged")
+        .collect();
     assert_eq!(flagged.len(), 1, "{log}");
     assert_eq!(flagged[0]["rule"], "no-bulk-customer-export");
     assert_eq!(flagged[0]["mode"], "monitor");
@@ -129,7 +133,8 @@ async fn every_block_is_audited_once_without_literals_and_metrics_move() {
     let db = cluster.fresh_db();
     let dir = tempdir();
     let audit_path = dir.join("audit.jsonl");
-    let p = harness_proxy::spawn_with_rules(cluster, RULES, |c| c.audit.path = Some(audit_path.display().to_string())).await;
+    let p = harness_proxy::spawn_with_rules(cluster, RULES, |c| c.audit.path = Some(audit_path.display().to_string()))
+        .await;
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin.local_addr().unwrap();
     let admin_stop = tokio_util::sync::CancellationToken::new();
@@ -146,7 +151,10 @@ async fn every_block_is_audited_once_without_literals_and_metrics_move() {
                 let secret = format!("secret-literal-{i}-{j}");
                 let blocked = match j % 3 {
                     0 => client.simple_query(&format!("SELECT id FROM customers WHERE ssn = '{secret}'")).await,
-                    1 => client.query(&format!("SELECT lower(card_number) FROM customers WHERE name = '{secret}'"), &[]).await.map(|_| Vec::new()),
+                    1 => client
+                        .query(&format!("SELECT lower(card_number) FROM customers WHERE name = '{secret}'"), &[])
+                        .await
+                        .map(|_| Vec::new()),
                     _ => client.simple_query("SELECT id, name FROM customers").await,
                 };
                 if let Err(e) = blocked {
@@ -180,7 +188,12 @@ async fn every_block_is_audited_once_without_literals_and_metrics_move() {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }
     let value = |line_start: &str| -> f64 {
-        metrics.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        metrics
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
     };
     assert!(value("pgveil_connections_total") >= 32.0);
     assert!(value("pgveil_statements_total{kind=\"simple\"}") > 0.0);
@@ -192,9 +205,14 @@ async fn every_block_is_audited_once_without_literals_and_metrics_move() {
     p.shutdown().await;
 
     let log = std::fs::read_to_string(&audit_path).unwrap();
-    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).expect("every line parses")).collect();
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).expect("every line parses")).collect();
     let blocked = lines.iter().filter(|v| v["event"] == "query_blocked").count();
-    assert_eq!(blocked, seen_blocks.load(std::sync::atomic::Ordering::Relaxed), "one audit line per block the clients saw");
+    assert_eq!(
+        blocked,
+        seen_blocks.load(std::sync::atomic::Ordering::Relaxed),
+        "one audit line per block the clients saw"
+    );
     assert!(blocked >= 32 * 10, "{blocked}");
     assert!(!log.contains("secret-literal"), "a literal reached the audit log");
     assert!(!log.contains("900-00-0001"));

@@ -4,12 +4,16 @@
 pub mod harness;
 
 #[cfg(test)]
-mod core;
+mod blocking;
 #[cfg(test)]
-mod leaks;
+mod cli;
+#[cfg(test)]
+mod core;
 #[cfg(test)]
 mod false_blocks;
 #[cfg(test)]
-mod blocking;
+mod leaks;
 #[cfg(test)]
 mod masking;
+#[cfg(test)]
+mod reload;
