@@ -13,6 +13,7 @@ pub mod cancel;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod forward;
 pub mod metrics;
 pub mod policy;

@@ -29,6 +29,12 @@ enum Command {
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
     },
+    /// Start a throwaway PostgreSQL with sample data and the proxy in front of it.
+    Demo {
+        /// The proxy's port (0: any free port).
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+    },
     /// Validate a rules file (exit 0: valid, 1: findings, 2: usage).
     Check {
         #[arg(long)]
@@ -101,6 +107,16 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pgveil: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Demo { port } => {
+            init_tracing("text");
+            match runtime.block_on(proxy::demo::run_demo(port)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pgveil demo: {e:#}");
                     ExitCode::from(1)
                 }
             }
