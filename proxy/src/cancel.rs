@@ -1,79 +1,107 @@
-//! Cancel keys: clients get a random (pid, key) issued by the proxy; this map turns it back into
-//! the backend's own key. Keys are compared in constant time; a wrong key does nothing.
+//! Cancel keys. Clients get a BackendKeyData issued by the proxy: the backend's own (pid, key)
+//! encrypted with a keyed pseudo-random permutation (a four-round Feistel network over the
+//! whole pid‖key, HMAC-SHA-256 as round function). The result looks random and is as hard to
+//! guess as the backend's own key, yet any pgveil instance holding the same secret can turn a
+//! cancel request back into the backend's key: several instances behind a load balancer need
+//! to share only `PGVEIL_CANCEL_KEY`, no state. A wrong key decrypts to a (pid, key) the server
+//! does not know, and PostgreSQL ignores it, as it ignores any wrong key.
 
-use std::sync::Arc;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
-use bytes::Bytes;
-use dashmap::DashMap;
-use rand::RngCore;
-use subtle::ConstantTimeEq;
-
-/// Where a session's cancel requests must go.
-#[derive(Clone)]
-pub struct Target {
-    pub key: Bytes,
-    pub backend_pid: u32,
-    pub backend_key: Bytes,
-}
-
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Target").field("backend_pid", &self.backend_pid).finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct CancelMap {
-    by_pid: DashMap<u32, Target>,
-}
-
-/// Removes the session's entry when the session ends.
-#[derive(Debug)]
-pub struct Registration {
-    map: Arc<CancelMap>,
+/// The backend's key as the server issued it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BackendKey {
     pub pid: u32,
-    pub key: Bytes,
+    pub key: Vec<u8>,
 }
 
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.map.by_pid.remove(&self.pid);
+impl std::fmt::Debug for BackendKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendKey").field("pid", &self.pid).field("key_len", &self.key.len()).finish()
     }
 }
 
-impl CancelMap {
-    /// Issues a fresh synthetic key of `key_len` bytes for a backend key.
-    pub fn register(self: &Arc<Self>, key_len: usize, backend_pid: u32, backend_key: Bytes) -> Registration {
-        let mut rng = rand::rng();
-        let mut key = vec![0u8; key_len];
-        rng.fill_bytes(&mut key);
-        let key = Bytes::from(key);
-        loop {
-            // Positive int32 values, like real process ids, so clients that print them are happy.
-            let pid = rng.next_u32() >> 1;
-            if pid == 0 {
-                continue;
+/// The secret that seals backend keys into client keys.
+#[derive(Clone)]
+pub struct CancelKeys {
+    secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for CancelKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CancelKeys(..)")
+    }
+}
+
+const ROUNDS: u8 = 4;
+
+impl CancelKeys {
+    /// From a shared secret (`PGVEIL_CANCEL_KEY`), or a random one for a single instance.
+    pub fn new(secret: Option<&[u8]>) -> Self {
+        let secret = match secret {
+            Some(s) if !s.is_empty() => s.to_vec(),
+            _ => {
+                let mut s = vec![0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rng(), &mut s);
+                s
             }
-            if let dashmap::Entry::Vacant(slot) = self.by_pid.entry(pid) {
-                slot.insert(Target { key: key.clone(), backend_pid, backend_key: backend_key.clone() });
-                return Registration { map: Arc::clone(self), pid, key };
+        };
+        CancelKeys { secret }
+    }
+
+    /// The (pid, key) to give the client for a backend key: the same sizes as the server's.
+    pub fn seal(&self, backend: &BackendKey) -> (u32, Vec<u8>) {
+        let mut block = backend.pid.to_be_bytes().to_vec();
+        block.extend_from_slice(&backend.key);
+        self.permute(&mut block, false);
+        split(&block)
+    }
+
+    /// The backend key a client's cancel request names (garbage in, garbage out).
+    pub fn open(&self, pid: u32, key: &[u8]) -> BackendKey {
+        let mut block = pid.to_be_bytes().to_vec();
+        block.extend_from_slice(key);
+        self.permute(&mut block, true);
+        let (pid, key) = split(&block);
+        BackendKey { pid, key }
+    }
+
+    fn round_fn(&self, round: u8, input: &[u8], out_len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(out_len + 32);
+        let mut counter = 0u8;
+        while out.len() < out_len {
+            let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+            mac.update(&[round, counter, u8::try_from(input.len()).unwrap_or(u8::MAX)]);
+            mac.update(input);
+            out.extend_from_slice(&mac.finalize().into_bytes());
+            counter = counter.wrapping_add(1);
+        }
+        out.truncate(out_len);
+        out
+    }
+
+    /// An unbalanced Feistel network over the whole block (left gets the extra byte).
+    fn permute(&self, block: &mut [u8], inverse: bool) {
+        let half = block.len() / 2;
+        let rounds: Vec<u8> = if inverse { (0..ROUNDS).rev().collect() } else { (0..ROUNDS).collect() };
+        for r in rounds {
+            // Even rounds change the left part from the right, odd rounds the reverse.
+            let (left, right) = block.split_at_mut(half);
+            let (from, to): (&[u8], &mut [u8]) = if r % 2 == 0 { (right, left) } else { (left, right) };
+            let f = self.round_fn(r, from, to.len());
+            for (t, k) in to.iter_mut().zip(f) {
+                *t ^= k;
             }
         }
     }
+}
 
-    /// The backend key for a client's cancel request, if the key matches.
-    pub fn lookup(&self, pid: u32, key: &[u8]) -> Option<Target> {
-        let target = self.by_pid.get(&pid)?;
-        bool::from(target.key.as_ref().ct_eq(key)).then(|| target.clone())
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_pid.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_pid.is_empty()
-    }
+fn split(block: &[u8]) -> (u32, Vec<u8>) {
+    let (pid, key) = block.split_at(4.min(block.len()));
+    let mut p = [0u8; 4];
+    p.get_mut(..pid.len()).map(|d| d.copy_from_slice(pid));
+    (u32::from_be_bytes(p), key.to_vec())
 }
 
 #[cfg(test)]
@@ -81,15 +109,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wrong_key_finds_nothing_and_entries_go_away() {
-        let map = Arc::new(CancelMap::default());
-        let reg = map.register(32, 42, Bytes::from_static(b"real"));
-        assert_eq!(map.lookup(reg.pid, &reg.key).map(|t| t.backend_pid), Some(42));
-        let mut wrong = reg.key.to_vec();
-        wrong[0] ^= 1;
-        assert!(map.lookup(reg.pid, &wrong).is_none());
-        assert!(map.lookup(reg.pid, &reg.key[..4]).is_none());
-        drop(reg);
-        assert!(map.is_empty());
+    fn round_trips_for_every_key_size_and_hides_the_backend_key() {
+        let keys = CancelKeys::new(Some(b"shared secret"));
+        for len in [4, 32, 5, 256] {
+            let backend = BackendKey { pid: 4242, key: (0..len).map(|i| u8::try_from(i % 251).unwrap()).collect() };
+            let (pid, key) = keys.seal(&backend);
+            assert_eq!(key.len(), len);
+            assert_ne!((pid, key.clone()), (backend.pid, backend.key.clone()));
+            assert_eq!(keys.open(pid, &key), backend, "len {len}");
+            // Another instance with the same secret opens it too; with another secret it does not.
+            assert_eq!(CancelKeys::new(Some(b"shared secret")).open(pid, &key), backend);
+            assert_ne!(CancelKeys::new(Some(b"other")).open(pid, &key), backend);
+        }
+    }
+
+    #[test]
+    fn a_wrong_key_opens_to_something_else() {
+        let keys = CancelKeys::new(None);
+        let backend = BackendKey { pid: 7, key: vec![1, 2, 3, 4] };
+        let (pid, mut key) = keys.seal(&backend);
+        key[0] ^= 1;
+        assert_ne!(keys.open(pid, &key), backend);
     }
 }

@@ -19,6 +19,10 @@ pub struct Config {
     pub audit: Audit,
     pub admin: Admin,
     pub limits: Limits,
+    /// `PGVEIL_CANCEL_KEY`: the secret that seals cancel keys, shared by instances behind one
+    /// load balancer. Never read from the file.
+    #[serde(skip)]
+    pub cancel_secret: Option<String>,
 }
 
 impl Default for Config {
@@ -33,6 +37,7 @@ impl Default for Config {
             audit: Audit::default(),
             admin: Admin::default(),
             limits: Limits::default(),
+            cancel_secret: None,
         }
     }
 }
@@ -177,7 +182,7 @@ pub enum ConfigError {
 }
 
 /// `PGVEIL_CATALOG_PASSWORD` is a secret read directly, not a configuration key.
-const NOT_KEYS: &[&str] = &["catalog_password", "hash_key", "config", "log"];
+const NOT_KEYS: &[&str] = &["catalog_password", "hash_key", "cancel_key", "config", "log"];
 const SECTIONS: &[&str] = &["upstream", "tls", "auth", "catalog", "audit", "admin", "limits"];
 const TOP_LEVEL: &[&str] = &["listen", "rules"];
 
@@ -237,6 +242,7 @@ impl Config {
             ),
             None => std::env::var("PGVEIL_CATALOG_PASSWORD").ok(),
         };
+        config.cancel_secret = std::env::var("PGVEIL_CANCEL_KEY").ok();
         Ok(config)
     }
 

@@ -35,7 +35,7 @@ pub struct Shared {
     pub config: config::Config,
     pub server_tls: Option<tls::ServerTls>,
     pub upstream_tls: Option<tokio_rustls::TlsConnector>,
-    pub cancel: Arc<cancel::CancelMap>,
+    pub cancel: cancel::CancelKeys,
     pub metrics: Arc<metrics::Metrics>,
     pub audit: audit::Audit,
     /// Set while the proxy accepts clients (`/readyz`).
@@ -85,11 +85,12 @@ impl Shared {
             _ => None,
         };
         let upstream_tls = tls::upstream_connector(&config)?;
+        let cancel = cancel::CancelKeys::new(config.cancel_secret.as_deref().map(str::as_bytes));
         Ok(Shared {
             config,
             server_tls,
             upstream_tls,
-            cancel: Arc::default(),
+            cancel,
             metrics,
             audit,
             ready: AtomicBool::new(false),

@@ -316,3 +316,64 @@ async fn server_messages_reach_the_client_byte_for_byte() {
         assert!(d == v, "{q}: the proxy changed the server's bytes ({} vs {} bytes)", d.len(), v.len());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaching_another_instance_still_cancels() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    // Two instances sharing only the cancel secret, as deploy/README.md describes.
+    let shared_secret = |c: &mut proxy::config::Config| c.cancel_secret = Some("one secret for the fleet".to_owned());
+    let a = harness_proxy::spawn_with(cluster, shared_secret).await;
+    let b = harness_proxy::spawn_with(cluster, shared_secret).await;
+    // A raw session on instance A, keeping the BackendKeyData it was given.
+    let mut s = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    let mut startup = BytesMut::new();
+    startup.put_u32(0);
+    startup.put_u32(196_608);
+    for (k, v) in [("user", "trust_user"), ("database", db.name.as_str())] {
+        startup.put_slice(k.as_bytes());
+        startup.put_u8(0);
+        startup.put_slice(v.as_bytes());
+        startup.put_u8(0);
+    }
+    startup.put_u8(0);
+    let len = u32::try_from(startup.len()).unwrap().to_be_bytes();
+    startup[..4].copy_from_slice(&len);
+    s.write_all(&startup).await.unwrap();
+    let hello = read_until_ready(&mut s).await;
+    let k = messages(&hello).into_iter().find(|m| m[0] == b'K').expect("BackendKeyData");
+    let (pid, key) = (u32::from_be_bytes([k[5], k[6], k[7], k[8]]), k[9..].to_vec());
+    let q = b"SELECT pg_sleep(30)\0";
+    let mut msg = BytesMut::new();
+    msg.put_u8(b'Q');
+    msg.put_u32(u32::try_from(q.len() + 4).unwrap());
+    msg.put_slice(q);
+    s.write_all(&msg).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The cancel goes to instance B.
+    let mut c = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let mut pkt = BytesMut::new();
+    pkt.put_u32(u32::try_from(12 + key.len()).unwrap());
+    pkt.put_u32(80_877_102);
+    pkt.put_u32(pid);
+    pkt.put_slice(&key);
+    c.write_all(&pkt).await.unwrap();
+    let mut buf = [0u8; 1];
+    let _ = c.read(&mut buf).await;
+    let reply = tokio::time::timeout(Duration::from_secs(10), read_until_ready(&mut s))
+        .await
+        .expect("cancelled well before 30 s");
+    let err = messages(&reply).into_iter().find(|m| m[0] == b'E').expect("an error");
+    assert!(err.windows(6).any(|w| w == b"C57014"), "query_canceled: {:?}", String::from_utf8_lossy(&err));
+}
+
+fn messages(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        out.push(rest[..1 + len].to_vec());
+        rest = &rest[1 + len..];
+    }
+    out
+}

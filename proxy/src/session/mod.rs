@@ -23,7 +23,6 @@ pub use handshake::Hello;
 
 use crate::Shared;
 use crate::audit::{Event, EventKind};
-use crate::cancel::Registration;
 use crate::metrics::Rejected;
 use crate::protocol::messages;
 use crate::protocol::startup::{NEWEST_MINOR, Startup};
@@ -138,7 +137,7 @@ async fn serve_session(
             return Ok(());
         }
     }
-    let (_cancel_guard, backend) = after_auth(shared, client, &mut server, minor).await?;
+    let backend = after_auth(shared, client, &mut server).await?;
     tracing::debug!(inspected = rules.is_some(), "session ready");
     match rules {
         None => crate::forward::pump(shared, client, &mut server).await,
@@ -218,27 +217,24 @@ async fn after_auth(
     shared: &Arc<Shared>,
     client: &mut Conn<ClientStream>,
     server: &mut Conn<ServerStream>,
-    minor: u16,
-) -> Result<(Option<Registration>, (u32, bytes::Bytes)), SessionError> {
-    let mut registration = None;
+) -> Result<(u32, bytes::Bytes), SessionError> {
     let mut backend = (0, bytes::Bytes::new());
     loop {
         let frame: Frame = server.read_frame().await?.ok_or(SessionError::Truncated(Direction::FromServer))?;
         match frame.tag() {
             b'K' => {
                 let (pid, key) = messages::backend_key(&frame).ok_or(SessionError::UnexpectedServerMessage(b'K'))?;
-                let key_len = if minor >= 2 { 32 } else { 4 };
                 backend = (pid, bytes::Bytes::copy_from_slice(key));
-                let reg = shared.cancel.register(key_len, pid, backend.1.clone());
+                let (client_pid, client_key) =
+                    shared.cancel.seal(&crate::cancel::BackendKey { pid, key: key.to_vec() });
                 let mut out = BytesMut::new();
-                messages::backend_key_data(&mut out, reg.pid, &reg.key);
+                messages::backend_key_data(&mut out, client_pid, &client_key);
                 client.write_all(&out).await?;
-                registration = Some(reg);
             }
             b'Z' => {
                 client.write_all(frame.as_bytes()).await?;
                 client.flush().await?;
-                return Ok((registration, backend));
+                return Ok(backend);
             }
             b'E' => {
                 client.write_all(frame.as_bytes()).await?;
@@ -254,12 +250,10 @@ async fn after_auth(
 /// Forwards a client's cancel request to the backend its synthetic key maps to.
 async fn cancel(shared: &Shared, pid: u32, key: &[u8]) {
     shared.metrics.cancel_requests_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let Some(target) = shared.cancel.lookup(pid, key) else {
-        tracing::debug!(pid, "cancel request with an unknown key ignored");
-        return;
-    };
+    // Whatever the key opens to goes to the server, which ignores keys it did not issue.
+    let target = shared.cancel.open(pid, key);
     let Ok(mut server) = upstream::connect(shared).await else { return };
-    let _ = server.write_all(&messages::cancel_request(target.backend_pid, &target.backend_key)).await;
+    let _ = server.write_all(&messages::cancel_request(target.pid, &target.key)).await;
     let _ = server.flush().await;
     // PostgreSQL closes the cancel connection itself; wait briefly so the request is read.
     let mut sink = [0u8; 1];
