@@ -196,7 +196,18 @@ impl Config {
             ),
             None => (String::new(), "(environment)".to_owned()),
         };
-        Self::from_yaml_with_env(&src, &name, std::env::vars())
+        let mut config = Self::from_yaml_with_env(&src, &name, std::env::vars())?;
+        config.catalog.password = match &config.catalog.password_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.clone(), source })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+            None => std::env::var("PGVEIL_CATALOG_PASSWORD").ok(),
+        };
+        config.cancel_secret = std::env::var("PGVEIL_CANCEL_KEY").ok();
+        Ok(config)
     }
 
     /// Parses YAML text and applies environment-style overrides (`PGVEIL_SECTION_KEY=value`).
@@ -231,18 +242,8 @@ impl Config {
                 }
             }
         }
-        let mut config: Config = serde_json::from_value(tree).map_err(|e| invalid(e.to_string()))?;
+        let config: Config = serde_json::from_value(tree).map_err(|e| invalid(e.to_string()))?;
         config.validate().map_err(invalid)?;
-        config.catalog.password = match &config.catalog.password_file {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|source| ConfigError::Read { path: p.clone(), source })?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_owned(),
-            ),
-            None => std::env::var("PGVEIL_CATALOG_PASSWORD").ok(),
-        };
-        config.cancel_secret = std::env::var("PGVEIL_CANCEL_KEY").ok();
         Ok(config)
     }
 

@@ -17,3 +17,5 @@ mod leaks;
 mod masking;
 #[cfg(test)]
 mod reload;
+#[cfg(test)]
+mod deploy;

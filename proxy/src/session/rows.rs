@@ -5,7 +5,7 @@
 
 use bytes::{BufMut, BytesMut};
 use rules::catalog::{Catalog, RelKind};
-use rules::mask::{self, Mask, Masked};
+use rules::mask::{self, Mask};
 use rules::names::ColumnName;
 use rules::types::{Format, PgType};
 use rules::{HashKey, Identity, Policy};
@@ -116,11 +116,18 @@ impl RowPlan {
                 }
                 (Some(p), Some(v)) => {
                     masked += 1;
-                    match mask::apply(&p.mask, p.ty, p.format, v, key) {
-                        Masked::Null => out.put_i32(-1),
-                        Masked::Value(m) => {
-                            out.put_i32(i32::try_from(m.len()).map_err(|_| RowError)?);
-                            out.put_slice(&m);
+                    let at = out.len();
+                    out.put_i32(0);
+                    match mask::apply_into(&p.mask, p.ty, p.format, v, key, out) {
+                        mask::Written::Null => {
+                            out.truncate(at);
+                            out.put_i32(-1);
+                        }
+                        mask::Written::Value => {
+                            let len = i32::try_from(out.len() - at - 4).map_err(|_| RowError)?;
+                            if let Some(slot) = out.get_mut(at..at + 4) {
+                                slot.copy_from_slice(&len.to_be_bytes());
+                            }
                         }
                     }
                 }

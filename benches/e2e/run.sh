@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# End-to-end comparison, one interleaved run (A B C A B C ...) so machine noise hits every
+# target alike: PostgreSQL direct, PgBouncer (session mode) and pgveil as an exempt role
+# (pure pass-through), as a masked role with no masked column in the result, and as a role
+# whose result has masked columns. pgbench -S in simple / extended / prepared mode with 1 and
+# 8 clients, a 200,000-row x 8-column result fetched with psql, proxy CPU per transaction and
+# memory per idle connection. Writes benches/results/<date>-<host>.md and prints it.
+#
+#   benches/e2e/run.sh                 # defaults: ROUNDS=3 SECONDS_PER_RUN=5 CLIENTS="1 8"
+#   ROUNDS=5 SECONDS_PER_RUN=10 CLIENTS="1 8 32" benches/e2e/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROUNDS=${ROUNDS:-3}
+SECS=${SECONDS_PER_RUN:-5}
+CLIENTS=${CLIENTS:-"1 8"}
+MODES=${MODES:-"simple extended prepared"}
+
+BIN=$(ls -d /usr/lib/postgresql/*/bin | sort | tail -n 1)
+[ -x "$BIN/initdb" ] || { echo "PostgreSQL server binaries missing: apt-get install -y postgresql" >&2; exit 1; }
+command -v pgbouncer >/dev/null || { echo "pgbouncer missing: apt-get install -y pgbouncer" >&2; exit 1; }
+cargo build --release -p proxy >/dev/null 2>&1 || cargo build --release -p proxy
+PGVEIL=$PWD/target/release/pgveil
+
+WORK=$(mktemp -d /tmp/pgveil-bench-XXXXXX)
+chmod 755 "$WORK"
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  as_pg "$BIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+[ "$(id -u)" = 0 ] && chown postgres "$WORK"
+
+PG_PORT=$(free_port); BOUNCER_PORT=$(free_port); VEIL_PORT=$(free_port); ADMIN_PORT=$(free_port)
+as_pg "$BIN/initdb" -D "$WORK/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >/dev/null
+cat >> "$WORK/data/postgresql.conf" <<CONF
+port = $PG_PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK'
+max_connections = 300
+fsync = off
+synchronous_commit = off
+shared_buffers = 128MB
+CONF
+as_pg "$BIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w start >/dev/null
+PSQL=("$BIN/psql" -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres)
+"${PSQL[@]}" -c "CREATE DATABASE bench" >/dev/null
+"$BIN/pgbench" -i -s 10 -q -h 127.0.0.1 -p "$PG_PORT" -U postgres bench >/dev/null 2>&1
+"${PSQL[@]}" -d bench >/dev/null <<SQL
+CREATE TABLE big AS SELECT g AS id, md5(g::text) c1, md5((g+1)::text) c2, md5((g+2)::text) c3, md5((g+3)::text) c4,
+  md5((g+4)::text) c5, md5((g+5)::text) c6, md5((g+6)::text) c7 FROM generate_series(1, 200000) g;
+CREATE ROLE bench_exempt LOGIN; CREATE ROLE bench_nomask LOGIN; CREATE ROLE bench_masked LOGIN; CREATE ROLE pgveil LOGIN;
+GRANT ALL ON ALL TABLES IN SCHEMA public TO bench_exempt, bench_nomask, bench_masked;
+SQL
+
+cat > "$WORK/rules.yaml" <<YAML
+version: 1
+exempt: [bench_exempt]
+columns:
+  public.pgbench_accounts.abalance: { mask: { round: 100 }, unmasked_for: [bench_nomask] }
+  public.pgbench_accounts.filler: { mask: redact }
+  public.big.c1: { mask: { partial: { keep_last: 4 } }, unmasked_for: [bench_nomask] }
+  public.big.c2: { mask: redact, unmasked_for: [bench_nomask] }
+YAML
+openssl req -x509 -newkey rsa:2048 -nodes -keyout "$WORK/tls.key" -out "$WORK/tls.crt" -days 2 -subj /CN=localhost >/dev/null 2>&1
+cat > "$WORK/pgveil.yaml" <<YAML
+listen: 127.0.0.1:$VEIL_PORT
+upstream: { host: 127.0.0.1, port: $PG_PORT, tls: disable }
+tls: { cert: $WORK/tls.crt, key: $WORK/tls.key, clients: allow }
+catalog: { user: pgveil }
+rules: $WORK/rules.yaml
+admin: { listen: 127.0.0.1:$ADMIN_PORT }
+limits: { max_connections: 500 }
+YAML
+PGVEIL_LOG=warn "$PGVEIL" run --config "$WORK/pgveil.yaml" 2>"$WORK/pgveil.log" &
+VEIL_PID=$!; PIDS+=("$VEIL_PID")
+
+cat > "$WORK/pgbouncer.ini" <<INI
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+auth_type = trust
+auth_file = $WORK/userlist.txt
+pool_mode = session
+max_client_conn = 500
+default_pool_size = 100
+client_tls_sslmode = allow
+client_tls_key_file = $WORK/tls.key
+client_tls_cert_file = $WORK/tls.crt
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+unix_socket_dir =
+INI
+printf '"postgres" ""\n"bench_exempt" ""\n' > "$WORK/userlist.txt"
+[ "$(id -u)" = 0 ] && chown -R postgres "$WORK"
+as_pg pgbouncer -d "$WORK/pgbouncer.ini"
+sleep 1
+BOUNCER_PID=$(cat "$WORK/pgbouncer.pid"); PIDS+=("$BOUNCER_PID")
+for i in $(seq 50); do "$BIN/pg_isready" -q -h 127.0.0.1 -p "$VEIL_PORT" && break; sleep 0.1; done
+
+# name | port | user | pid whose CPU is counted
+TARGETS=(
+  "direct|$PG_PORT|postgres|"
+  "pgbouncer|$BOUNCER_PORT|postgres|$BOUNCER_PID"
+  "pgveil-exempt|$VEIL_PORT|bench_exempt|$VEIL_PID"
+  "pgveil-nomask|$VEIL_PORT|bench_nomask|$VEIL_PID"
+  "pgveil-masked|$VEIL_PORT|bench_masked|$VEIL_PID"
+)
+cpu_ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
+TICK=$(getconf CLK_TCK)
+RAW="$WORK/raw.tsv"
+: > "$RAW"
+for round in $(seq "$ROUNDS"); do
+  for mode in $MODES; do
+    for c in $CLIENTS; do
+      for t in "${TARGETS[@]}"; do
+        IFS='|' read -r name port user pid <<<"$t"
+        before=$(cpu_ticks "$pid")
+        out=$("$BIN/pgbench" -n -S -M "$mode" -c "$c" -j "$(( c < 2 ? 1 : 2 ))" -T "$SECS" -h 127.0.0.1 -p "$port" -U "$user" bench 2>&1) || { echo "$name $mode c=$c failed: $out" >&2; exit 1; }
+        after=$(cpu_ticks "$pid")
+        tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
+        lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
+        tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+        failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
+        cpu_us=$(awk -v d=$((after - before)) -v tick="$TICK" -v tx="$tx" 'BEGIN { if (tx > 0) printf "%.1f", d / tick * 1e6 / tx; else print 0 }')
+        printf 'pgbench\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$c" "$name" "$tps" "$lat" "$cpu_us" "${failed:-0}" >> "$RAW"
+      done
+    done
+  done
+  for t in "${TARGETS[@]}"; do
+    IFS='|' read -r name port user pid <<<"$t"
+    start=$(date +%s.%N)
+    "$BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U "$user" -d bench -c "SELECT * FROM big" > /dev/null
+    end=$(date +%s.%N)
+    printf 'big\t-\t1\t%s\t%s\t-\t-\t0\n' "$name" "$(awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }')" >> "$RAW"
+  done
+done
+
+# Memory per idle connection (pgveil): RSS before and with 200 idle sessions open.
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+rss0=$(rss "$VEIL_PID")
+for i in $(seq 200); do (sleep 8 | "$BIN/psql" -X -q -h 127.0.0.1 -p "$VEIL_PORT" -U bench_nomask -d bench >/dev/null 2>&1) & done
+sleep 4
+rss1=$(rss "$VEIL_PID")
+wait
+per_conn=$(( (rss1 - rss0) * 1024 / 200 ))
+
+HOST=$(hostname); DATE=$(date +%F)
+OUT="benches/results/$DATE-$HOST.md"
+python3 - "$RAW" "$OUT" "$ROUNDS" "$SECS" "$per_conn" <<'PY'
+import sys, statistics, platform, os, subprocess
+raw, out, rounds, secs, per_conn = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+rows = [l.rstrip("\n").split("\t") for l in open(raw)]
+def med(xs): return statistics.median(xs) if xs else float("nan")
+def spread(xs): return (max(xs) - min(xs)) / med(xs) * 100 if xs and med(xs) else 0
+cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": ") if "model name" in open("/proc/cpuinfo").read() else platform.processor()
+lines = [f"# pgveil end-to-end benchmark, {os.path.basename(out)[:-3]}", "",
+         f"Machine: {os.cpu_count()} cores ({cpu}), {round(os.sysconf('SC_PAGE_SIZE')*os.sysconf('SC_PHYS_PAGES')/2**30)} GiB; "
+         f"PostgreSQL and every proxy on the same machine over loopback. {rounds} interleaved rounds of {secs} s per run.", "",
+         "Command: `ROUNDS=%s SECONDS_PER_RUN=%s benches/e2e/run.sh`" % (rounds, secs), "",
+         "## pgbench -S (select-only), median TPS over rounds", "",
+         "| mode | clients | target | TPS (median) | spread % | vs direct | vs PgBouncer | latency ms | added µs | proxy CPU µs/tx | failed |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+groups = {}
+for r in rows:
+    if r[0] != "pgbench": continue
+    groups.setdefault((r[1], r[2], r[3]), []).append(r)
+for (mode, c, name), rs in sorted(groups.items(), key=lambda k: (k[0][0], int(k[0][1]))):
+    tps = [float(x[4]) for x in rs]; lat = [float(x[5]) for x in rs]; cpu_us = [float(x[6]) for x in rs]
+    d = med([float(x[4]) for x in groups[(mode, c, "direct")]]); b = med([float(x[4]) for x in groups[(mode, c, "pgbouncer")]])
+    dl = med([float(x[5]) for x in groups[(mode, c, "direct")]])
+    failed = sum(int(x[7]) for x in rs)
+    added = (med(lat) - dl) * 1000
+    lines.append(f"| {mode} | {c} | {name} | {med(tps):.0f} | {spread(tps):.0f} | {med(tps)/d:.2f} | {med(tps)/b:.2f} | {med(lat):.3f} | {added:+.0f} | {med(cpu_us) if name != 'direct' else 0:.1f} | {failed} |")
+lines += ["", "## 200,000 rows x 8 columns fetched with psql, median seconds", "", "| target | seconds | vs direct |", "|---|---|---|"]
+big = {}
+for r in rows:
+    if r[0] == "big": big.setdefault(r[3], []).append(float(r[4]))
+d = med(big.get("direct", [1]))
+for name, xs in big.items():
+    lines.append(f"| {name} | {med(xs):.3f} | {med(xs)/d:.2f} |")
+lines += ["", f"pgveil-masked masks 2 of the 8 columns of that result; pgveil-nomask is inspected but its result has no masked column.", "",
+          f"Memory: {per_conn} bytes of pgveil RSS per idle connection (200 idle sessions).", ""]
+open(out, "w").write("\n".join(lines))
+print("\n".join(lines))
+PY
+echo "written to $OUT"
