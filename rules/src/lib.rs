@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod compile;
+mod count;
 pub mod diagnostic;
 pub mod file;
 pub mod mask;

@@ -495,7 +495,14 @@ pub enum Written {
 
 /// As [`apply`], appending the masked value to `out` without an allocation for the common
 /// masks on text-like columns (the hot path of result masking).
-pub fn apply_into(mask: &Mask, ty: PgType, format: Format, input: &[u8], key: Option<&HashKey>, out: &mut bytes::BytesMut) -> Written {
+pub fn apply_into(
+    mask: &Mask,
+    ty: PgType,
+    format: Format,
+    input: &[u8],
+    key: Option<&HashKey>,
+    out: &mut bytes::BytesMut,
+) -> Written {
     let text_like = ty.is_text() && (format == Format::Text || format == Format::Binary);
     match mask {
         Mask::Nullify => return Written::Null,
@@ -565,7 +572,8 @@ mod into_tests {
             Mask::Partial { keep_first: 2, keep_last: 2, fill: '#' },
             Mask::Constant("n/a".into()),
         ];
-        let inputs: [&[u8]; 6] = [b"123-45-6789", b"john.doe@example.com", b"+1 555 0100 001", b"ab", b"@x", b"no-at-sign"];
+        let inputs: [&[u8]; 6] =
+            [b"123-45-6789", b"john.doe@example.com", b"+1 555 0100 001", b"ab", b"@x", b"no-at-sign"];
         for m in &masks {
             for input in inputs {
                 for format in [Format::Text, Format::Binary] {

@@ -1916,15 +1916,8 @@ fn statement_kind(n: &N) -> String {
     words.trim().to_uppercase()
 }
 
-/// Counts ColumnRef nodes anywhere in a statement, through every node type (the tree
-/// serializes generically), for the completeness check.
+/// Counts ColumnRef nodes anywhere in a statement, through every node type, for the
+/// completeness check (an error counts as "more than seen": fail closed).
 fn count_column_refs(raw: &pb::RawStmt) -> usize {
-    fn walk(v: &serde_json::Value) -> usize {
-        match v {
-            serde_json::Value::Object(m) => m.iter().map(|(k, v)| usize::from(k == "ColumnRef") + walk(v)).sum(),
-            serde_json::Value::Array(a) => a.iter().map(walk).sum(),
-            _ => 0,
-        }
-    }
-    serde_json::to_value(raw).map_or(usize::MAX, |v| walk(&v))
+    crate::count::count_variant(raw, "ColumnRef").unwrap_or(usize::MAX)
 }

@@ -4,18 +4,21 @@
 fn example_configuration_and_rules_load() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
     let yaml = std::fs::read_to_string(format!("{root}/pgveil.yaml")).unwrap();
-    let config = proxy::config::Config::from_yaml_with_env(&yaml, "deploy/pgveil.yaml", []).expect("deploy/pgveil.yaml");
+    let config =
+        proxy::config::Config::from_yaml_with_env(&yaml, "deploy/pgveil.yaml", []).expect("deploy/pgveil.yaml");
     assert_eq!(config.listen, "0.0.0.0:6432");
     assert_eq!(config.upstream.tls, proxy::config::UpstreamTls::VerifyFull);
     let rules = std::fs::read_to_string(format!("{root}/rules.yaml")).unwrap();
-    let policy = rules::compile(&rules, &rules::CompileOptions { hash_key: Some(b"k".to_vec()) }).expect("deploy/rules.yaml");
+    let policy =
+        rules::compile(&rules, &rules::CompileOptions { hash_key: Some(b"k".to_vec()) }).expect("deploy/rules.yaml");
     assert!(!policy.columns().is_empty());
     let k8s = std::fs::read_to_string(format!("{root}/kubernetes/pgveil.yaml")).unwrap();
     for kind in ["Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "HorizontalPodAutoscaler"] {
         assert!(k8s.contains(&format!("kind: {kind}")), "kubernetes manifest lacks {kind}");
     }
     let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{root}/grafana/pgveil-dashboard.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(format!("{root}/grafana/pgveil-dashboard.json")).unwrap())
+            .unwrap();
     assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() > 5));
 }
 

@@ -10,12 +10,14 @@ mod cli;
 #[cfg(test)]
 mod core;
 #[cfg(test)]
+mod deploy;
+#[cfg(test)]
 mod false_blocks;
+#[cfg(test)]
+mod hardening;
 #[cfg(test)]
 mod leaks;
 #[cfg(test)]
 mod masking;
 #[cfg(test)]
 mod reload;
-#[cfg(test)]
-mod deploy;

@@ -170,3 +170,49 @@ mod tests {
         assert!(buf.capacity() < 2 << 20);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn encode(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&(u32::try_from(body.len()).unwrap() + 4).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    proptest! {
+        /// Any sequence of messages, split at any points, decodes to the same messages with
+        /// the same bytes.
+        #[test]
+        fn framing_round_trips(msgs in proptest::collection::vec((prop::sample::select(&b"QPBDESHCXdcf"[..]), proptest::collection::vec(any::<u8>(), 0..300)), 1..20),
+                               cuts in proptest::collection::vec(1usize..64, 1..50)) {
+            let stream: Vec<u8> = msgs.iter().flat_map(|(t, b)| encode(*t, b)).collect();
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            let mut pos = 0;
+            let mut cut = cuts.iter().cycle();
+            while pos < stream.len() {
+                let n = (*cut.next().unwrap()).min(stream.len() - pos);
+                buf.extend_from_slice(&stream[pos..pos + n]);
+                pos += n;
+                while let Some(f) = decode(&mut buf, Direction::FromClient).unwrap() {
+                    out.extend_from_slice(f.as_bytes());
+                }
+            }
+            prop_assert_eq!(out, stream);
+        }
+
+        /// Arbitrary bytes never panic the decoder.
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            for dir in [Direction::FromClient, Direction::FromServer] {
+                let mut buf = BytesMut::from(&bytes[..]);
+                while let Ok(Some(_)) = decode(&mut buf, dir) {}
+            }
+        }
+    }
+}

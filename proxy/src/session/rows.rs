@@ -226,3 +226,36 @@ mod tests {
         assert_eq!(format_at(&[0, 1], 1), Format::Binary);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// A masked row never contains the raw cell of a masked column (for values longer
+        /// than what the mask keeps), whatever the other cells hold.
+        #[test]
+        fn a_masked_row_never_contains_the_raw_cell(secret in "[A-Za-z0-9]{9,40}", other in "[ -~]{0,40}") {
+            let fields = [FieldDesc { table_oid: 0, attnum: 0, type_oid: 25, typlen: -1, typmod: -1, format: 0 }; 2];
+            for m in [Mask::Redact, Mask::Email, Mask::Partial { keep_first: 2, keep_last: 4, fill: '*' }, Mask::Nullify,
+                      Mask::Hash { length: 16 }] {
+                let plan = RowPlan::build(&fields, |_| Format::Text, &[Some(m.clone()), None], |_| None);
+                let mut row = BytesMut::new();
+                let at = begin(&mut row, b'D');
+                row.put_u16(2);
+                for v in [&secret, &other] {
+                    row.put_i32(i32::try_from(v.len()).unwrap());
+                    row.put_slice(v.as_bytes());
+                }
+                finish(&mut row, at);
+                let frame = Frame::from_encoded(row.freeze()).unwrap();
+                let mut out = BytesMut::new();
+                plan.rewrite(&frame, &mut out, Some(&rules::HashKey::new(b"k"))).unwrap();
+                let masked_cell = &out[11..out.len() - 4 - other.len()];
+                prop_assert!(!masked_cell.windows(secret.len()).any(|w| w == secret.as_bytes()), "{} kept {}", m, secret);
+            }
+        }
+    }
+}
