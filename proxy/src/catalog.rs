@@ -161,6 +161,22 @@ impl DbCatalog {
         Ok(())
     }
 
+    /// The stored secret `auth.query` returns for `user` (its second column), if any.
+    pub async fn verifier(&self, config: &Config, sql: &str, user: &str) -> Result<Option<String>, CatalogError> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+            *guard = Some(connect(config, &self.db).await?);
+        }
+        let client = guard.as_ref().ok_or(CatalogError::NotConfigured)?;
+        match client.query(sql, &[&user]).await {
+            Ok(rows) => Ok(rows.first().and_then(|r| r.try_get::<_, Option<String>>(1).ok().flatten())),
+            Err(e) => {
+                *guard = None;
+                Err(CatalogError::Query(e.to_string()))
+            }
+        }
+    }
+
     /// Every role `user` is a member of, itself included.
     pub async fn memberships(&self, config: &Config, user: &str) -> Result<Vec<String>, CatalogError> {
         let mut guard = self.client.lock().await;

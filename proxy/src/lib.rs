@@ -53,6 +53,11 @@ pub struct Shared {
     pub rules_options: rules::CompileOptions,
     pub catalogs: catalog::Catalogs,
     pub analysis_cache: session::analysis::Cache,
+    /// SCRAM verifiers read for `auth.mode: scram`, by (database, role), with when.
+    pub verifiers: dashmap::DashMap<(String, String), (Option<session::scram::Verifier>, std::time::Instant)>,
+    /// Recent failed logins by client address (slowing down guessing).
+    pub auth_failures: dashmap::DashMap<std::net::IpAddr, (u32, std::time::Instant)>,
+    mock_secret: [u8; 32],
 }
 
 impl std::fmt::Debug for Shared {
@@ -62,6 +67,11 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// The per-process secret behind the mock verifiers of roles that do not exist.
+    pub fn cancel_mock_secret(&self) -> &[u8] {
+        &self.mock_secret
+    }
+
     /// Builds the shared state from a validated configuration, loading certificates.
     pub fn new(
         config: config::Config,
@@ -102,6 +112,9 @@ impl Shared {
             rules_options,
             catalogs: catalog::Catalogs::default(),
             analysis_cache: session::analysis::Cache::new(),
+            verifiers: dashmap::DashMap::new(),
+            auth_failures: dashmap::DashMap::new(),
+            mock_secret: rand::random(),
         })
     }
 }

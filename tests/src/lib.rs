@@ -16,6 +16,10 @@ mod false_blocks;
 #[cfg(test)]
 mod hardening;
 #[cfg(test)]
+mod scram;
+#[cfg(test)]
+mod drivers;
+#[cfg(test)]
 mod leaks;
 #[cfg(test)]
 mod masking;

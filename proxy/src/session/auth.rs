@@ -24,7 +24,7 @@ const AUTH_SASL_FINAL: u32 = 12;
 
 /// Outcome of the relayed exchange.
 #[derive(Debug)]
-pub enum Relayed {
+pub(crate) enum Relayed {
     Ok,
     /// The server rejected the client; its ErrorResponse was forwarded.
     Failed,

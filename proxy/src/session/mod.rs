@@ -3,11 +3,13 @@
 //! inspecting relay of `inspect.rs`.
 
 pub mod analysis;
-mod auth;
+pub(crate) mod auth;
 pub mod conn;
 mod error;
 mod handshake;
 mod inspect;
+mod login;
+pub mod scram;
 pub mod rows;
 pub mod upstream;
 
@@ -129,8 +131,22 @@ async fn serve_session(
         server.rbuf = rebuilt;
     }
 
-    match auth::relay(client, &mut server, server_tls).await? {
+    let relayed = match shared.config.auth.mode {
+        crate::config::AuthMode::Relay => auth::relay(client, &mut server, server_tls).await?,
+        crate::config::AuthMode::Scram => {
+            let login = login::Login {
+                shared,
+                info,
+                peer: info.client.parse::<SocketAddr>().ok().map(|a| a.ip()),
+                client_tls: matches!(client.io, tokio_util::either::Either::Right(_)),
+                server_cert_hash: upstream::cert_hash(&server.io),
+            };
+            login.run(client, &mut server).await?
+        }
+    };
+    match relayed {
         auth::Relayed::Ok => {}
+        auth::Relayed::Failed if shared.config.auth.mode == crate::config::AuthMode::Scram => return Ok(()),
         auth::Relayed::Failed => {
             shared.metrics.auth_failures_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             shared.audit.log(Event::session(EventKind::AuthFailed, info));

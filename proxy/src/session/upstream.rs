@@ -56,3 +56,11 @@ pub async fn connect(shared: &Shared) -> Result<ServerStream, SessionError> {
 pub fn is_tls(stream: &ServerStream) -> bool {
     matches!(stream, Either::Right(_))
 }
+
+/// The server certificate's channel-binding hash, when the server leg is TLS.
+pub fn cert_hash(stream: &ServerStream) -> Option<Vec<u8>> {
+    match stream {
+        Either::Right(tls) => tls.get_ref().1.peer_certificates()?.first().map(|c| super::scram::end_point_hash(c)),
+        Either::Left(_) => None,
+    }
+}

@@ -185,6 +185,7 @@ fn ensure_running() -> anyhow::Result<Cluster> {
         );
         cluster.psql_admin("postgres", &setup)?;
         cluster.psql_admin("fixture", include_str!("../../fixtures/schema.sql"))?;
+        cluster.psql_admin("fixture", include_str!("../../fixtures/auth.sql"))?;
         std::fs::write(base.join("fixture-ready"), "")?;
     }
     drop(lock);

@@ -1,0 +1,79 @@
+//! `auth.mode: scram` with TLS on both legs: default libpq and tokio-postgres settings
+//! (channel binding preferred) log in, wrong passwords and unknown roles fail alike, and a
+//! changed password works at once.
+
+use proxy::config::{AuthMode, UpstreamTls};
+
+use crate::harness::client::{connect_tls, psql, stderr, stdout};
+use crate::harness::{pg, proxy as harness_proxy};
+
+async fn scram_proxy(cluster: &pg::Cluster) -> harness_proxy::ProxyHandle {
+    harness_proxy::spawn_with(cluster, |c| {
+        c.upstream.tls = UpstreamTls::VerifyFull;
+        c.auth.mode = AuthMode::Scram;
+        c.auth.query = Some("SELECT rolname, rolpassword FROM pgveil.lookup_verifier($1)".to_owned());
+        c.catalog.user = Some("pgveil".to_owned());
+        c.catalog.password = Some("pgveil_pw".to_owned());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_clients_log_in_with_tls_on_both_legs() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = scram_proxy(cluster).await;
+    let base = format!("host=127.0.0.1 port={} dbname={} user=app_user password=app_user_pw", p.port(), db.name);
+    // libpq defaults: sslmode=prefer, channel_binding=prefer.
+    let q = "SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    let out = psql(&cluster.psql_bin(), &base, q);
+    assert_eq!(stdout(&out).trim(), "app_user|t", "{}", stderr(&out));
+    let out = psql(&cluster.psql_bin(), &format!("{base} channel_binding=require"), q);
+    assert_eq!(stdout(&out).trim(), "app_user|t", "{}", stderr(&out));
+    // tokio-postgres over TLS (it binds the channel when it can).
+    let client = connect_tls(&format!("{base} sslmode=require"), &p.certs.ca).await.expect("tokio-postgres logs in");
+    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    // pgbench.
+    let out = std::process::Command::new(cluster.bin.join("pgbench"))
+        .env("PGPASSWORD", "app_user_pw")
+        .args(["-n", "-c", "2", "-t", "50", "-S", "-f", "/dev/null", "-h", "127.0.0.1", "-p", &p.port().to_string(), "-U", "app_user", &db.name])
+        .output()
+        .unwrap();
+    let _ = out; // -S needs pgbench tables; a plain connection test follows.
+    let out = std::process::Command::new(cluster.bin.join("pgbench"))
+        .env("PGPASSWORD", "app_user_pw")
+        .args(["-n", "-c", "2", "-t", "20", "-h", "127.0.0.1", "-p", &p.port().to_string(), "-U", "app_user", "-f", "-", &db.name])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(b"SELECT 1;\n")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("number of failed transactions: 0"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_and_unknown_roles_fail_alike_and_new_passwords_work_at_once() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = scram_proxy(cluster).await;
+    let conn = |user: &str, pw: &str| format!("host=127.0.0.1 port={} dbname={} user={user} password={pw} sslmode=require", p.port(), db.name);
+    let wrong = psql(&cluster.psql_bin(), &conn("app_user", "nope"), "SELECT 1");
+    assert!(stderr(&wrong).contains("password authentication failed for user \"app_user\""), "{}", stderr(&wrong));
+    let ghost = psql(&cluster.psql_bin(), &conn("no_such_role", "nope"), "SELECT 1");
+    assert!(stderr(&ghost).contains("password authentication failed for user \"no_such_role\""), "{}", stderr(&ghost));
+    // A changed password works on the next login, and the old one no longer does.
+    cluster.psql_admin("postgres", "CREATE ROLE rotating LOGIN PASSWORD 'first'").unwrap();
+    let out = psql(&cluster.psql_bin(), &conn("rotating", "first"), "SELECT current_user");
+    assert_eq!(stdout(&out).trim(), "rotating", "{}", stderr(&out));
+    cluster.psql_admin("postgres", "ALTER ROLE rotating PASSWORD 'second'").unwrap();
+    let out = psql(&cluster.psql_bin(), &conn("rotating", "second"), "SELECT current_user");
+    assert_eq!(stdout(&out).trim(), "rotating", "{}", stderr(&out));
+    let out = psql(&cluster.psql_bin(), &conn("rotating", "first"), "SELECT 1");
+    assert!(!out.status.success());
+    cluster.psql_admin("postgres", "DROP ROLE rotating").unwrap();
+    assert!(p.shared.metrics.auth_failures_total.load(std::sync::atomic::Ordering::Relaxed) >= 3);
+}
