@@ -144,10 +144,11 @@ done
 # Memory per idle connection (pgveil): RSS before and with 200 idle sessions open.
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 rss0=$(rss "$VEIL_PID")
-for i in $(seq 200); do (sleep 8 | "$BIN/psql" -X -q -h 127.0.0.1 -p "$VEIL_PORT" -U bench_nomask -d bench >/dev/null 2>&1) & done
+IDLE=()
+for i in $(seq 200); do (sleep 8 | "$BIN/psql" -X -q -h 127.0.0.1 -p "$VEIL_PORT" -U bench_nomask -d bench >/dev/null 2>&1) & IDLE+=($!); done
 sleep 4
 rss1=$(rss "$VEIL_PID")
-wait
+wait "${IDLE[@]}"
 per_conn=$(( (rss1 - rss0) * 1024 / 200 ))
 
 HOST=$(hostname); DATE=$(date +%F)

@@ -61,6 +61,10 @@ pub struct StatementPlan {
     /// Masks by output position for columns whose origin the server does not report;
     /// empty when RowDescription's origins suffice.
     pub outputs: Vec<Option<Mask>>,
+    /// Whether some masked output has no origin in RowDescription (an expression or a view
+    /// column), so masking needs `outputs` by position: results the proxy cannot tie to this
+    /// plan (SQL-level cursors and EXECUTE) must not carry such columns.
+    pub needs_positions: bool,
     pub max_rows: Option<RowLimit>,
     /// Protected tables this statement reads (for `raw_access` auditing).
     pub tables: Vec<String>,
@@ -359,6 +363,26 @@ const ALLOWED_FUNCTIONS: &[&str] = &[
     "pg_total_relation_size",
     "pg_size_pretty",
     "exists",
+    "to_regtype",
+    "to_regclass",
+    "to_regnamespace",
+    "to_regproc",
+    "to_regprocedure",
+    "to_regrole",
+    "to_regoper",
+    "current_setting",
+    "has_function_privilege",
+    "has_sequence_privilege",
+    "pg_get_keywords",
+    "pg_get_viewdef",
+    "pg_get_triggerdef",
+    "pg_get_ruledef",
+    "pg_get_partkeydef",
+    "pg_get_statisticsobjdef",
+    "pg_index_column_has_property",
+    "pg_opclass_is_visible",
+    "pg_client_encoding",
+    "row_security_active",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -368,6 +392,9 @@ struct MaskedCol {
     predicates: Predicates,
     /// A bare reference or a cast of one: the column's mask applies to the value as is.
     transparent: bool,
+    /// A plain column of a table reached directly or through subqueries and CTEs: the
+    /// server reports its origin in RowDescription, so masking does not depend on positions.
+    origin: bool,
 }
 
 /// Lineage of a value: clean, or derived from a masked column.
@@ -380,13 +407,18 @@ impl Lin {
     }
 
     fn taint(self) -> Lin {
-        Lin(self.0.map(|m| MaskedCol { transparent: false, ..m }))
+        Lin(self.0.map(|m| MaskedCol { transparent: false, origin: false, ..m }))
+    }
+
+    /// A cast or collation of the value: still the column's value, no longer its origin.
+    fn cast(self) -> Lin {
+        Lin(self.0.map(|m| MaskedCol { origin: false, ..m }))
     }
 
     fn or(self, other: Lin) -> Lin {
         match (self.0, other.0) {
-            (Some(a), _) => Lin(Some(MaskedCol { transparent: false, ..a })),
-            (None, Some(b)) => Lin(Some(MaskedCol { transparent: false, ..b })),
+            (Some(a), _) => Lin(Some(MaskedCol { transparent: false, origin: false, ..a })),
+            (None, Some(b)) => Lin(Some(MaskedCol { transparent: false, origin: false, ..b })),
             (None, None) => Lin(None),
         }
     }
@@ -607,6 +639,7 @@ impl<'a> Analyzer<'a> {
                 }
                 let outputs = self.select(s, None, true)?;
                 plan.outputs = self.output_masks(&outputs)?;
+                plan.needs_positions = needs_positions(&outputs);
                 plan.columns = describe(&outputs);
             }
             N::InsertStmt(s) => plan.outputs = self.insert(s)?,
@@ -617,7 +650,8 @@ impl<'a> Analyzer<'a> {
             N::DeclareCursorStmt(s) => {
                 if let Some(N::SelectStmt(q)) = s.query.as_ref().and_then(|q| q.node.as_ref()) {
                     let outputs = self.select(q, None, true)?;
-                    if self.output_masks(&outputs)?.iter().any(Option::is_some) {
+                    self.output_masks(&outputs)?;
+                    if needs_positions(&outputs) {
                         self.strict_block(block(
                             "cursor",
                             "this cursor would return computed values of masked columns",
@@ -689,6 +723,23 @@ impl<'a> Analyzer<'a> {
         Ok(plan)
     }
 
+    /// `set_config('name', value, local)` with a constant name and value is `SET`: allowed
+    /// under the same rules (drivers such as asyncpg use it to turn JIT off).
+    fn set_config_allowed(&self, f: &pb::FuncCall) -> bool {
+        let text = |n: Option<&pb::Node>| match n.and_then(|n| n.node.as_ref()) {
+            Some(N::AConst(c)) => match &c.val {
+                Some(pb::a_const::Val::Sval(v)) => Some(v.sval.to_lowercase()),
+                _ => None,
+            },
+            _ => None,
+        };
+        // A value that is not a constant (a parameter) is allowed only for settings that any
+        // value is fine for.
+        let Some(name) = text(f.args.first()) else { return false };
+        let value = text(f.args.get(1)).unwrap_or_else(|| "(parameter)".to_owned());
+        setting_allowed(&name, &value) == Some(true)
+    }
+
     fn check_clean(&self, lin: &Lin, clause: Clause) -> R<()> {
         match &lin.0 {
             None => Ok(()),
@@ -745,20 +796,14 @@ impl<'a> Analyzer<'a> {
             })
             .collect::<Vec<_>>()
             .join(",");
-        let allowed = match name.as_str() {
-            "role" | "session_authorization" | "session authorization" => {
-                return self.strict_block(block(
-                    "identity_change",
-                    "changing the session's role is not allowed for masked sessions",
-                    "connect as the role you need",
-                ));
-            }
-            "standard_conforming_strings" => value == "on" || value.is_empty(),
-            "client_encoding" | "names" => matches!(value.as_str(), "" | "utf8" | "unicode" | "utf-8"),
-            "bytea_output" => value.is_empty() || value == "hex",
-            "datestyle" => value.is_empty() || value.starts_with("iso"),
-            "row_security" => value.is_empty() || value == "on",
-            _ => true,
+        // RESET / SET … TO DEFAULT go back to the session's startup value, which pgveil pins.
+        let reset = value.is_empty();
+        let Some(allowed) = setting_allowed(&name, &value).map(|a| a || reset) else {
+            return self.strict_block(block(
+                "identity_change",
+                "changing the session's role is not allowed for masked sessions",
+                "connect as the role you need",
+            ));
         };
         if allowed {
             Ok(())
@@ -814,9 +859,11 @@ impl<'a> Analyzer<'a> {
                         }
                         Lin::clean()
                     }
-                    (Some(a), Some(b)) if a.transparent && b.transparent && a.mask == b.mask => Lin(Some(a.clone())),
-                    (Some(a), None) if a.transparent => Lin(Some(a.clone())),
-                    (None, Some(b)) if b.transparent => Lin(Some(b.clone())),
+                    (Some(a), Some(b)) if a.transparent && b.transparent && a.mask == b.mask => {
+                        Lin(Some(a.clone())).cast()
+                    }
+                    (Some(a), None) if a.transparent => Lin(Some(a.clone())).cast(),
+                    (None, Some(b)) if b.transparent => Lin(Some(b.clone())).cast(),
                     _ => Lin(masked).taint(),
                 };
                 outs.push(ScopeCol { name: lc.name.clone(), lin });
@@ -954,15 +1001,32 @@ impl<'a> Analyzer<'a> {
     fn cte(&mut self, c: &pb::CommonTableExpr, sc: &Scope<'_>, recursive: bool) -> R<Rel> {
         let Some(q) = c.ctequery.as_ref().and_then(|q| q.node.as_ref()) else { return Err(unknown("CTE")) };
         let outs = match q {
-            N::SelectStmt(s) if recursive && c.aliascolnames.is_empty() && self.strict => {
-                // A recursive CTE refers to itself; analyse it with a placeholder of unknown
-                // columns so self-references resolve, and taint everything it yields.
-                let _ = s;
-                return Err(block(
-                    "unanalysable",
-                    "recursive CTEs are not analysed for masked sessions",
-                    "rewrite without WITH RECURSIVE",
-                ));
+            N::SelectStmt(s)
+                if recursive
+                    && s.op() != pb::SetOperation::SetopNone
+                    && s.op() != pb::SetOperation::Undefined
+                    && s.larg.is_some()
+                    && s.rarg.is_some() =>
+            {
+                // WITH RECURSIVE: the anchor's columns stand in for the CTE while the recursive
+                // term is analysed; anything masked that flows through the recursion is tainted.
+                let (Some(l), Some(r)) = (&s.larg, &s.rarg) else { return Err(unknown("recursive CTE")) };
+                let before = self.unfiltered_tables.clone();
+                let left = self.select(l, Some(sc), false)?;
+                let mut provisional = Rel { alias: c.ctename.clone(), cols: left.clone(), ..Rel::default() };
+                rename(&mut provisional, &c.aliascolnames);
+                let inner = Scope { rels: Vec::new(), ctes: vec![provisional], parent: Some(sc) };
+                let right = self.select(r, Some(&inner), false)?;
+                self.unfiltered_tables = before;
+                left.into_iter()
+                    .enumerate()
+                    .map(|(i, lc)| {
+                        let rl = right.get(i).map(|c| c.lin.clone()).unwrap_or_default();
+                        let lin =
+                            if lc.lin.0.is_some() || rl.0.is_some() { lc.lin.or(rl).taint() } else { Lin::clean() };
+                        ScopeCol { name: lc.name, lin }
+                    })
+                    .collect()
             }
             N::SelectStmt(s) => {
                 let before = self.unfiltered_tables.clone();
@@ -1205,7 +1269,7 @@ impl<'a> Analyzer<'a> {
                     .enumerate()
                     .map(|(i, c)| ScopeCol {
                         name: c.name.clone(),
-                        lin: outs.get(i).map(|o| o.lin.clone()).unwrap_or_default(),
+                        lin: outs.get(i).map(|o| o.lin.clone().cast()).unwrap_or_default(),
                     })
                     .collect();
                 let mut reads = reads;
@@ -1240,6 +1304,7 @@ impl<'a> Analyzer<'a> {
                     mask: v.mask.clone(),
                     predicates: v.predicates,
                     transparent: true,
+                    origin: true,
                 })
             })
             .map_or_else(Lin::clean, |m| Lin(Some(m)))
@@ -1449,8 +1514,8 @@ impl<'a> Analyzer<'a> {
             | N::Integer(_)
             | N::Float(_)
             | N::Boolean(_) => Lin::clean(),
-            N::TypeCast(t) => self.opt(t.arg.as_deref(), sc, clause)?,
-            N::CollateClause(c) => self.opt(c.arg.as_deref(), sc, clause)?,
+            N::TypeCast(t) => self.opt(t.arg.as_deref(), sc, clause)?.cast(),
+            N::CollateClause(c) => self.opt(c.arg.as_deref(), sc, clause)?.cast(),
             N::AExpr(e) => {
                 let l = self.opt(e.lexpr.as_deref(), sc, clause)?;
                 let r = self.opt(e.rexpr.as_deref(), sc, clause)?;
@@ -1524,7 +1589,8 @@ impl<'a> Analyzer<'a> {
             [schema, _] => schema == "pg_catalog",
             _ => false,
         };
-        if self.strict && (!schema_ok || !ALLOWED_FUNCTIONS.contains(&name.as_str())) {
+        let settable = name == "set_config" && schema_ok && self.set_config_allowed(f);
+        if self.strict && !settable && (!schema_ok || !ALLOWED_FUNCTIONS.contains(&name.as_str())) {
             return Err(block(
                 "function",
                 format!("function {} is not on pgveil's allow-list for masked sessions", names.join(".")),
@@ -1561,7 +1627,7 @@ impl<'a> Analyzer<'a> {
         let first = outs.first().map(|c| c.lin.clone()).unwrap_or_default();
         Ok(match s.sub_link_type() {
             pb::SubLinkType::ExistsSublink => Lin::clean(),
-            pb::SubLinkType::ExprSublink => first,
+            pb::SubLinkType::ExprSublink => first.cast(),
             pb::SubLinkType::ArraySublink => first.taint(),
             _ => {
                 // x IN (SELECT …), x = ANY (SELECT …): the subquery's values are compared.
@@ -1781,6 +1847,23 @@ impl<'a> Analyzer<'a> {
         self.column_refs_seen = usize::MAX / 2;
         Ok(())
     }
+}
+
+/// Whether a masked session may set `name` to `value`; `None` for identity changes.
+fn setting_allowed(name: &str, value: &str) -> Option<bool> {
+    Some(match name {
+        "role" | "session_authorization" | "session authorization" => return None,
+        "standard_conforming_strings" => value == "on",
+        "client_encoding" | "names" => matches!(value, "utf8" | "unicode" | "utf-8"),
+        "bytea_output" => value == "hex",
+        "datestyle" => value.starts_with("iso"),
+        "row_security" => value == "on",
+        _ => true,
+    })
+}
+
+fn needs_positions(outputs: &[ScopeCol]) -> bool {
+    outputs.iter().any(|c| c.lin.0.as_ref().is_some_and(|m| !m.origin))
 }
 
 fn describe(outputs: &[ScopeCol]) -> Vec<(String, Option<Mask>)> {

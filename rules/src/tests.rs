@@ -240,3 +240,14 @@ fn selects_rules() {
     check(ANALYST, "SELECT id FROM orders", "allow");
     check(APP, "SELECT * FROM customers", "allow [- - email partial redact partial generalize round nullify -]");
 }
+
+#[test]
+fn driver_introspection_is_allowed_but_not_settings_games() {
+    check(APP, "SELECT set_config('jit', 'off', false)", "allow");
+    check(APP, "SELECT set_config('standard_conforming_strings', 'off', false)", "block function");
+    check(APP, "SELECT set_config('role', 'dba', false)", "block function");
+    check(APP, "SELECT to_regtype('hstore'), current_setting('server_version_num')", "allow");
+    check(APP, "DECLARE c CURSOR FOR SELECT id, ssn FROM customers", "allow");
+    check(APP, "DECLARE c CURSOR FOR SELECT ssn::text FROM customers", "block cursor");
+    check(APP, "DECLARE c CURSOR FOR SELECT ssn FROM customers_v", "block cursor");
+}

@@ -12,16 +12,16 @@ mod core;
 #[cfg(test)]
 mod deploy;
 #[cfg(test)]
+mod drivers;
+#[cfg(test)]
 mod false_blocks;
 #[cfg(test)]
 mod hardening;
-#[cfg(test)]
-mod scram;
-#[cfg(test)]
-mod drivers;
 #[cfg(test)]
 mod leaks;
 #[cfg(test)]
 mod masking;
 #[cfg(test)]
 mod reload;
+#[cfg(test)]
+mod scram;

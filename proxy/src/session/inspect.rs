@@ -348,7 +348,7 @@ impl<'a> Inspector<'a> {
                 Effect::Deallocate(None) => self.sql_prepared.clear(),
                 Effect::Execute(name) => {
                     let plan = self.sql_prepared.get(name);
-                    if self.rules.is_strict() && plan.is_none_or(|p| !p.outputs.is_empty()) {
+                    if self.rules.is_strict() && plan.is_none_or(|p| p.needs_positions) {
                         let b = Block {
                             rule: "prepare".to_owned(),
                             reason: format!(

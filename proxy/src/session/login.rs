@@ -42,17 +42,22 @@ impl Login<'_> {
         let verifier = verifier.unwrap_or_else(|| Verifier::mock(user, self.shared.cancel_mock_secret()));
         // 1. The client's exchange with us.
         let mut out = BytesMut::new();
-        let mechs: &[u8] = if self.client_tls { b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0" } else { b"SCRAM-SHA-256\0\0" };
+        let mechs: &[u8] =
+            if self.client_tls { b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0" } else { b"SCRAM-SHA-256\0\0" };
         messages::authentication(&mut out, 10, mechs);
         client.write_all(&out).await?;
         client.flush().await?;
         let initial = expect_password(client).await?;
         let (mechanism, first) = sasl_initial(&initial).ok_or(SessionError::UnexpectedClientMessage(b'p'))?;
-        let cert_hash = self.client_tls.then(|| self.shared.server_tls.as_ref().map(|t| super::scram::end_point_hash(&t.cert))).flatten();
-        let (exchange, server_first) = match ServerExchange::start(verifier.clone(), &mechanism, &first, cert_hash.as_deref()) {
-            Ok(x) => x,
-            Err(e) => return self.fail(client, &format!("SCRAM: {e}")).await,
-        };
+        let cert_hash = self
+            .client_tls
+            .then(|| self.shared.server_tls.as_ref().map(|t| super::scram::end_point_hash(&t.cert)))
+            .flatten();
+        let (exchange, server_first) =
+            match ServerExchange::start(verifier.clone(), &mechanism, &first, cert_hash.as_deref()) {
+                Ok(x) => x,
+                Err(e) => return self.fail(client, &format!("SCRAM: {e}")).await,
+            };
         out.clear();
         messages::authentication(&mut out, 11, server_first.as_bytes());
         client.write_all(&out).await?;
@@ -76,10 +81,16 @@ impl Login<'_> {
         Ok(Relayed::Ok)
     }
 
-    async fn upstream<S: AsyncRead + AsyncWrite + Unpin>(&self, server: &mut Conn<S>, client_key: [u8; 32], verifier: Verifier) -> Result<(), String> {
+    async fn upstream<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        server: &mut Conn<S>,
+        client_key: [u8; 32],
+        verifier: Verifier,
+    ) -> Result<(), String> {
         let mut exchange: Option<ClientExchange> = None;
         loop {
-            let frame = server.read_frame().await.map_err(|e| e.to_string())?.ok_or("the server closed the connection")?;
+            let frame =
+                server.read_frame().await.map_err(|e| e.to_string())?.ok_or("the server closed the connection")?;
             match frame.tag() {
                 b'R' => {
                     let (code, data) = messages::auth_request(&frame).ok_or("malformed authentication request")?;
@@ -93,7 +104,12 @@ impl Login<'_> {
                                 mechs.push(String::from_utf8_lossy(m).into_owned());
                             }
                             let mechs: Vec<&str> = mechs.iter().map(String::as_str).collect();
-                            let (ex, mech, first) = ClientExchange::start(client_key, verifier.clone(), &mechs, self.server_cert_hash.as_deref());
+                            let (ex, mech, first) = ClientExchange::start(
+                                client_key,
+                                verifier.clone(),
+                                &mechs,
+                                self.server_cert_hash.as_deref(),
+                            );
                             let mut body = BytesMut::new();
                             body.put_slice(mech.as_bytes());
                             body.put_u8(0);
@@ -115,7 +131,11 @@ impl Login<'_> {
                         3 | 5 => {
                             return Err("the server asks for a password or md5; auth.mode scram needs the server to use scram-sha-256 for this role".to_owned());
                         }
-                        other => return Err(format!("the server asks for authentication method {other}, which auth.mode scram cannot answer")),
+                        other => {
+                            return Err(format!(
+                                "the server asks for authentication method {other}, which auth.mode scram cannot answer"
+                            ));
+                        }
                     }
                     server.write_all(&out).await.map_err(|e| e.to_string())?;
                     server.flush().await.map_err(|e| e.to_string())?;
@@ -127,7 +147,11 @@ impl Login<'_> {
         }
     }
 
-    async fn fail<C: AsyncRead + AsyncWrite + Unpin>(&self, client: &mut Conn<C>, why: &str) -> Result<Relayed, SessionError> {
+    async fn fail<C: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        client: &mut Conn<C>,
+        why: &str,
+    ) -> Result<Relayed, SessionError> {
         use std::sync::atomic::Ordering::Relaxed;
         self.shared.metrics.auth_failures_total.fetch_add(1, Relaxed);
         self.shared.audit.log(Event::session(EventKind::AuthFailed, self.info).reason(why));
@@ -144,7 +168,10 @@ impl Login<'_> {
             };
             tokio::time::sleep(delay).await;
         }
-        let e = ErrorResponse::fatal(sqlstate::INVALID_PASSWORD, format!("password authentication failed for user \"{}\"", self.info.user));
+        let e = ErrorResponse::fatal(
+            sqlstate::INVALID_PASSWORD,
+            format!("password authentication failed for user \"{}\"", self.info.user),
+        );
         client.write_all(&e.to_bytes()).await?;
         client.flush().await?;
         Ok(Relayed::Failed)
@@ -170,7 +197,8 @@ impl Login<'_> {
     async fn read_verifier(&self, user: &str) -> Result<Option<Verifier>, SessionError> {
         let auth = &self.shared.config.auth;
         let secret: Option<String> = if let Some(file) = &auth.file {
-            let text = std::fs::read_to_string(file).map_err(|e| unavailable(&format!("cannot read auth.file: {e}")))?;
+            let text =
+                std::fs::read_to_string(file).map_err(|e| unavailable(&format!("cannot read auth.file: {e}")))?;
             userlist_lookup(&text, user)
         } else if let Some(sql) = &auth.query {
             self.shared
@@ -188,7 +216,10 @@ impl Login<'_> {
 
 fn unavailable(why: &str) -> SessionError {
     tracing::warn!(error = why, "cannot read SCRAM verifiers");
-    SessionError::Refused(Box::new(ErrorResponse::fatal(sqlstate::CANNOT_CONNECT_NOW, "pgveil: cannot verify logins right now").with_hint("retry shortly")))
+    SessionError::Refused(Box::new(
+        ErrorResponse::fatal(sqlstate::CANNOT_CONNECT_NOW, "pgveil: cannot verify logins right now")
+            .with_hint("retry shortly"),
+    ))
 }
 
 /// PgBouncer's userlist format: `"role" "secret"` per line.

@@ -9,8 +9,8 @@ mod error;
 mod handshake;
 mod inspect;
 mod login;
-pub mod scram;
 pub mod rows;
+pub mod scram;
 pub mod upstream;
 
 use std::net::SocketAddr;

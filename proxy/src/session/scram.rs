@@ -79,14 +79,24 @@ impl Verifier {
         let mut salted = [0u8; 32];
         pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), salt, iterations, &mut salted);
         let client_key = hmac(&salted, b"Client Key");
-        Verifier { iterations, salt: salt.to_vec(), stored_key: sha256(&client_key), server_key: hmac(&salted, b"Server Key") }
+        Verifier {
+            iterations,
+            salt: salt.to_vec(),
+            stored_key: sha256(&client_key),
+            server_key: hmac(&salted, b"Server Key"),
+        }
     }
 
     /// A verifier for a role that does not exist: the exchange runs to the end and fails
     /// exactly as a wrong password does, so roles cannot be enumerated.
     pub fn mock(user: &str, secret: &[u8]) -> Verifier {
         let salt = hmac(secret, user.as_bytes())[..16].to_vec();
-        Verifier { iterations: 4096, salt, stored_key: hmac(secret, b"no such role"), server_key: hmac(secret, b"server") }
+        Verifier {
+            iterations: 4096,
+            salt,
+            stored_key: hmac(secret, b"no such role"),
+            server_key: hmac(secret, b"server"),
+        }
     }
 }
 
@@ -126,7 +136,12 @@ impl ServerExchange {
     /// Starts from the SASLInitialResponse: `mechanism` and the client-first-message.
     /// `our_cert_hash` is the channel-binding data when the client is on TLS (and so was
     /// offered `-PLUS`).
-    pub fn start(verifier: Verifier, mechanism: &str, client_first: &str, our_cert_hash: Option<&[u8]>) -> Result<(Self, String), ScramError> {
+    pub fn start(
+        verifier: Verifier,
+        mechanism: &str,
+        client_first: &str,
+        our_cert_hash: Option<&[u8]>,
+    ) -> Result<(Self, String), ScramError> {
         let (gs2, rest) = if let Some(rest) = client_first.strip_prefix("n,") {
             (Gs2::None, rest)
         } else if let Some(rest) = client_first.strip_prefix("y,") {
@@ -146,7 +161,8 @@ impl ServerExchange {
             (Gs2::Supported, false, None) => Vec::new(),
             _ => return Err(ScramError::ChannelBinding),
         };
-        let gs2_header = client_first.get(..client_first.len() - client_first_bare.len()).ok_or(ScramError::Malformed)?.to_owned();
+        let gs2_header =
+            client_first.get(..client_first.len() - client_first_bare.len()).ok_or(ScramError::Malformed)?.to_owned();
         let client_nonce = attr(client_first_bare, 'r').ok_or(ScramError::Malformed)?;
         let nonce = format!("{client_nonce}{}", self::nonce());
         let server_first = format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
@@ -166,14 +182,16 @@ impl ServerExchange {
         let (without_proof, proof) = client_final.rsplit_once(",p=").ok_or(ScramError::Malformed)?;
         let mut expected_c = self.gs2_header.as_bytes().to_vec();
         expected_c.extend_from_slice(&self.cbind_data);
-        let c = B64.decode(attr(without_proof, 'c').ok_or(ScramError::Malformed)?).map_err(|_| ScramError::Malformed)?;
+        let c =
+            B64.decode(attr(without_proof, 'c').ok_or(ScramError::Malformed)?).map_err(|_| ScramError::Malformed)?;
         if c != expected_c {
             return Err(ScramError::ChannelBinding);
         }
         if attr(without_proof, 'r') != Some(self.nonce.as_str()) {
             return Err(ScramError::Nonce);
         }
-        let proof: Key = B64.decode(proof).map_err(|_| ScramError::Malformed)?.try_into().map_err(|_| ScramError::Malformed)?;
+        let proof: Key =
+            B64.decode(proof).map_err(|_| ScramError::Malformed)?.try_into().map_err(|_| ScramError::Malformed)?;
         let auth_message = format!("{},{},{without_proof}", self.client_first_bare, self.server_first);
         let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
         let mut client_key = [0u8; 32];
@@ -203,7 +221,12 @@ pub struct ClientExchange {
 impl ClientExchange {
     /// `server_mechanisms` as the server listed them; `server_cert_hash` when the server leg
     /// is TLS. Returns the exchange, the mechanism to use and the client-first-message.
-    pub fn start(client_key: Key, verifier: Verifier, server_mechanisms: &[&str], server_cert_hash: Option<&[u8]>) -> (Self, &'static str, String) {
+    pub fn start(
+        client_key: Key,
+        verifier: Verifier,
+        server_mechanisms: &[&str],
+        server_cert_hash: Option<&[u8]>,
+    ) -> (Self, &'static str, String) {
         let (mechanism, gs2_header, cbind_data) = match server_cert_hash {
             Some(h) if server_mechanisms.contains(&"SCRAM-SHA-256-PLUS") => {
                 ("SCRAM-SHA-256-PLUS", "p=tls-server-end-point,,".to_owned(), h.to_vec())
@@ -214,7 +237,15 @@ impl ClientExchange {
         let nonce = nonce();
         let client_first_bare = format!("n=,r={nonce}");
         let first = format!("{gs2_header}{client_first_bare}");
-        let ex = ClientExchange { client_key, verifier, gs2_header, cbind_data, client_first_bare, nonce, auth_message: None };
+        let ex = ClientExchange {
+            client_key,
+            verifier,
+            gs2_header,
+            cbind_data,
+            client_first_bare,
+            nonce,
+            auth_message: None,
+        };
         (ex, mechanism, first)
     }
 
@@ -224,7 +255,8 @@ impl ClientExchange {
         if !r.starts_with(&self.nonce) || r.len() == self.nonce.len() {
             return Err(ScramError::Nonce);
         }
-        let salt = B64.decode(attr(server_first, 's').ok_or(ScramError::Malformed)?).map_err(|_| ScramError::Malformed)?;
+        let salt =
+            B64.decode(attr(server_first, 's').ok_or(ScramError::Malformed)?).map_err(|_| ScramError::Malformed)?;
         let iterations: u32 = attr(server_first, 'i').and_then(|i| i.parse().ok()).ok_or(ScramError::Malformed)?;
         if salt != self.verifier.salt || iterations != self.verifier.iterations {
             // The ClientKey only proves knowledge of *this* secret.
@@ -251,7 +283,12 @@ impl ClientExchange {
 }
 
 /// A client proof computed from a password, as a driver does (tests).
-pub fn client_final_for_password(password: &str, client_first_bare: &str, server_first: &str, without_proof: &str) -> String {
+pub fn client_final_for_password(
+    password: &str,
+    client_first_bare: &str,
+    server_first: &str,
+    without_proof: &str,
+) -> String {
     let salt = B64.decode(attr(server_first, 's').unwrap_or_default()).unwrap_or_default();
     let iterations: u32 = attr(server_first, 'i').and_then(|i| i.parse().ok()).unwrap_or(4096);
     let mut salted = [0u8; 32];
@@ -288,7 +325,8 @@ mod tests {
         let cert = end_point_hash(b"proxy certificate");
         // A client binding to the proxy's certificate.
         let client_first = "p=tls-server-end-point,,n=,r=clientnonce";
-        let (server, server_first) = ServerExchange::start(v.clone(), "SCRAM-SHA-256-PLUS", client_first, Some(&cert)).unwrap();
+        let (server, server_first) =
+            ServerExchange::start(v.clone(), "SCRAM-SHA-256-PLUS", client_first, Some(&cert)).unwrap();
         let mut c = b"p=tls-server-end-point,,".to_vec();
         c.extend_from_slice(&cert);
         let r = attr(&server_first, 'r').unwrap();
@@ -298,7 +336,8 @@ mod tests {
         assert!(server_final.starts_with("v="));
         // The proxy, as a client of the real server (which holds the same verifier).
         let backend_cert = end_point_hash(b"server certificate");
-        let (mut up, mech, first) = ClientExchange::start(client_key, v.clone(), &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"], Some(&backend_cert));
+        let (mut up, mech, first) =
+            ClientExchange::start(client_key, v.clone(), &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"], Some(&backend_cert));
         assert_eq!(mech, "SCRAM-SHA-256-PLUS");
         let (backend, backend_first) = ServerExchange::start(v.clone(), mech, &first, Some(&backend_cert)).unwrap();
         let final_msg = up.respond(&backend_first).unwrap();
@@ -315,7 +354,10 @@ mod tests {
         assert_eq!(server.finish(&wrong).unwrap_err(), ScramError::Proof);
         // `y` although the proxy offered -PLUS over TLS: a downgrade.
         let cert = end_point_hash(b"c");
-        assert_eq!(ServerExchange::start(v.clone(), "SCRAM-SHA-256", "y,,n=,r=abc", Some(&cert)).unwrap_err(), ScramError::ChannelBinding);
+        assert_eq!(
+            ServerExchange::start(v.clone(), "SCRAM-SHA-256", "y,,n=,r=abc", Some(&cert)).unwrap_err(),
+            ScramError::ChannelBinding
+        );
         // A non-existent role fails like a wrong password.
         let mock = Verifier::mock("ghost", b"k");
         let (server, sf) = ServerExchange::start(mock, "SCRAM-SHA-256", "n,,n=,r=abc", None).unwrap();
@@ -327,7 +369,12 @@ mod tests {
     #[test]
     fn parses_postgres_verifiers() {
         let v = Verifier::from_password("pw", b"0123456789abcdef", 4096);
-        let text = format!("SCRAM-SHA-256$4096:{}${}:{}", B64.encode(&v.salt), B64.encode(v.stored_key), B64.encode(v.server_key));
+        let text = format!(
+            "SCRAM-SHA-256$4096:{}${}:{}",
+            B64.encode(&v.salt),
+            B64.encode(v.stored_key),
+            B64.encode(v.server_key)
+        );
         assert_eq!(Verifier::parse(&text), Some(v));
         assert_eq!(Verifier::parse("md5abcdef"), None);
     }
