@@ -103,6 +103,12 @@ fn analysis(c: &mut Criterion) {
         view_sql: None,
     }]);
     let sql = "SELECT id, name, email, ssn FROM customers WHERE id = $1 AND name LIKE $2 ORDER BY id LIMIT 10";
+    c.bench_function("parse_only_pg_query", |b| {
+        b.iter(|| pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).map(|p| p.protobuf.stmts.len()));
+    });
+    c.bench_function("scan_only_pg_query", |b| {
+        b.iter(|| pg_query::scan(sql).map(|p| p.tokens.len()));
+    });
     c.bench_function("analyse_oltp_statement_uncached", |b| {
         b.iter(|| rules::sql::Analyzer::new(&view, &catalog, "app_user").analyze(sql));
     });

@@ -104,6 +104,69 @@ pub fn fingerprint(sql: &str) -> Option<String> {
         .map(|f| f.hex)
 }
 
+/// Keywords whose literal arguments change what analysis decides (positions in ORDER BY,
+/// LIMIT NULL, setting values, …): statements with them get no shape key.
+const SHAPE_SENSITIVE: &[&str] = &[
+    "order",
+    "group",
+    "limit",
+    "offset",
+    "fetch",
+    "set",
+    "reset",
+    "distinct",
+    "copy",
+    "explain",
+    "do",
+    "prepare",
+    "execute",
+    "declare",
+    "call",
+    "values",
+    "into",
+    "window",
+    "over",
+    "filter",
+    "returning",
+    "show",
+    "set_config",
+];
+
+/// A key equal for statements that differ only in literal values, where literals cannot
+/// change the analysis: the server's own scanner splits the text, literals become `$`,
+/// everything else is kept as written. `None` when the statement must be analysed as is.
+pub fn shape_key(sql: &str) -> Option<String> {
+    let scanned = pg_query::scan(sql).ok()?;
+    let mut key = String::with_capacity(sql.len());
+    for t in &scanned.tokens {
+        let start = usize::try_from(t.start).ok()?;
+        let end = usize::try_from(t.end).ok()?;
+        let text = sql.get(start..end)?;
+        if matches!(pb::Token::try_from(t.token), Ok(pb::Token::SqlComment | pb::Token::CComment)) {
+            continue;
+        }
+        let literal = matches!(
+            pb::Token::try_from(t.token),
+            Ok(pb::Token::Sconst
+                | pb::Token::Usconst
+                | pb::Token::Iconst
+                | pb::Token::Fconst
+                | pb::Token::Bconst
+                | pb::Token::Xconst)
+        );
+        if literal {
+            key.push('$');
+        } else {
+            if SHAPE_SENSITIVE.iter().any(|k| text.eq_ignore_ascii_case(k)) {
+                return None;
+            }
+            key.push_str(text);
+        }
+        key.push('\u{1f}');
+    }
+    Some(key)
+}
+
 /// The relations a statement names (`schema.table` or `table`), for tools.
 pub fn tables(sql: &str) -> Option<Vec<String>> {
     pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).ok().map(|p| p.tables())

@@ -251,3 +251,18 @@ fn driver_introspection_is_allowed_but_not_settings_games() {
     check(APP, "DECLARE c CURSOR FOR SELECT ssn::text FROM customers", "block cursor");
     check(APP, "DECLARE c CURSOR FOR SELECT ssn FROM customers_v", "block cursor");
 }
+
+#[test]
+fn shape_keys_ignore_literals_only_where_they_cannot_matter() {
+    use crate::sql::shape_key;
+    let a = shape_key("SELECT abalance FROM pgbench_accounts WHERE aid = 42;").unwrap();
+    assert_eq!(Some(a.clone()), shape_key("SELECT abalance FROM pgbench_accounts WHERE aid = 9001;"));
+    assert_ne!(Some(a), shape_key("SELECT abalance FROM pgbench_accounts WHERE bid = 42;"));
+    assert_ne!(shape_key("SELECT \"Ssn\" FROM t WHERE a = 'x'"), shape_key("SELECT ssn FROM t WHERE a = 'x'"));
+    assert_eq!(shape_key("SELECT id FROM t ORDER BY 1"), None);
+    assert_eq!(shape_key("SELECT set_config('jit', 'off', false)"), None);
+    assert_eq!(shape_key("SELECT id FROM t LIMIT 5"), None);
+    // Comments do not change the key; a literal never merges with an identifier.
+    assert_eq!(shape_key("SELECT a FROM t WHERE b = 1 -- c"), shape_key("SELECT a FROM t WHERE b = 2"));
+    assert_ne!(shape_key("SELECT a FROM t WHERE b = 'c'"), shape_key("SELECT a FROM t WHERE b = c"));
+}

@@ -17,26 +17,50 @@ use crate::catalog::DbCatalog;
 /// Bytes of statement text and plans the cache may hold.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// Looked up by a hash of the text (no allocation per statement); the entry keeps the text,
+/// and a hit whose text differs is a miss, so a hash collision can never reuse a plan.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     identity: u64,
     policy_generation: u64,
     catalog_generation: u64,
-    sql: Arc<[u8]>,
+    text_hash: u64,
+}
+
+#[derive(Clone)]
+struct Entry {
+    text: Arc<[u8]>,
+    analysis: Arc<Analysis>,
 }
 
 #[derive(Clone)]
 struct Weigh;
 
-impl quick_cache::Weighter<Key, Arc<Analysis>> for Weigh {
-    fn weight(&self, key: &Key, val: &Arc<Analysis>) -> u64 {
-        let plans: usize = val.statements.iter().map(|s| 64 + s.outputs.len() * 48).sum();
-        u64::try_from(key.sql.len() + plans + 128).unwrap_or(u64::MAX)
+impl quick_cache::Weighter<Key, Entry> for Weigh {
+    fn weight(&self, _key: &Key, val: &Entry) -> u64 {
+        let plans: usize = val.analysis.statements.iter().map(|s| 64 + s.outputs.len() * 48).sum();
+        u64::try_from(val.text.len() + plans + 128).unwrap_or(u64::MAX)
     }
 }
 
 pub struct Cache {
-    inner: quick_cache::sync::Cache<Key, Arc<Analysis>, Weigh>,
+    inner: quick_cache::sync::Cache<Key, Entry, Weigh>,
+}
+
+impl Cache {
+    fn get(&self, key: &Key, text: &[u8]) -> Option<Arc<Analysis>> {
+        self.inner.get(key).filter(|e| &*e.text == text).map(|e| e.analysis)
+    }
+
+    fn put(&self, key: Key, text: &[u8], analysis: &Arc<Analysis>) {
+        self.inner.insert(key, Entry { text: Arc::from(text), analysis: Arc::clone(analysis) });
+    }
+}
+
+fn text_hash(text: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 impl std::fmt::Debug for Cache {
@@ -129,15 +153,26 @@ impl SessionRules {
             identity: self.identity_key,
             policy_generation: self.generation,
             catalog_generation: self.catalog.generation(),
-            sql: Arc::from(sql),
+            text_hash: text_hash(sql),
         };
-        if let Some(hit) = shared.analysis_cache.inner.get(&key) {
+        if let Some(hit) = shared.analysis_cache.get(&key, sql) {
             shared.metrics.analysis(nanos(started), true);
             return hit;
         }
         let Ok(text) = std::str::from_utf8(sql) else {
             return Arc::new(blocked("unanalysable", "the statement is not valid UTF-8", "send statements in UTF-8"));
         };
+        // Statements that differ only in literals (the simple protocol's way of passing
+        // values) share one analysis, keyed by the server scanner's tokens.
+        let shape = rules::sql::shape_key(text).map(|k| format!("shape\u{1f}{k}").into_bytes());
+        let shape_key = shape.as_ref().map(|k| Key { text_hash: text_hash(k), ..key });
+        if let (Some(k), Some(text)) = (&shape_key, &shape)
+            && let Some(hit) = shared.analysis_cache.get(k, text)
+        {
+            shared.analysis_cache.put(key, sql, &hit);
+            shared.metrics.analysis(nanos(started), true);
+            return hit;
+        }
         let mut analysis = self.run(&catalog, text);
         if analysis.block.as_ref().is_some_and(|b| b.rule == "unknown_relation")
             && self.catalog.refresh(&shared.config, &shared.metrics, true).await.is_ok()
@@ -147,8 +182,13 @@ impl SessionRules {
             analysis = self.run(&fresh, text);
         }
         let analysis = Arc::new(analysis);
-        let key = Key { catalog_generation: self.catalog.generation(), ..key };
-        shared.analysis_cache.inner.insert(key, Arc::clone(&analysis));
+        let generation = self.catalog.generation();
+        if let (Some(k), Some(text)) = (shape_key, shape) {
+            shared.analysis_cache.put(Key { catalog_generation: generation, ..k }, &text, &analysis);
+        }
+        // The exact text too: repeated statements (the extended protocol's Parse) then skip
+        // even the scan. The cache is scan-resistant, so one-off texts are evicted first.
+        shared.analysis_cache.put(Key { catalog_generation: generation, ..key }, sql, &analysis);
         shared.metrics.analysis(nanos(started), false);
         analysis
     }
