@@ -276,7 +276,11 @@ const MICROS_PER_DAY: i64 = 86_400_000_000;
 /// A value's text form to its binary wire form, or `None` if the text is not valid for `ty`.
 pub fn text_to_binary(ty: PgType, s: &str) -> Option<Vec<u8>> {
     Some(match ty {
-        PgType::Text | PgType::Varchar | PgType::Bpchar | PgType::Name | PgType::Json => s.as_bytes().to_vec(),
+        PgType::Text | PgType::Varchar | PgType::Bpchar | PgType::Name => s.as_bytes().to_vec(),
+        PgType::Json => {
+            serde_json::from_str::<serde_json::Value>(s).ok()?;
+            s.as_bytes().to_vec()
+        }
         PgType::Jsonb => {
             serde_json::from_str::<serde_json::Value>(s).ok()?;
             let mut v = vec![1];

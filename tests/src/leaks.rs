@@ -225,3 +225,27 @@ async fn no_protected_value_reaches_a_masked_session() {
     let stream = recorder.captured();
     assert!(stream.windows(11).any(|w| w == b"900-00-0001"), "the oracle sees raw values of an exempt session");
 }
+
+/// The same corpus through psql (libpq, simple protocol, text results), one statement per run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_sees_no_protected_value_either() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
+    let recorder = Recorder::start(p.addr).await;
+    let conn = url(recorder.port(), "app_user", &db.name, "sslmode=disable");
+    let mut blocked = 0;
+    for (_, sql) in CORPUS {
+        let bin = cluster.psql_bin();
+        let (c, s) = (conn.clone(), (*sql).to_owned());
+        let out = tokio::task::spawn_blocking(move || crate::harness::client::psql(&bin, &c, &s)).await.unwrap();
+        if !out.status.success() {
+            blocked += 1;
+        }
+    }
+    assert!(blocked > 40, "{blocked}");
+    let stream = recorder.captured();
+    for (what, needle) in needles() {
+        assert!(!stream.windows(needle.len()).any(|w| w == needle.as_slice()), "psql received {what}");
+    }
+}

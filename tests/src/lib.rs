@@ -20,6 +20,8 @@ mod hardening;
 #[cfg(test)]
 mod leaks;
 #[cfg(test)]
+mod mask_types;
+#[cfg(test)]
 mod masking;
 #[cfg(test)]
 mod reload;

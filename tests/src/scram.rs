@@ -74,5 +74,8 @@ async fn wrong_passwords_and_unknown_roles_fail_alike_and_new_passwords_work_at_
     let out = psql(&cluster.psql_bin(), &conn("rotating", "first"), "SELECT 1");
     assert!(!out.status.success());
     cluster.psql_admin("postgres", "DROP ROLE rotating").unwrap();
+    // An md5-only role is refused with an error that says why (no downgrade).
+    let out = psql(&cluster.psql_bin(), &conn("md5_user", "md5_pw"), "SELECT 1");
+    assert!(stderr(&out).contains("has an md5 password"), "{}", stderr(&out));
     assert!(p.shared.metrics.auth_failures_total.load(std::sync::atomic::Ordering::Relaxed) >= 3);
 }

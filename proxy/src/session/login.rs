@@ -37,7 +37,20 @@ impl Login<'_> {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let user = self.info.user.as_str();
-        let verifier = self.verifier(user).await?;
+        let (verifier, md5_only) = self.verifier(user).await?;
+        if md5_only {
+            // No downgrade: the proxy cannot log in upstream from an md5 hash via SCRAM, and it
+            // never offers a weaker method than SCRAM. Say so instead of a bare failure.
+            return Err(SessionError::Refused(Box::new(
+                ErrorResponse::fatal(
+                    sqlstate::INVALID_AUTHORIZATION,
+                    format!(
+                        "pgveil: role \"{user}\" has an md5 password; auth.mode scram needs a SCRAM-SHA-256 verifier"
+                    ),
+                )
+                .with_hint("set the password again with password_encryption = 'scram-sha-256'"),
+            )));
+        }
         let known = verifier.is_some();
         let verifier = verifier.unwrap_or_else(|| Verifier::mock(user, self.shared.cancel_mock_secret()));
         // 1. The client's exchange with us.
@@ -180,21 +193,24 @@ impl Login<'_> {
     /// The role's SCRAM verifier from `auth.file` or `auth.query`, read at every login so a
     /// changed password works at once; the last good answer is kept briefly for when the
     /// catalog connection is down.
-    async fn verifier(&self, user: &str) -> Result<Option<Verifier>, SessionError> {
+    /// The verifier, and whether the role has only an md5 secret.
+    async fn verifier(&self, user: &str) -> Result<(Option<Verifier>, bool), SessionError> {
         let key = (self.info.database.clone(), user.to_owned());
         match self.read_verifier(user).await {
-            Ok(v) => {
+            Ok(secret) => {
+                let md5 = secret.as_deref().is_some_and(|s| s.starts_with("md5"));
+                let v = secret.as_deref().and_then(Verifier::parse);
                 self.shared.verifiers.insert(key, (v.clone(), Instant::now()));
-                Ok(v)
+                Ok((v, md5))
             }
             Err(e) => match self.shared.verifiers.get(&key).filter(|e| e.1.elapsed() < VERIFIER_TTL) {
-                Some(hit) => Ok(hit.0.clone()),
+                Some(hit) => Ok((hit.0.clone(), false)),
                 None => Err(e),
             },
         }
     }
 
-    async fn read_verifier(&self, user: &str) -> Result<Option<Verifier>, SessionError> {
+    async fn read_verifier(&self, user: &str) -> Result<Option<String>, SessionError> {
         let auth = &self.shared.config.auth;
         let secret: Option<String> = if let Some(file) = &auth.file {
             let text =
@@ -210,7 +226,7 @@ impl Login<'_> {
         } else {
             None
         };
-        Ok(secret.as_deref().and_then(Verifier::parse))
+        Ok(secret)
     }
 }
 
