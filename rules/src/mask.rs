@@ -518,15 +518,15 @@ pub fn apply_into(
             let total = input.iter().filter(|b| b.is_ascii_alphanumeric()).count();
             let keep_none = keep_first.saturating_add(*keep_last) >= total;
             let fill = u8::try_from(u32::from(*fill)).unwrap_or(b'*');
+            let start = out.len();
+            out.extend_from_slice(input);
             let mut seen = 0;
-            out.reserve(input.len());
-            for &b in input {
+            for b in out.get_mut(start..).unwrap_or_default() {
                 if b.is_ascii_alphanumeric() {
                     seen += 1;
-                    let keep = !keep_none && (seen <= *keep_first || seen > total - keep_last);
-                    out.extend_from_slice(&[if keep { b } else { fill }]);
-                } else {
-                    out.extend_from_slice(&[b]);
+                    if keep_none || (seen > *keep_first && seen <= total - keep_last) {
+                        *b = fill;
+                    }
                 }
             }
             return Written::Value;

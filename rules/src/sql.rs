@@ -28,6 +28,9 @@ pub struct Block {
     pub hint: String,
     pub tables: Vec<String>,
     pub columns: Vec<String>,
+    /// For a `selects` rule, which check fired (`select_star`, `unfiltered`); `None` for the
+    /// built-in reasons, where `rule` already says it.
+    pub check: Option<&'static str>,
 }
 
 impl fmt::Display for Block {
@@ -37,7 +40,14 @@ impl fmt::Display for Block {
 }
 
 fn block(rule: &str, reason: impl Into<String>, hint: impl Into<String>) -> Block {
-    Block { rule: rule.to_owned(), reason: reason.into(), hint: hint.into(), tables: Vec::new(), columns: Vec::new() }
+    Block {
+        rule: rule.to_owned(),
+        reason: reason.into(),
+        hint: hint.into(),
+        tables: Vec::new(),
+        columns: Vec::new(),
+        check: None,
+    }
 }
 
 fn col_block(rule: &str, col: &ColumnName, reason: impl Into<String>, hint: impl Into<String>) -> Block {
@@ -654,6 +664,7 @@ impl<'a> Analyzer<'a> {
             {
                 findings.push(Block {
                     tables: vec![t.to_string()],
+                    check: Some(Deny::SelectStar.as_str()),
                     ..block(&rule.name, format!("SELECT * over {t} is not allowed"), "list the columns you need")
                 });
             }
@@ -662,6 +673,7 @@ impl<'a> Analyzer<'a> {
             {
                 findings.push(Block {
                     tables: vec![t.to_string()],
+                    check: Some(Deny::Unfiltered.as_str()),
                     ..block(
                         &rule.name,
                         format!("reading {t} without a WHERE clause or a LIMIT is not allowed"),

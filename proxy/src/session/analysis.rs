@@ -210,6 +210,7 @@ fn blocked(rule: &str, reason: &str, hint: &str) -> Analysis {
             hint: hint.to_owned(),
             tables: Vec::new(),
             columns: Vec::new(),
+            check: None,
         }),
         ..Analysis::default()
     }

@@ -154,26 +154,14 @@ impl<'a> Inspector<'a> {
         &mut self,
         server: &mut Conn<S>,
     ) -> Result<(), SessionError> {
-        if !self.to_server.is_empty() {
-            let out = self.to_server.split();
-            self.shared.metrics.bytes_client_to_server.fetch_add(out.len() as u64, Relaxed);
-            server.write_all(&out).await?;
-            server.flush().await?;
-        }
-        Ok(())
+        flush(&mut self.to_server, server, &self.shared.metrics.bytes_client_to_server).await
     }
 
     async fn flush_client<C: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         client: &mut Conn<C>,
     ) -> Result<(), SessionError> {
-        if !self.to_client.is_empty() {
-            let out = self.to_client.split();
-            self.shared.metrics.bytes_server_to_client.fetch_add(out.len() as u64, Relaxed);
-            client.write_all(&out).await?;
-            client.flush().await?;
-        }
-        Ok(())
+        flush(&mut self.to_client, client, &self.shared.metrics.bytes_server_to_client).await
     }
 
     // ---- client → server -------------------------------------------------------------
@@ -302,6 +290,7 @@ impl<'a> Inspector<'a> {
                         hint: "call functions with SELECT".to_owned(),
                         tables: Vec::new(),
                         columns: Vec::new(),
+                        check: None,
                     };
                     let err = self.record_block(&b, None).await;
                     messages::tagged(&mut self.to_server, b'Q', &[BLOCKED_SQL, b"\0"].concat());
@@ -357,6 +346,7 @@ impl<'a> Inspector<'a> {
                             hint: "PREPARE it in this session, or use the extended protocol".to_owned(),
                             tables: Vec::new(),
                             columns: Vec::new(),
+                            check: None,
                         };
                         return Some(self.record_block(&b, text).await);
                     }
@@ -367,7 +357,7 @@ impl<'a> Inspector<'a> {
     }
 
     async fn record_block(&mut self, b: &Block, text: Option<&str>) -> Box<ErrorResponse> {
-        self.shared.metrics.blocked(&b.rule, block_reason_label(b));
+        self.shared.metrics.blocked(&b.rule, b.check.unwrap_or(&b.rule));
         self.audit_block(EventKind::QueryBlocked, b, text, None).await;
         Box::new(block_error(b))
     }
@@ -702,6 +692,21 @@ impl<'a> Inspector<'a> {
     }
 }
 
+/// Writes what is buffered for one side, in one write, and counts it.
+async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
+    buf: &mut BytesMut,
+    to: &mut Conn<S>,
+    counter: &std::sync::atomic::AtomicU64,
+) -> Result<(), SessionError> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let out = buf.split();
+    counter.fetch_add(u64::try_from(out.len()).unwrap_or(u64::MAX), Relaxed);
+    to.write_all(&out).await?;
+    to.flush().await
+}
+
 /// Client encodings whose multi-byte characters can contain quote or backslash bytes.
 pub(super) fn is_unsafe_encoding(value: &[u8]) -> bool {
     let v = String::from_utf8_lossy(value).to_ascii_uppercase().replace(['-', '_'], "");
@@ -726,16 +731,6 @@ fn is_ddl_tag(tag: &[u8]) -> bool {
     ["CREATE", "ALTER", "DROP", "GRANT", "REVOKE", "COMMENT", "REFRESH", "SELECT INTO"]
         .iter()
         .any(|p| tag.starts_with(p.as_bytes()))
-}
-
-fn block_reason_label(b: &Block) -> &'static str {
-    if b.reason.contains("SELECT *") {
-        "select_star"
-    } else if b.reason.contains("without a WHERE") {
-        "unfiltered"
-    } else {
-        "policy"
-    }
 }
 
 /// The client-facing error for a blocked statement.
