@@ -84,6 +84,11 @@ pub(super) struct Inspector<'a> {
     /// After the proxy itself failed a statement mid-flight (a row limit), the server's
     /// further output up to ReadyForQuery is not for the client.
     suppress: bool,
+    /// The cancel sent for a row limit. ReadyForQuery is held until it has been delivered,
+    /// so a late cancel can never hit the client's next statement (the server ignores a
+    /// cancel that arrives while it waits for a command).
+    pending_cancel: Option<tokio::task::JoinHandle<()>>,
+    ready_seen: bool,
 }
 
 impl<'a> Inspector<'a> {
@@ -105,6 +110,8 @@ impl<'a> Inspector<'a> {
             to_client: BytesMut::with_capacity(64 * 1024),
             to_server: BytesMut::with_capacity(16 * 1024),
             suppress: false,
+            pending_cancel: None,
+            ready_seen: false,
         }
     }
 
@@ -142,6 +149,11 @@ impl<'a> Inspector<'a> {
                     self.on_server(f)?;
                     while let Some(f) = server.buffered_frame()? {
                         self.on_server(f)?;
+                    }
+                    if std::mem::take(&mut self.ready_seen)
+                        && let Some(cancel) = self.pending_cancel.take()
+                    {
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), cancel).await;
                     }
                     self.flush_client(client).await?;
                 }
@@ -414,6 +426,7 @@ impl<'a> Inspector<'a> {
             b'Z' => {
                 self.pop(|e| matches!(e, Expect::Sync | Expect::Query(_) | Expect::FunctionCall))?;
                 self.suppress = false;
+                self.ready_seen = true;
                 self.forward(&f);
             }
             b'N' => {
@@ -565,7 +578,7 @@ impl<'a> Inspector<'a> {
             self.shared.metrics.rows_cut_total.fetch_add(1, Relaxed);
             let shared = Arc::clone(self.shared);
             let (pid, key) = self.backend.clone();
-            tokio::spawn(async move { super::cancel_backend(&shared, pid, &key).await });
+            self.pending_cancel = Some(tokio::spawn(async move { super::cancel_backend(&shared, pid, &key).await }));
             let mut ev = Event::session(EventKind::RowLimit, self.info)
                 .rule(&limit.rule)
                 .reason(&format!("result cut after {} rows (max_rows)", limit.rows));
