@@ -266,6 +266,14 @@ impl Config {
         if self.auth.mode == AuthMode::Scram && self.auth.query.is_none() && self.auth.file.is_none() {
             return Err("auth.mode is scram but neither auth.query nor auth.file is set".to_owned());
         }
+        if self.rules.is_some() && self.catalog.user.is_none() {
+            return Err("rules are set but catalog.user is not: pgveil needs its catalog connection to know \
+                        sessions' roles and the database's relations"
+                .to_owned());
+        }
+        if self.auth.mode == AuthMode::Scram && self.auth.query.is_some() && self.catalog.user.is_none() {
+            return Err("auth.query runs on the catalog connection: set catalog.user".to_owned());
+        }
         if self.limits.max_connections == 0 {
             return Err("limits.max_connections must be at least 1".to_owned());
         }
@@ -327,7 +335,7 @@ mod tests {
 
     #[test]
     fn env_overrides_file() {
-        let src = "listen: 127.0.0.1:7000\nupstream:\n  port: 5432\nlimits:\n  startup_timeout: 3s\n";
+        let src = "listen: 127.0.0.1:7000\nupstream:\n  port: 5432\nlimits:\n  startup_timeout: 3s\ncatalog:\n  user: pgveil\n";
         let env = [
             ("PGVEIL_UPSTREAM_PORT".to_owned(), "6543".to_owned()),
             ("PGVEIL_LIMITS_MAX_CONNECTIONS".to_owned(), "5".to_owned()),
@@ -349,6 +357,8 @@ mod tests {
         assert!(e.to_string().contains("maybe"), "{e}");
         let e = Config::from_yaml_with_env("tls: {clients: require}\n", "t.yaml", []).unwrap_err();
         assert!(e.to_string().contains("tls.cert"), "{e}");
+        let e = Config::from_yaml_with_env("rules: /etc/r.yaml\n", "t.yaml", []).unwrap_err();
+        assert!(e.to_string().contains("catalog.user"), "{e}");
     }
 
     #[test]
