@@ -55,6 +55,9 @@ async fn every_driver_works_through_pgveil() {
         all.extend(run_suite("pgjdbc", java, "apt-get install -y libpostgresql-jdbc-java"));
     }
     let _ = std::fs::remove_dir_all(&classes);
+    for role in ["app_user", "dba"] {
+        all.extend(sqlx_suite(p.port(), &db.name, role).await);
+    }
     std::fs::write(dir.join("COMPATIBILITY.md"), table(&all)).unwrap();
     let failed: Vec<String> = all
         .iter()
@@ -90,5 +93,120 @@ fn table(results: &[serde_json::Value]) -> String {
         out.push_str(&format!("| {d} | {c} | {m} | {res} |\n"));
     }
     out.push_str("\nMasked role: `app_user` under spec/rules.md's example rules (masked columns in the results; blocked statements expected to fail with SQLSTATE 42501). Exempt role: `dba`.\n");
+    out
+}
+
+/// sqlx (Rust): binary results through its statement cache, transactions, COPY, blocks.
+async fn sqlx_suite(port: u16, db: &str, role: &str) -> Vec<serde_json::Value> {
+    use sqlx::{Connection, Row};
+    let masked = role != "dba";
+    let ssn = if masked { "***-**-0001" } else { "900-00-0001" };
+    let url = format!("postgres://{role}:{role}_pw@127.0.0.1:{port}/{db}?sslmode=disable");
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("sqlx connects through pgveil");
+    let mut out = Vec::new();
+    let mut record = |case: &str, modes: &str, r: Result<String, String>| {
+        let (ok, detail) = match r {
+            Ok(d) => (true, d),
+            Err(d) => (false, d),
+        };
+        out.push(serde_json::json!({"driver": "sqlx", "version": "0.8", "role": role, "case": case, "modes": modes, "ok": ok, "detail": detail}));
+    };
+    let r = async {
+        let row = sqlx::query("SELECT ssn, id, birth_date FROM customers WHERE id = $1")
+            .bind(1i32)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let got: String = row.try_get(0).map_err(|e| e.to_string())?;
+        let raw = sqlx::Row::try_get_raw(&row, 2).map_err(|e| e.to_string())?;
+        let date = sqlx::ValueRef::is_null(&raw).then(String::new).unwrap_or_else(|| {
+            rules::mask::binary_to_text(rules::types::PgType::Date, raw.as_bytes().unwrap_or_default())
+                .unwrap_or_default()
+        });
+        let want_date = if masked { "1980-01-01" } else { "1980-07-15" };
+        if got == ssn && date == want_date { Ok(String::new()) } else { Err(format!("{got} {date}")) }
+    }
+    .await;
+    record("binary results (text, int4, date)", "extended, binary", r);
+    let r = async {
+        for i in 1..=20i32 {
+            let row = sqlx::query("SELECT ssn FROM customers WHERE id = $1")
+                .bind(i)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            let v: String = row.try_get(0).map_err(|e| e.to_string())?;
+            if masked && !v.starts_with("***") {
+                return Err(v);
+            }
+        }
+        Ok(String::new())
+    }
+    .await;
+    record("statement cache (20 executions)", "extended, prepared", r);
+    let r = async {
+        let mut tx = conn.begin().await.map_err(|e| e.to_string())?;
+        sqlx::query("INSERT INTO orders (customer_id, amount, status) VALUES (1, 2.5, 'sqlx')")
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.rollback().await.map_err(|e| e.to_string())?;
+        let n: i64 = sqlx::query("SELECT count(*) FROM orders WHERE status = 'sqlx'")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?
+            .try_get(0)
+            .map_err(|e| e.to_string())?;
+        if n == 0 { Ok(String::new()) } else { Err(format!("{n} rows after rollback")) }
+    }
+    .await;
+    record("transactions", "extended", r);
+    let r = async {
+        let mut copy = conn
+            .copy_in_raw("COPY orders (customer_id, amount, status) FROM STDIN")
+            .await
+            .map_err(|e| e.to_string())?;
+        copy.send(b"1\t3.5\tsqlxcopy\n".as_slice()).await.map_err(|e| e.to_string())?;
+        let rows = copy.finish().await.map_err(|e| e.to_string())?;
+        let mut stream = conn
+            .copy_out_raw("COPY (SELECT status FROM orders WHERE status = 'sqlxcopy') TO STDOUT")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut text = Vec::new();
+        while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+            text.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+        }
+        drop(stream);
+        sqlx::query("DELETE FROM orders WHERE status = 'sqlxcopy'")
+            .execute(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        if rows == 1 && text == b"sqlxcopy\n" {
+            Ok(String::new())
+        } else {
+            Err(format!("{rows} {:?}", String::from_utf8_lossy(&text)))
+        }
+    }
+    .await;
+    record("COPY in and out", "copy", r);
+    let r = async {
+        if !masked {
+            return Ok("exempt: not blocked".to_owned());
+        }
+        match sqlx::query("SELECT lower(ssn) FROM customers").fetch_all(&mut conn).await {
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {}
+            other => return Err(format!("not blocked: {other:?}")),
+        }
+        let one: i32 = sqlx::query("SELECT 1")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?
+            .try_get(0)
+            .map_err(|e| e.to_string())?;
+        if one == 1 { Ok(String::new()) } else { Err("unusable".to_owned()) }
+    }
+    .await;
+    record("blocked statement is an ordinary SQL error", "extended", r);
+    let _ = conn.close().await;
     out
 }

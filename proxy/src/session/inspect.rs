@@ -30,12 +30,15 @@ const BLOCKED_SQL: &[u8] = b"PGVEIL BLOCKED STATEMENT";
 
 #[derive(Debug, Default)]
 struct Prepared {
+    /// Which definition this is (names are reused); a Close forgets only the one it named.
+    id: u64,
     plan: StatementPlan,
     desc: Option<Arc<Vec<FieldDesc>>>,
 }
 
 #[derive(Debug, Default)]
 struct Portal {
+    id: u64,
     plan: StatementPlan,
     formats: Vec<i16>,
     /// From Describe('P'): real formats.
@@ -45,6 +48,10 @@ struct Portal {
     row_plan: Option<RowPlan>,
     rows: u64,
     cut: bool,
+    /// The client sent Describe('P') for it: its answer will come before any row.
+    described: bool,
+    /// Bound to a statement name the proxy has no plan for: its rows are refused (I1).
+    unknown_statement: bool,
 }
 
 #[derive(Debug)]
@@ -59,12 +66,19 @@ struct QueryState {
 
 #[derive(Debug)]
 enum Expect {
-    Parse { blocked: Option<Box<ErrorResponse>> },
+    Parse {
+        blocked: Option<Box<ErrorResponse>>,
+    },
     Bind,
     DescribeStatement(Bytes),
-    DescribePortal { portal: Bytes, swallow: bool },
+    DescribePortal {
+        portal: Bytes,
+        swallow: bool,
+    },
     Execute(Bytes),
-    Close,
+    /// Close of a statement (`S`) or portal (`P`): forgotten when the server confirms, since
+    /// results of earlier messages in the same pipeline may still need it.
+    Close(u8, Bytes, u64),
     Sync,
     Query(QueryState),
     FunctionCall,
@@ -89,6 +103,7 @@ pub(super) struct Inspector<'a> {
     /// cancel that arrives while it waits for a command).
     pending_cancel: Option<tokio::task::JoinHandle<()>>,
     ready_seen: bool,
+    next_id: u64,
 }
 
 impl<'a> Inspector<'a> {
@@ -112,6 +127,7 @@ impl<'a> Inspector<'a> {
             suppress: false,
             pending_cancel: None,
             ready_seen: false,
+            next_id: 0,
         }
     }
 
@@ -234,7 +250,13 @@ impl<'a> Inspector<'a> {
                     }
                     None => {
                         let plan = analysis.statements.first().cloned().unwrap_or_default();
-                        self.statements.insert(name, Prepared { plan, desc: None });
+                        // A named statement that exists is not redefined: the server refuses the
+                        // Parse and keeps the old one, so the old plan must stay too.
+                        let closing = self.expect.iter().any(|e| matches!(e, Expect::Close(b'S', n, _) if *n == name));
+                        if name.is_empty() || closing || !self.statements.contains_key(&name) {
+                            self.next_id += 1;
+                            self.statements.insert(name, Prepared { id: self.next_id, plan, desc: None });
+                        }
                         self.to_server.put_slice(f.as_bytes());
                         self.expect.push_back(Expect::Parse { blocked: None });
                     }
@@ -249,7 +271,14 @@ impl<'a> Inspector<'a> {
                         (self.sql_prepared.get(&name).cloned().unwrap_or_default(), None)
                     }
                 };
-                let portal = Portal { plan, formats: bind.result_formats.clone(), stmt_desc, ..Portal::default() };
+                self.next_id += 1;
+                let portal = Portal {
+                    id: self.next_id,
+                    plan,
+                    formats: bind.result_formats.clone(),
+                    stmt_desc,
+                    ..Portal::default()
+                };
                 self.portals.insert(Bytes::copy_from_slice(bind.portal), portal);
                 self.to_server.put_slice(f.as_bytes());
                 self.expect.push_back(Expect::Bind);
@@ -257,6 +286,11 @@ impl<'a> Inspector<'a> {
             b'D' => {
                 let (kind, name) = messages::target(&f).ok_or(SessionError::UnexpectedClientMessage(b'D'))?;
                 let name = Bytes::copy_from_slice(name);
+                if kind == b'P'
+                    && let Some(p) = self.portals.get_mut(&name)
+                {
+                    p.described = true;
+                }
                 self.to_server.put_slice(f.as_bytes());
                 self.expect.push_back(match kind {
                     b'S' => Expect::DescribeStatement(name),
@@ -266,7 +300,8 @@ impl<'a> Inspector<'a> {
             b'E' => {
                 let (portal, _) = messages::execute_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'E'))?;
                 let portal = Bytes::copy_from_slice(portal);
-                let known = self.portals.get(&portal).is_some_and(|p| p.desc.is_some() || p.stmt_desc.is_some());
+                let known =
+                    self.portals.get(&portal).is_some_and(|p| p.desc.is_some() || p.stmt_desc.is_some() || p.described);
                 if !known {
                     // Execute without a Describe: ask the server for the row description
                     // ourselves and keep its answer from the client.
@@ -282,13 +317,14 @@ impl<'a> Inspector<'a> {
             }
             b'C' => {
                 let (kind, name) = messages::target(&f).ok_or(SessionError::UnexpectedClientMessage(b'C'))?;
-                if kind == b'S' {
-                    self.statements.remove(name);
+                let name = Bytes::copy_from_slice(name);
+                let id = if kind == b'S' {
+                    self.statements.get(&name).map_or(0, |p| p.id)
                 } else {
-                    self.portals.remove(name);
-                }
+                    self.portals.get(&name).map_or(0, |p| p.id)
+                };
                 self.to_server.put_slice(f.as_bytes());
-                self.expect.push_back(Expect::Close);
+                self.expect.push_back(Expect::Close(kind, name, id));
             }
             b'S' => {
                 self.to_server.put_slice(f.as_bytes());
@@ -341,7 +377,8 @@ impl<'a> Inspector<'a> {
         for e in &analysis.effects {
             match e {
                 Effect::Prepare(name, plan) => {
-                    self.sql_prepared.insert(name.clone(), (**plan).clone());
+                    // As with Parse: an existing name is not redefined by the server.
+                    self.sql_prepared.entry(name.clone()).or_insert_with(|| (**plan).clone());
                 }
                 Effect::Deallocate(Some(name)) => {
                     self.sql_prepared.remove(name);
@@ -406,7 +443,15 @@ impl<'a> Inspector<'a> {
                 self.forward(&f);
             }
             b'3' => {
-                self.pop(|e| matches!(e, Expect::Close))?;
+                if let Expect::Close(kind, name, id) = self.pop(|e| matches!(e, Expect::Close(..)))? {
+                    if kind == b'S' {
+                        if self.statements.get(&name).is_some_and(|p| p.id == id) {
+                            self.statements.remove(&name);
+                        }
+                    } else if self.portals.get(&name).is_some_and(|p| p.id == id) {
+                        self.portals.remove(&name);
+                    }
+                }
                 self.forward(&f);
             }
             b't' => self.forward(&f),
@@ -513,6 +558,9 @@ impl<'a> Inspector<'a> {
                 let portal = portal.clone();
                 let built = {
                     let p = self.portals.get(&portal).ok_or(SessionError::UnexpectedServerMessage(b'D'))?;
+                    if p.unknown_statement && self.rules.is_strict() {
+                        return Err(SessionError::UnexpectedServerMessage(b'D'));
+                    }
                     match (&p.row_plan, &p.desc, &p.stmt_desc) {
                         (Some(_), _, _) => None,
                         (None, Some(desc), _) => {
