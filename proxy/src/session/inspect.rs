@@ -38,7 +38,6 @@ struct Prepared {
 
 #[derive(Debug, Default)]
 struct Portal {
-    id: u64,
     plan: StatementPlan,
     formats: Vec<i16>,
     /// From Describe('P'): real formats.
@@ -72,10 +71,12 @@ enum Expect {
     Bind,
     DescribeStatement(Bytes),
     DescribePortal {
-        portal: Bytes,
+        portal: u64,
         swallow: bool,
     },
-    Execute(Bytes),
+    /// By portal id: a later Bind of the same name (pipelines) must not change which
+    /// portal these rows belong to.
+    Execute(u64),
     /// Close of a statement (`S`) or portal (`P`): forgotten when the server confirms, since
     /// results of earlier messages in the same pipeline may still need it.
     Close(u8, Bytes, u64),
@@ -90,7 +91,9 @@ pub(super) struct Inspector<'a> {
     rules: SessionRules,
     backend: (u32, Bytes),
     statements: HashMap<Bytes, Prepared>,
-    portals: HashMap<Bytes, Portal>,
+    /// Portals by id; `portal_names` says which id a name currently denotes.
+    portals: HashMap<u64, Portal>,
+    portal_names: HashMap<Bytes, u64>,
     sql_prepared: HashMap<String, StatementPlan>,
     expect: VecDeque<Expect>,
     to_client: BytesMut,
@@ -120,6 +123,7 @@ impl<'a> Inspector<'a> {
             backend,
             statements: HashMap::new(),
             portals: HashMap::new(),
+            portal_names: HashMap::new(),
             sql_prepared: HashMap::new(),
             expect: VecDeque::new(),
             to_client: BytesMut::with_capacity(64 * 1024),
@@ -203,7 +207,7 @@ impl<'a> Inspector<'a> {
                 ))?;
                 self.shared.metrics.statement(crate::metrics::StatementKind::Simple);
                 self.statements.remove(&Bytes::new());
-                self.portals.remove(&Bytes::new());
+                self.portal_names.remove(&Bytes::new());
                 let analysis = self.rules.analyze(self.shared, text).await;
                 let verdict = self.verdict(&analysis, text).await;
                 match verdict {
@@ -272,34 +276,31 @@ impl<'a> Inspector<'a> {
                     }
                 };
                 self.next_id += 1;
-                let portal = Portal {
-                    id: self.next_id,
-                    plan,
-                    formats: bind.result_formats.clone(),
-                    stmt_desc,
-                    ..Portal::default()
-                };
-                self.portals.insert(Bytes::copy_from_slice(bind.portal), portal);
+                let portal = Portal { plan, formats: bind.result_formats.clone(), stmt_desc, ..Portal::default() };
+                self.portal_names.insert(Bytes::copy_from_slice(bind.portal), self.next_id);
+                self.portals.insert(self.next_id, portal);
                 self.to_server.put_slice(f.as_bytes());
                 self.expect.push_back(Expect::Bind);
             }
             b'D' => {
                 let (kind, name) = messages::target(&f).ok_or(SessionError::UnexpectedClientMessage(b'D'))?;
                 let name = Bytes::copy_from_slice(name);
+                let id = self.portal_names.get(&name).copied().unwrap_or(0);
                 if kind == b'P'
-                    && let Some(p) = self.portals.get_mut(&name)
+                    && let Some(p) = self.portals.get_mut(&id)
                 {
                     p.described = true;
                 }
                 self.to_server.put_slice(f.as_bytes());
                 self.expect.push_back(match kind {
                     b'S' => Expect::DescribeStatement(name),
-                    _ => Expect::DescribePortal { portal: name, swallow: false },
+                    _ => Expect::DescribePortal { portal: id, swallow: false },
                 });
             }
             b'E' => {
                 let (portal, _) = messages::execute_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'E'))?;
-                let portal = Bytes::copy_from_slice(portal);
+                let name = Bytes::copy_from_slice(portal);
+                let portal = self.portal_names.get(&name).copied().unwrap_or(0);
                 let known =
                     self.portals.get(&portal).is_some_and(|p| p.desc.is_some() || p.stmt_desc.is_some() || p.described);
                 if !known {
@@ -307,10 +308,10 @@ impl<'a> Inspector<'a> {
                     // ourselves and keep its answer from the client.
                     let mut body = BytesMut::new();
                     body.put_u8(b'P');
-                    body.put_slice(&portal);
+                    body.put_slice(&name);
                     body.put_u8(0);
                     messages::tagged(&mut self.to_server, b'D', &body);
-                    self.expect.push_back(Expect::DescribePortal { portal: portal.clone(), swallow: true });
+                    self.expect.push_back(Expect::DescribePortal { portal, swallow: true });
                 }
                 self.to_server.put_slice(f.as_bytes());
                 self.expect.push_back(Expect::Execute(portal));
@@ -321,7 +322,7 @@ impl<'a> Inspector<'a> {
                 let id = if kind == b'S' {
                     self.statements.get(&name).map_or(0, |p| p.id)
                 } else {
-                    self.portals.get(&name).map_or(0, |p| p.id)
+                    self.portal_names.get(&name).copied().unwrap_or(0)
                 };
                 self.to_server.put_slice(f.as_bytes());
                 self.expect.push_back(Expect::Close(kind, name, id));
@@ -448,8 +449,8 @@ impl<'a> Inspector<'a> {
                         if self.statements.get(&name).is_some_and(|p| p.id == id) {
                             self.statements.remove(&name);
                         }
-                    } else if self.portals.get(&name).is_some_and(|p| p.id == id) {
-                        self.portals.remove(&name);
+                    } else if self.portal_names.get(&name) == Some(&id) {
+                        self.portal_names.remove(&name);
                     }
                 }
                 self.forward(&f);
@@ -472,6 +473,7 @@ impl<'a> Inspector<'a> {
                 self.pop(|e| matches!(e, Expect::Sync | Expect::Query(_) | Expect::FunctionCall))?;
                 self.suppress = false;
                 self.ready_seen = true;
+                self.forget_unused_portals();
                 self.forward(&f);
             }
             b'N' => {
@@ -489,6 +491,20 @@ impl<'a> Inspector<'a> {
             other => return Err(SessionError::UnexpectedServerMessage(other)),
         }
         Ok(())
+    }
+
+    /// Drops portals no name denotes and no pending response refers to.
+    fn forget_unused_portals(&mut self) {
+        let named: std::collections::HashSet<u64> = self.portal_names.values().copied().collect();
+        let pending: std::collections::HashSet<u64> = self
+            .expect
+            .iter()
+            .filter_map(|e| match e {
+                Expect::Execute(id) | Expect::DescribePortal { portal: id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        self.portals.retain(|id, _| named.contains(id) || pending.contains(id));
     }
 
     fn pop(&mut self, ok: impl Fn(&Expect) -> bool) -> Result<Expect, SessionError> {
