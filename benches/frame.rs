@@ -25,36 +25,25 @@ fn server_stream(rows: usize) -> Vec<u8> {
     out.to_vec()
 }
 
+/// Splits every frame off the buffer; returns the bytes seen.
+fn decode_all(buf: &mut BytesMut) -> usize {
+    let mut n = 0;
+    while let Ok(Some(f)) = decode(buf, Direction::FromServer) {
+        n += f.len();
+    }
+    n
+}
+
 fn split(c: &mut Criterion) {
     let stream = server_stream(10_000);
     let mut g = c.benchmark_group("frame_split");
     g.throughput(Throughput::Elements(10_000));
     g.bench_function("decode_10k_datarows_msgs", |b| {
-        b.iter_batched(
-            || BytesMut::from(stream.as_slice()),
-            |mut buf| {
-                let mut n = 0;
-                while let Ok(Some(f)) = decode(&mut buf, Direction::FromServer) {
-                    n += f.len();
-                }
-                n
-            },
-            BatchSize::SmallInput,
-        );
+        b.iter_batched(|| BytesMut::from(stream.as_slice()), |mut buf| decode_all(&mut buf), BatchSize::SmallInput);
     });
     g.throughput(Throughput::Bytes(stream.len() as u64));
     g.bench_function("decode_10k_datarows_bytes", |b| {
-        b.iter_batched(
-            || BytesMut::from(stream.as_slice()),
-            |mut buf| {
-                let mut n = 0;
-                while let Ok(Some(f)) = decode(&mut buf, Direction::FromServer) {
-                    n += f.len();
-                }
-                n
-            },
-            BatchSize::SmallInput,
-        );
+        b.iter_batched(|| BytesMut::from(stream.as_slice()), |mut buf| decode_all(&mut buf), BatchSize::SmallInput);
     });
     g.finish();
 }

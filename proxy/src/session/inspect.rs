@@ -32,19 +32,19 @@ const BLOCKED_SQL: &[u8] = b"PGVEIL BLOCKED STATEMENT";
 struct Prepared {
     /// Which definition this is (names are reused); a Close forgets only the one it named.
     id: u64,
-    plan: StatementPlan,
+    plan: Arc<StatementPlan>,
     desc: Option<Arc<Vec<FieldDesc>>>,
 }
 
 #[derive(Debug, Default)]
 struct Portal {
-    plan: StatementPlan,
+    plan: Arc<StatementPlan>,
     formats: Vec<i16>,
     /// From Describe('P'): real formats.
     desc: Option<Arc<Vec<FieldDesc>>>,
     /// From the statement's Describe('S'): formats come from Bind.
     stmt_desc: Option<Arc<Vec<FieldDesc>>>,
-    row_plan: Option<RowPlan>,
+    row_plan: Option<Arc<RowPlan>>,
     rows: u64,
     cut: bool,
     /// The client sent Describe('P') for it: its answer will come before any row.
@@ -55,12 +55,23 @@ struct Portal {
 
 #[derive(Debug)]
 struct QueryState {
-    plans: Vec<StatementPlan>,
+    /// The analysis of the Query's text: one plan per statement, shared with the cache.
+    analysis: Arc<Analysis>,
     idx: usize,
-    row_plan: Option<RowPlan>,
+    row_plan: Option<Arc<RowPlan>>,
     blocked: Option<Box<ErrorResponse>>,
     rows: u64,
     cut: bool,
+}
+
+impl QueryState {
+    fn new(analysis: Arc<Analysis>, blocked: Option<Box<ErrorResponse>>) -> Self {
+        QueryState { analysis, idx: 0, row_plan: None, blocked, rows: 0, cut: false }
+    }
+
+    fn plan(&self) -> Option<&StatementPlan> {
+        self.analysis.statements.get(self.idx)
+    }
 }
 
 #[derive(Debug)]
@@ -94,7 +105,7 @@ pub(super) struct Inspector<'a> {
     /// Portals by id; `portal_names` says which id a name currently denotes.
     portals: HashMap<u64, Portal>,
     portal_names: HashMap<Bytes, u64>,
-    sql_prepared: HashMap<String, StatementPlan>,
+    sql_prepared: HashMap<String, Arc<StatementPlan>>,
     expect: VecDeque<Expect>,
     to_client: BytesMut,
     to_server: BytesMut,
@@ -209,29 +220,11 @@ impl<'a> Inspector<'a> {
                 self.statements.remove(&Bytes::new());
                 self.portal_names.remove(&Bytes::new());
                 let analysis = self.rules.analyze(self.shared, text).await;
-                let verdict = self.verdict(&analysis, text).await;
-                match verdict {
-                    Some(err) => {
-                        messages::tagged(&mut self.to_server, b'Q', &[BLOCKED_SQL, b"\0"].concat());
-                        self.expect.push_back(Expect::Query(QueryState {
-                            plans: Vec::new(),
-                            idx: 0,
-                            row_plan: None,
-                            blocked: Some(err),
-                            rows: 0,
-                            cut: false,
-                        }));
-                    }
+                match self.verdict(&analysis, text).await {
+                    Some(err) => self.push_blocked_query(err),
                     None => {
                         self.to_server.put_slice(f.as_bytes());
-                        self.expect.push_back(Expect::Query(QueryState {
-                            plans: analysis.statements.clone(),
-                            idx: 0,
-                            row_plan: None,
-                            blocked: None,
-                            rows: 0,
-                            cut: false,
-                        }));
+                        self.expect.push_back(Expect::Query(QueryState::new(analysis, None)));
                     }
                 }
             }
@@ -253,7 +246,7 @@ impl<'a> Inspector<'a> {
                         self.expect.push_back(Expect::Parse { blocked: Some(err) });
                     }
                     None => {
-                        let plan = analysis.statements.first().cloned().unwrap_or_default();
+                        let plan = Arc::new(analysis.statements.first().cloned().unwrap_or_default());
                         // A named statement that exists is not redefined: the server refuses the
                         // Parse and keeps the old one, so the old plan must stay too.
                         let closing = self.expect.iter().any(|e| matches!(e, Expect::Close(b'S', n, _) if *n == name));
@@ -268,15 +261,21 @@ impl<'a> Inspector<'a> {
             }
             b'B' => {
                 let bind = messages::bind_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'B'))?;
-                let (plan, stmt_desc) = match self.statements.get(bind.statement) {
-                    Some(p) => (p.plan.clone(), p.desc.clone()),
-                    None => {
-                        let name = String::from_utf8_lossy(bind.statement).into_owned();
-                        (self.sql_prepared.get(&name).cloned().unwrap_or_default(), None)
-                    }
+                let (plan, stmt_desc, unknown_statement) = match self.statements.get(bind.statement) {
+                    Some(p) => (Arc::clone(&p.plan), p.desc.clone(), false),
+                    None => match self.sql_prepared.get(&*String::from_utf8_lossy(bind.statement)) {
+                        Some(plan) => (Arc::clone(plan), None, false),
+                        None => (Arc::default(), None, true),
+                    },
                 };
                 self.next_id += 1;
-                let portal = Portal { plan, formats: bind.result_formats.clone(), stmt_desc, ..Portal::default() };
+                let portal = Portal {
+                    plan,
+                    formats: bind.result_formats.clone(),
+                    stmt_desc,
+                    unknown_statement,
+                    ..Portal::default()
+                };
                 self.portal_names.insert(Bytes::copy_from_slice(bind.portal), self.next_id);
                 self.portals.insert(self.next_id, portal);
                 self.to_server.put_slice(f.as_bytes());
@@ -342,15 +341,7 @@ impl<'a> Inspector<'a> {
                         check: None,
                     };
                     let err = self.record_block(&b, None).await;
-                    messages::tagged(&mut self.to_server, b'Q', &[BLOCKED_SQL, b"\0"].concat());
-                    self.expect.push_back(Expect::Query(QueryState {
-                        plans: Vec::new(),
-                        idx: 0,
-                        row_plan: None,
-                        blocked: Some(err),
-                        rows: 0,
-                        cut: false,
-                    }));
+                    self.push_blocked_query(err);
                 } else {
                     self.to_server.put_slice(f.as_bytes());
                     self.expect.push_back(Expect::FunctionCall);
@@ -366,6 +357,12 @@ impl<'a> Inspector<'a> {
         Ok(true)
     }
 
+    /// Sends the server a failing Query in place of a blocked one; `err` replaces its error.
+    fn push_blocked_query(&mut self, err: Box<ErrorResponse>) {
+        messages::tagged(&mut self.to_server, b'Q', &[BLOCKED_SQL, b"\0"].concat());
+        self.expect.push_back(Expect::Query(QueryState::new(Arc::default(), Some(err))));
+    }
+
     /// Applies an analysis: `Some(error)` when the statement must not run.
     async fn verdict(&mut self, analysis: &Analysis, text: &[u8]) -> Option<Box<ErrorResponse>> {
         let text = std::str::from_utf8(text).ok();
@@ -379,7 +376,7 @@ impl<'a> Inspector<'a> {
             match e {
                 Effect::Prepare(name, plan) => {
                     // As with Parse: an existing name is not redefined by the server.
-                    self.sql_prepared.entry(name.clone()).or_insert_with(|| (**plan).clone());
+                    self.sql_prepared.entry(name.clone()).or_insert_with(|| Arc::new((**plan).clone()));
                 }
                 Effect::Deallocate(Some(name)) => {
                     self.sql_prepared.remove(name);
@@ -554,11 +551,12 @@ impl<'a> Inspector<'a> {
                 }
             }
             Some(Expect::Query(q)) => {
-                let analysed = q.plans.get(q.idx).map(|p| p.outputs.clone()).unwrap_or_default();
+                let analysis = Arc::clone(&q.analysis);
+                let analysed = analysis.statements.get(q.idx).map_or(&[][..], |p| &p.outputs[..]);
                 let formats: Vec<i16> = fields.iter().map(|fd| fd.format).collect();
-                let plan = self.origin_plan(&fields, |i| rows::format_at(&formats, i), &analysed);
+                let plan = self.origin_plan(&fields, |i| rows::format_at(&formats, i), analysed);
                 if let Some(Expect::Query(q)) = self.expect.front_mut() {
-                    q.row_plan = Some(plan);
+                    q.row_plan = Some(Arc::new(plan));
                     q.rows = 0;
                 }
                 self.forward(f);
@@ -592,10 +590,10 @@ impl<'a> Inspector<'a> {
                 };
                 let p = self.portals.get_mut(&portal).ok_or(SessionError::UnexpectedServerMessage(b'D'))?;
                 if let Some(b) = built {
-                    p.row_plan = Some(b);
+                    p.row_plan = Some(Arc::new(b));
                 }
                 p.rows += 1;
-                (p.row_plan.clone().unwrap_or_default(), p.plan.max_rows.clone(), p.rows)
+                (p.row_plan.clone().unwrap_or_default(), p.plan.max_rows.as_ref().map(|l| (l.rows, l.mode)), p.rows)
             }
             Some(Expect::Query(_)) => {
                 let Some(Expect::Query(q)) = self.expect.front_mut() else {
@@ -603,15 +601,14 @@ impl<'a> Inspector<'a> {
                 };
                 let Some(plan) = q.row_plan.clone() else { return Err(SessionError::UnexpectedServerMessage(b'D')) };
                 q.rows += 1;
-                (plan, q.plans.get(q.idx).and_then(|p| p.max_rows.clone()), q.rows)
+                (plan, q.plan().and_then(|p| p.max_rows.as_ref()).map(|l| (l.rows, l.mode)), q.rows)
             }
             _ => return Err(SessionError::UnexpectedServerMessage(b'D')),
         };
-        if let Some(limit) = &limit
-            && limit.mode == Mode::Enforce
-            && rows > limit.rows
+        if let Some((max, Mode::Enforce)) = limit
+            && rows > max
         {
-            self.cut(limit);
+            self.cut();
             return Ok(());
         }
         if self.suppress {
@@ -629,7 +626,9 @@ impl<'a> Inspector<'a> {
     }
 
     /// The first row past a `max_rows` limit: stop forwarding, cancel the backend's work.
-    fn cut(&mut self, limit: &RowLimit) {
+    fn cut(&mut self) {
+        let Some(limit) = self.front_limit() else { return };
+        let limit = &limit;
         let first = match self.expect.front_mut() {
             Some(Expect::Execute(portal)) => {
                 let portal = portal.clone();
@@ -649,6 +648,15 @@ impl<'a> Inspector<'a> {
             ev.rows = Some(limit.rows);
             ev.tables.clone_from(&limit.tables);
             self.shared.audit.log(ev);
+        }
+    }
+
+    /// The `max_rows` limit of the statement whose rows are arriving.
+    fn front_limit(&self) -> Option<RowLimit> {
+        match self.expect.front()? {
+            Expect::Execute(portal) => self.portals.get(portal)?.plan.max_rows.clone(),
+            Expect::Query(q) => q.plan()?.max_rows.clone(),
+            _ => None,
         }
     }
 
@@ -678,7 +686,7 @@ impl<'a> Inspector<'a> {
                 }
             }
             Some(Expect::Query(q)) => {
-                let limit = q.cut.then(|| q.plans.get(q.idx).and_then(|p| p.max_rows.clone())).flatten();
+                let limit = q.cut.then(|| q.plan().and_then(|p| p.max_rows.clone())).flatten();
                 q.idx += 1;
                 q.row_plan = None;
                 q.rows = 0;
@@ -709,7 +717,7 @@ impl<'a> Inspector<'a> {
                 if let Some(b) = q.blocked.take() {
                     replacement = Some(*b);
                 } else if q.cut {
-                    let limit = q.plans.get(q.idx).and_then(|p| p.max_rows.clone());
+                    let limit = q.plan().and_then(|p| p.max_rows.clone());
                     if let Some(l) = limit {
                         replacement = Some(Self::limit_error(l.rows, &l.rule));
                     }
