@@ -1,5 +1,6 @@
 //! Framing and forwarding: splitting frames off a buffer (messages/s, bytes/s), and relaying
 //! a stream frame by frame versus a plain `tokio::io::copy` over the same bytes.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test and bench code: a panic is a failure report")]
 
 use bytes::{BufMut, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};

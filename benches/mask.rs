@@ -1,5 +1,6 @@
 //! DataRow rewriting (ns per row with 0, 2 and all of 8 columns masked, text and binary) and
 //! statement analysis (cache-free parse and analysis of a typical OLTP statement).
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test and bench code: a panic is a failure report")]
 
 use std::sync::Arc;
 
@@ -52,7 +53,7 @@ fn rewrite(c: &mut Criterion) {
         for (label, masked) in [("0_masked", 0usize), ("2_masked", 2), ("8_masked", 8)] {
             let masks: Vec<Option<Mask>> = (0..8)
                 .map(|i| {
-                    (i < masked).then(|| {
+                    (i < masked).then_some({
                         if i % 2 == 0 { Mask::Redact } else { Mask::Partial { keep_first: 0, keep_last: 4, fill: '*' } }
                     })
                 })

@@ -56,8 +56,8 @@ pub fn table(text: &str, filter: &Filter, json: bool) -> String {
     if !json {
         let _ = writeln!(
             out,
-            "{:<24} {:<15} {:<14} {:<12} {:<28} {}",
-            "TIME", "EVENT", "USER", "DATABASE", "RULE", "REASON / STATEMENT"
+            "{:<24} {:<15} {:<14} {:<12} {:<28} REASON / STATEMENT",
+            "TIME", "EVENT", "USER", "DATABASE", "RULE"
         );
     }
     for v in values.iter().filter(|v| filter.matches(v)) {
@@ -128,7 +128,7 @@ pub fn summary(text: &str, filter: &Filter) -> String {
     }
     let _ = writeln!(out, "\ntop statements (by fingerprint):");
     let mut top: Vec<_> = prints.into_iter().collect();
-    top.sort_by(|a, b| b.1.0.cmp(&a.1.0));
+    top.sort_by_key(|t| std::cmp::Reverse(t.1.0));
     for (fp, (n, stmt)) in top.into_iter().take(10) {
         let _ = writeln!(out, "  {n:>8}  {fp}  {}", stmt.chars().take(100).collect::<String>());
     }

@@ -5,6 +5,14 @@
 //! cancel request back into the backend's key: several instances behind a load balancer need
 //! to share only `PGVEIL_CANCEL_KEY`, no state. A wrong key decrypts to a (pid, key) the server
 //! does not know, and PostgreSQL ignores it, as it ignores any wrong key.
+// Client bytes pass through here: no panic may be reachable from them (issue #9).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -68,9 +76,10 @@ impl CancelKeys {
     }
 
     fn round_fn(&self, round: u8, input: &[u8], out_len: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(out_len + 32);
+        let mut out = Vec::with_capacity(out_len.saturating_add(32));
         let mut counter = 0u8;
         while out.len() < out_len {
+            #[allow(clippy::expect_used, reason = "HMAC accepts keys of any length")]
             let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
             mac.update(&[round, counter, u8::try_from(input.len()).unwrap_or(u8::MAX)]);
             mac.update(input);
@@ -100,11 +109,14 @@ impl CancelKeys {
 fn split(block: &[u8]) -> (u32, Vec<u8>) {
     let (pid, key) = block.split_at(4.min(block.len()));
     let mut p = [0u8; 4];
-    p.get_mut(..pid.len()).map(|d| d.copy_from_slice(pid));
+    if let Some(d) = p.get_mut(..pid.len()) {
+        d.copy_from_slice(pid)
+    }
     (u32::from_be_bytes(p), key.to_vec())
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

@@ -1,5 +1,6 @@
 //! `pgveil demo` end to end, through the real binary: it serves masked and raw data per role,
 //! blocks, and on Ctrl-C leaves nothing running and nothing on disk.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test and bench code: a panic is a failure report")]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -59,7 +59,7 @@ impl Ctx {
             other => {
                 let found = other.kind();
                 self.err(node.pos, format!("{what} must be a list, found {found}")).hint =
-                    Some(format!("write `[a, b]` or one `- item` per line"));
+                    Some("write `[a, b]` or one `- item` per line".to_owned());
                 None
             }
         }
@@ -202,7 +202,7 @@ fn compile_column(cx: &mut Ctx, pos: Pos, node: &Node) -> Option<ColumnRule> {
                 Some("equality") => predicates = Predicates::Equality,
                 Some("any") => predicates = Predicates::Any,
                 _ => {
-                    cx.err(value.pos, "invalid `predicates`").expected = Some("`none`, `equality` or `any`".to_owned())
+                    cx.err(value.pos, "invalid `predicates`").expected = Some("`none`, `equality` or `any`".to_owned());
                 }
             },
             "by_role" => {
@@ -296,14 +296,14 @@ fn compile_mask(cx: &mut Ctx, node: &Node) -> Option<Mask> {
                                 }
                                 _ => {
                                     cx.err(v.pos, format!("`{}` must be a whole number from 0 to 1000", k.name))
-                                        .expected = None
+                                        .expected = None;
                                 }
                             },
                             "fill" => match v.as_str().map(|s| s.chars().collect::<Vec<_>>()) {
                                 Some(c) if c.len() == 1 => fill = c[0],
                                 _ => {
                                     cx.err(v.pos, "`fill` must be a single character").expected =
-                                        Some("e.g. `fill: \"*\"`".to_owned())
+                                        Some("e.g. `fill: \"*\"`".to_owned());
                                 }
                             },
                             _ => cx.unknown_key(k, PARTIAL_KEYS, "`partial` options"),
@@ -318,7 +318,7 @@ fn compile_mask(cx: &mut Ctx, node: &Node) -> Option<Mask> {
                         for (k, v) in cx.map(opts, "`hash` options")? {
                             match (k.name.as_str(), &v.value) {
                                 ("length", Value::Int(n)) if (1..=64).contains(n) => {
-                                    length = usize::try_from(*n).unwrap_or(16)
+                                    length = usize::try_from(*n).unwrap_or(16);
                                 }
                                 ("length", _) => {
                                     cx.err(v.pos, "`length` must be a whole number from 1 to 64");

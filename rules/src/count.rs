@@ -35,7 +35,7 @@ struct Counter {
 
 type R = Result<(), Error>;
 
-impl<'a> ser::Serializer for &'a mut Counter {
+impl ser::Serializer for &mut Counter {
     type Ok = ();
     type Error = Error;
     type SerializeSeq = Self;

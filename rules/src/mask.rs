@@ -1,6 +1,14 @@
 //! Masking functions over one cell: bytes + type + format in, a value of the same type and
 //! format out. A mask never fails open: input it cannot read gets the type's redacted
 //! placeholder, and a type it cannot produce gets NULL.
+// Client bytes pass through here: no panic may be reachable from them (issue #9).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 use std::borrow::Cow;
 use std::fmt;
@@ -82,7 +90,10 @@ pub fn fits(mask: &Mask, ty: PgType) -> Result<(), String> {
         }
         Mask::Generalize(_) => ty.is_datetime(),
         Mask::Round(step) => {
-            ty.is_number() && (!ty.is_integer() || step.scale == 0 || step.mantissa % 10i128.pow(step.scale) == 0)
+            ty.is_number()
+                && (!ty.is_integer()
+                    || step.scale == 0
+                    || 10i128.checked_pow(step.scale).and_then(|p| step.mantissa.checked_rem(p)) == Some(0))
         }
         Mask::Constant(c) => ty.is_text() || (!matches!(ty, PgType::Other(_)) && text_to_binary(ty, c).is_some()),
     };
@@ -193,14 +204,14 @@ fn email(s: &str) -> Option<String> {
 pub fn partial(s: &str, keep_first: usize, keep_last: usize, fill: char) -> String {
     let total = s.chars().filter(|c| c.is_alphanumeric()).count();
     let keep_all_risk = keep_first.saturating_add(keep_last) >= total;
-    let mut seen = 0;
+    let mut seen: usize = 0;
     s.chars()
         .map(|c| {
             if !c.is_alphanumeric() {
                 return c;
             }
-            seen += 1;
-            let keep = !keep_all_risk && (seen <= keep_first || seen > total - keep_last);
+            seen = seen.saturating_add(1);
+            let keep = !keep_all_risk && (seen <= keep_first || seen > total.saturating_sub(keep_last));
             if keep { c } else { fill }
         })
         .collect()
@@ -258,7 +269,10 @@ fn round(ty: PgType, s: &str, step: Decimal) -> Option<String> {
         _ => {
             let out = Decimal::parse(s)?.round_to(step)?;
             if ty.is_integer() {
-                let v = i64::try_from(out.rescale(out.scale).map(|d| d.mantissa / 10i128.pow(d.scale))?).ok()?;
+                let v = i64::try_from(
+                    out.rescale(out.scale).and_then(|d| d.mantissa.checked_div(10i128.checked_pow(d.scale)?))?,
+                )
+                .ok()?;
                 let fits = match ty {
                     PgType::Int2 => i16::try_from(v).is_ok(),
                     PgType::Int4 => i32::try_from(v).is_ok(),
@@ -400,13 +414,15 @@ fn parse_timestamp(s: &str, with_zone: bool) -> Option<i64> {
         let zh: i64 = zp.next()?.parse().ok()?;
         let zm: i64 = zp.next().map_or(Some(0), |v| v.parse().ok())?;
         let zs: i64 = zp.next().map_or(Some(0), |v| v.parse().ok())?;
-        offset = sign * (zh * 3600 + zm * 60 + zs);
+        offset = zh.checked_mul(3600)?.checked_add(zm.checked_mul(60)?)?.checked_add(zs)?.checked_mul(sign)?;
     }
     let days = types::days_from_civil(y, m, d);
-    Some(days * MICROS_PER_DAY + ((h * 3600 + mi * 60 + sec - offset) * 1_000_000) + frac)
+    let seconds = h.checked_mul(3600)?.checked_add(mi.checked_mul(60)?)?.checked_add(sec)?.checked_sub(offset)?;
+    days.checked_mul(MICROS_PER_DAY)?.checked_add(seconds.checked_mul(1_000_000)?)?.checked_add(frac)
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 
@@ -453,7 +469,7 @@ mod tests {
         let input = types::numeric_to_binary("1234.56").unwrap();
         let Masked::Value(out) = apply(&round, PgType::Numeric, Format::Binary, &input, None) else { panic!() };
         assert_eq!(types::numeric_from_binary(&out).unwrap(), "1000.00");
-        let date = (types::days_from_civil(1980, 1, 1) as i32).to_be_bytes();
+        let date = i32::try_from(types::days_from_civil(1980, 1, 1)).unwrap().to_be_bytes();
         let Masked::Value(out) = apply(&Mask::Generalize(Granularity::Year), PgType::Date, Format::Binary, &date, None)
         else {
             panic!()
@@ -520,11 +536,11 @@ pub fn apply_into(
             let fill = u8::try_from(u32::from(*fill)).unwrap_or(b'*');
             let start = out.len();
             out.extend_from_slice(input);
-            let mut seen = 0;
+            let mut seen: usize = 0;
             for b in out.get_mut(start..).unwrap_or_default() {
                 if b.is_ascii_alphanumeric() {
-                    seen += 1;
-                    if keep_none || (seen > *keep_first && seen <= total - keep_last) {
+                    seen = seen.saturating_add(1);
+                    if keep_none || (seen > *keep_first && seen <= total.saturating_sub(*keep_last)) {
                         *b = fill;
                     }
                 }
@@ -534,14 +550,15 @@ pub fn apply_into(
         Mask::Email if text_like => {
             if let Some(at) = input.iter().rposition(|&b| b == b'@')
                 && at > 0
-                && at + 1 < input.len()
-                && let Ok(local) = std::str::from_utf8(&input[..at])
+                && at.saturating_add(1) < input.len()
+                && let Some(local) = input.get(..at)
+                && let Ok(local) = std::str::from_utf8(local)
                 && let Some(first) = local.chars().next()
             {
                 let mut buf = [0u8; 4];
                 out.extend_from_slice(first.encode_utf8(&mut buf).as_bytes());
                 out.extend_from_slice(b"***");
-                out.extend_from_slice(&input[at..]);
+                out.extend_from_slice(input.get(at..).unwrap_or_default());
             } else {
                 out.extend_from_slice(b"****");
             }
@@ -563,6 +580,7 @@ pub fn apply_into(
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod into_tests {
     use super::*;
 

@@ -8,6 +8,8 @@
 //! safety net counts the column references in the whole tree: if the walk saw fewer than the
 //! tree holds, something was skipped and the statement is blocked.
 
+#![allow(clippy::result_large_err, reason = "a Block is the cold path; boxing it would not speed the hot one")]
+
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
@@ -1128,6 +1130,7 @@ impl<'a> Analyzer<'a> {
         Ok(rel)
     }
 
+    #[allow(clippy::wrong_self_convention, reason = "a FROM item, not a conversion")]
     fn from_item(&mut self, item: &pb::Node, sc: &Scope<'_>) -> R<Vec<Rel>> {
         match item.node.as_ref() {
             Some(N::RangeVar(rv)) => Ok(vec![self.range_var(rv, sc)?]),

@@ -1,5 +1,6 @@
 //! pgveil's end-to-end tests: a real PostgreSQL, real clients, the proxy in-process.
 //! One test binary; the harness is public so benches and scripts can reuse it.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test and bench code: a panic is a failure report")]
 
 pub mod harness;
 

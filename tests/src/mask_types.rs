@@ -78,7 +78,10 @@ async fn masked_values_are_valid_values_of_their_type() {
     for ty in PgType::KNOWN {
         let type_name = ty.name();
         let pg_type = Type::from_oid(ty.oid()).expect("a built-in type");
-        let to_text = client.prepare_typed(&format!("SELECT $1::{type_name}::text"), &[pg_type.clone()]).await.unwrap();
+        let to_text = client
+            .prepare_typed(&format!("SELECT $1::{type_name}::text"), std::slice::from_ref(&pg_type))
+            .await
+            .unwrap();
         for raw in samples(ty) {
             // The server's own text and binary forms of the sample.
             let row = client

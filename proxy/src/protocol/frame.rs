@@ -116,13 +116,14 @@ pub fn decode(buf: &mut BytesMut, dir: Direction) -> Result<Option<Frame>, Frame
     if buf.len() < total {
         // Reserve only up to a modest amount ahead; huge messages grow as bytes arrive, so a
         // lying length prefix cannot make us allocate a gigabyte up front.
-        buf.reserve((total - buf.len()).min(1 << 20));
+        buf.reserve(total.saturating_sub(buf.len()).min(1 << 20));
         return Ok(None);
     }
     Ok(Some(Frame { tag, raw: buf.split_to(total).freeze() }))
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 
@@ -172,6 +173,7 @@ mod tests {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod properties {
     use proptest::prelude::*;
 

@@ -144,7 +144,9 @@ pub fn startup_message(minor: u16, params: &[(String, String)]) -> Bytes {
     }
     out.put_u8(0);
     let len = u32::try_from(out.len()).unwrap_or(0).to_be_bytes();
-    out[..4].copy_from_slice(&len);
+    if let Some(slot) = out.get_mut(..4) {
+        slot.copy_from_slice(&len);
+    }
     out.freeze()
 }
 
@@ -157,7 +159,7 @@ pub fn ssl_request() -> [u8; 8] {
 
 pub fn cancel_request(pid: u32, key: &[u8]) -> Bytes {
     let mut out = BytesMut::new();
-    out.put_u32(u32::try_from(12 + key.len()).unwrap_or(0));
+    out.put_u32(u32::try_from(key.len().saturating_add(12)).unwrap_or(0));
     out.put_u32(super::startup::CANCEL_REQUEST_CODE);
     out.put_u32(pid);
     out.put_slice(key);
@@ -297,6 +299,7 @@ pub fn parameter_status(frame: &Frame) -> Option<(&[u8], &[u8])> {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use crate::protocol::frame::{Direction, decode};

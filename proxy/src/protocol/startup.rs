@@ -138,6 +138,7 @@ pub fn parse(body: &[u8]) -> Result<StartupPacket, StartupError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

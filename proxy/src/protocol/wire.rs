@@ -93,8 +93,8 @@ pub fn begin(out: &mut BytesMut, tag: u8) -> usize {
 
 /// Fills in the length word of a message started with [`begin`].
 pub fn finish(out: &mut BytesMut, at: usize) {
-    let len = u32::try_from(out.len() - at).unwrap_or(u32::MAX);
-    if let Some(slot) = out.get_mut(at..at + 4) {
+    let len = u32::try_from(out.len().saturating_sub(at)).unwrap_or(u32::MAX);
+    if let Some(slot) = out.get_mut(at..at.saturating_add(4)) {
         slot.copy_from_slice(&len.to_be_bytes());
     }
 }

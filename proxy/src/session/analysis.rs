@@ -38,8 +38,12 @@ struct Weigh;
 
 impl quick_cache::Weighter<Key, Entry> for Weigh {
     fn weight(&self, _key: &Key, val: &Entry) -> u64 {
-        let plans: usize = val.analysis.statements.iter().map(|s| 64 + s.outputs.len() * 48).sum();
-        u64::try_from(val.text.len() + plans + 128).unwrap_or(u64::MAX)
+        let plans = val
+            .analysis
+            .statements
+            .iter()
+            .fold(0usize, |sum, s| sum.saturating_add(s.outputs.len().saturating_mul(48)).saturating_add(64));
+        u64::try_from(val.text.len().saturating_add(plans).saturating_add(128)).unwrap_or(u64::MAX)
     }
 }
 

@@ -126,6 +126,7 @@ pub fn binds_channel(frame: &Frame) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

@@ -28,7 +28,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             if let Some(frame) = decode(&mut self.rbuf, self.dir).map_err(|e| SessionError::frame(self.dir, e))? {
                 return Ok(Some(frame));
             }
-            if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            if self.rbuf.capacity().saturating_sub(self.rbuf.len()) < 1024 {
                 self.rbuf.reserve(READ_CHUNK);
             }
             let n = self.io.read_buf(&mut self.rbuf).await.map_err(|e| SessionError::io(self.dir, e))?;

@@ -17,6 +17,10 @@ pub type ClientStream = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStr
 
 /// What the client asked for.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "made once per connection; boxing would put the stream behind a pointer for its whole life"
+)]
 pub enum Hello {
     Startup { stream: ClientStream, startup: Startup, leftover: BytesMut },
     Cancel { pid: u32, key: bytes::Bytes },

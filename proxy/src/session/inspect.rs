@@ -251,7 +251,7 @@ impl<'a> Inspector<'a> {
                         // Parse and keeps the old one, so the old plan must stay too.
                         let closing = self.expect.iter().any(|e| matches!(e, Expect::Close(b'S', n, _) if *n == name));
                         if name.is_empty() || closing || !self.statements.contains_key(&name) {
-                            self.next_id += 1;
+                            self.next_id = self.next_id.wrapping_add(1);
                             self.statements.insert(name, Prepared { id: self.next_id, plan, desc: None });
                         }
                         self.to_server.put_slice(f.as_bytes());
@@ -268,7 +268,7 @@ impl<'a> Inspector<'a> {
                         None => (Arc::default(), None, true),
                     },
                 };
-                self.next_id += 1;
+                self.next_id = self.next_id.wrapping_add(1);
                 let portal = Portal {
                     plan,
                     formats: bind.result_formats.clone(),
@@ -540,7 +540,7 @@ impl<'a> Inspector<'a> {
                 self.forward(f);
             }
             Some(Expect::DescribePortal { portal, swallow }) => {
-                let (portal, swallow) = (portal.clone(), *swallow);
+                let (portal, swallow) = (*portal, *swallow);
                 self.expect.pop_front();
                 if let Some(p) = self.portals.get_mut(&portal) {
                     p.desc = Some(fields);
@@ -569,7 +569,7 @@ impl<'a> Inspector<'a> {
     fn data_row(&mut self, f: &Frame) -> Result<(), SessionError> {
         let (plan, limit, rows) = match self.expect.front() {
             Some(Expect::Execute(portal)) => {
-                let portal = portal.clone();
+                let portal = *portal;
                 let built = {
                     let p = self.portals.get(&portal).ok_or(SessionError::UnexpectedServerMessage(b'D'))?;
                     if p.unknown_statement && self.rules.is_strict() {
@@ -592,7 +592,7 @@ impl<'a> Inspector<'a> {
                 if let Some(b) = built {
                     p.row_plan = Some(Arc::new(b));
                 }
-                p.rows += 1;
+                p.rows = p.rows.saturating_add(1);
                 (p.row_plan.clone().unwrap_or_default(), p.plan.max_rows.as_ref().map(|l| (l.rows, l.mode)), p.rows)
             }
             Some(Expect::Query(_)) => {
@@ -600,7 +600,7 @@ impl<'a> Inspector<'a> {
                     return Err(SessionError::UnexpectedServerMessage(b'D'));
                 };
                 let Some(plan) = q.row_plan.clone() else { return Err(SessionError::UnexpectedServerMessage(b'D')) };
-                q.rows += 1;
+                q.rows = q.rows.saturating_add(1);
                 (plan, q.plan().and_then(|p| p.max_rows.as_ref()).map(|l| (l.rows, l.mode)), q.rows)
             }
             _ => return Err(SessionError::UnexpectedServerMessage(b'D')),
@@ -631,7 +631,7 @@ impl<'a> Inspector<'a> {
         let limit = &limit;
         let first = match self.expect.front_mut() {
             Some(Expect::Execute(portal)) => {
-                let portal = portal.clone();
+                let portal = *portal;
                 self.portals.get_mut(&portal).is_some_and(|p| !std::mem::replace(&mut p.cut, true))
             }
             Some(Expect::Query(q)) => !std::mem::replace(&mut q.cut, true),
@@ -674,7 +674,7 @@ impl<'a> Inspector<'a> {
         }
         match self.expect.front_mut() {
             Some(Expect::Execute(portal)) => {
-                let portal = portal.clone();
+                let portal = *portal;
                 self.expect.pop_front();
                 let cut = self.portals.get(&portal).filter(|p| p.cut).and_then(|p| p.plan.max_rows.clone());
                 if let Some(limit) = cut {
@@ -687,7 +687,7 @@ impl<'a> Inspector<'a> {
             }
             Some(Expect::Query(q)) => {
                 let limit = q.cut.then(|| q.plan().and_then(|p| p.max_rows.clone())).flatten();
-                q.idx += 1;
+                q.idx = q.idx.saturating_add(1);
                 q.row_plan = None;
                 q.rows = 0;
                 q.cut = false;

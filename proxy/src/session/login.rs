@@ -265,6 +265,7 @@ fn sasl_initial(f: &Frame) -> Option<(String, String)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     #[test]
     fn reads_pgbouncer_userlists() {

@@ -105,7 +105,7 @@ impl RowPlan {
         }
         let at = begin(out, b'D');
         out.put_u16(n);
-        let mut masked = 0;
+        let mut masked: u64 = 0;
         for plan in &self.cells {
             let cell = r.value().ok_or(RowError)?;
             match (plan, cell) {
@@ -115,7 +115,7 @@ impl RowPlan {
                     out.put_slice(v);
                 }
                 (Some(p), Some(v)) => {
-                    masked += 1;
+                    masked = masked.saturating_add(1);
                     let at = out.len();
                     out.put_i32(0);
                     match mask::apply_into(&p.mask, p.ty, p.format, v, key, out) {
@@ -124,8 +124,9 @@ impl RowPlan {
                             out.put_i32(-1);
                         }
                         mask::Written::Value => {
-                            let len = i32::try_from(out.len() - at - 4).map_err(|_| RowError)?;
-                            if let Some(slot) = out.get_mut(at..at + 4) {
+                            let body = out.len().saturating_sub(at.saturating_add(4));
+                            let len = i32::try_from(body).map_err(|_| RowError)?;
+                            if let Some(slot) = out.get_mut(at..at.saturating_add(4)) {
                                 slot.copy_from_slice(&len.to_be_bytes());
                             }
                         }
@@ -164,6 +165,7 @@ pub fn scrub_error(frame: &Frame, out: &mut BytesMut) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 
@@ -228,6 +230,7 @@ mod tests {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod properties {
     use proptest::prelude::*;
 

@@ -14,6 +14,7 @@ use subtle::ConstantTimeEq;
 type Key = [u8; 32];
 
 fn hmac(key: &[u8], data: &[u8]) -> Key {
+    #[allow(clippy::expect_used, reason = "HMAC accepts keys of any length")]
     let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
     m.update(data);
     m.finalize().into_bytes().into()
@@ -100,7 +101,7 @@ impl Verifier {
     }
 }
 
-fn attr<'a>(msg: &'a str, name: char) -> Option<&'a str> {
+fn attr(msg: &str, name: char) -> Option<&str> {
     msg.split(',').find_map(|p| p.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
 }
 
@@ -161,8 +162,10 @@ impl ServerExchange {
             (Gs2::Supported, false, None) => Vec::new(),
             _ => return Err(ScramError::ChannelBinding),
         };
-        let gs2_header =
-            client_first.get(..client_first.len() - client_first_bare.len()).ok_or(ScramError::Malformed)?.to_owned();
+        let gs2_header = client_first
+            .get(..client_first.len().saturating_sub(client_first_bare.len()))
+            .ok_or(ScramError::Malformed)?
+            .to_owned();
         let client_nonce = attr(client_first_bare, 'r').ok_or(ScramError::Malformed)?;
         let nonce = format!("{client_nonce}{}", self::nonce());
         let server_first = format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
@@ -301,6 +304,7 @@ pub fn client_final_for_password(
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 
