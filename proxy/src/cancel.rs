@@ -110,7 +110,7 @@ fn split(block: &[u8]) -> (u32, Vec<u8>) {
     let (pid, key) = block.split_at(4.min(block.len()));
     let mut p = [0u8; 4];
     if let Some(d) = p.get_mut(..pid.len()) {
-        d.copy_from_slice(pid)
+        d.copy_from_slice(pid);
     }
     (u32::from_be_bytes(p), key.to_vec())
 }
