@@ -15,6 +15,8 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;

@@ -1,0 +1,1 @@
+SELECT id, rank() OVER (ORDER BY balance) FROM customers

@@ -1,0 +1,1 @@
+SELECT c::text FROM customers c

@@ -1,0 +1,1 @@
+INSERT INTO customers (name, email, ssn) VALUES ('New Person', 'new@example.com', '111-22-3333') RETURNING id > 0

@@ -1,0 +1,1 @@
+CREATE SEQUENCE cut_seq; GRANT USAGE, SELECT ON cut_seq TO analyst

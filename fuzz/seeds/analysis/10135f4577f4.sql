@@ -1,0 +1,1 @@
+COPY (SELECT id, name FROM customers) TO STDOUT

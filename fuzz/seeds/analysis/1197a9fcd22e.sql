@@ -1,0 +1,1 @@
+SELECT balance::text FROM customers

@@ -1,0 +1,1 @@
+SELECT array_agg(card_number) FROM customers

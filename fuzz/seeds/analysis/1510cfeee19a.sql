@@ -1,0 +1,1 @@
+SELECT x FROM (SELECT lower(ssn) x FROM customers) s

@@ -1,0 +1,1 @@
+SELECT set_config('standard_conforming_strings', 'off', false)

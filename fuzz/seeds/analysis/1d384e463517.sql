@@ -1,0 +1,1 @@
+SELECT ssn COLLATE "C" FROM customers

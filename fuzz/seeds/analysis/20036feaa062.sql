@@ -1,0 +1,1 @@
+SELECT id FROM customers WHERE balance BETWEEN 1234 AND 1235

@@ -1,0 +1,1 @@
+SELECT (c).ssn FROM customers c

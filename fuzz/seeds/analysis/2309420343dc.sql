@@ -1,0 +1,1 @@
+SELECT set_config('application_name', (SELECT ssn FROM customers WHERE id = 1), false)

@@ -1,0 +1,1 @@
+SELECT status, count(*) FROM orders GROUP BY 1 HAVING count(*) > 10 ORDER BY 2 DESC

@@ -1,0 +1,1 @@
+SELECT to_char(birth_date, 'YYYY-MM-DD') FROM customers

@@ -1,0 +1,1 @@
+INSERT INTO orders (status) SELECT ssn FROM customers

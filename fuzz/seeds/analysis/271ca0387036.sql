@@ -1,0 +1,1 @@
+CREATE VIEW v_leak AS SELECT ssn FROM customers

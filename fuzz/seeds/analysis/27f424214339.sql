@@ -1,0 +1,1 @@
+EXPLAIN ANALYZE SELECT id FROM customers WHERE id = 1

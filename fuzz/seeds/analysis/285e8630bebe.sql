@@ -1,0 +1,1 @@
+SELECT coalesce(notes, 'none') FROM customers

@@ -1,0 +1,1 @@
+SELECT count(*) FROM (SELECT lower(ssn) x FROM customers) s

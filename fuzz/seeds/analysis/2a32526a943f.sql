@@ -1,0 +1,1 @@
+SELECT U&"\\0073sn" FROM customers

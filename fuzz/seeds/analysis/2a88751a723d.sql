@@ -1,0 +1,1 @@
+SELECT * FROM names_v WHERE id = 2

@@ -1,0 +1,1 @@
+SELECT email, card_number FROM customers WHERE id = 2

@@ -1,0 +1,1 @@
+SELECT histogram_bounds::text FROM pg_catalog.pg_stats

@@ -1,0 +1,1 @@
+UPDATE orders SET status = (SELECT ssn FROM customers WHERE id = 1) WHERE id = 1

@@ -1,0 +1,1 @@
+SELECT id FROM orders ORDER BY amount DESC, id LIMIT 3 OFFSET 2

@@ -1,0 +1,1 @@
+SELECT o.id, o.amount, c.name FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id < 20 ORDER BY o.id

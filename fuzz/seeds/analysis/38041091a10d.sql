@@ -1,0 +1,1 @@
+WITH big AS (SELECT customer_id, sum(amount) s FROM orders GROUP BY customer_id) SELECT customer_id, s FROM big ORDER BY s DESC, customer_id LIMIT 5

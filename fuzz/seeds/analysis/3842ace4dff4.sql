@@ -1,0 +1,1 @@
+INSERT INTO customers (id, name) SELECT 1, ssn FROM customers WHERE id = 1

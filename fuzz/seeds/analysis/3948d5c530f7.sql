@@ -1,0 +1,1 @@
+SELECT ssn INTO stolen2 FROM customers

@@ -1,0 +1,1 @@
+SELECT count(*) FILTER (WHERE balance > 1000) FROM customers

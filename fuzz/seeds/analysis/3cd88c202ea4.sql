@@ -1,0 +1,1 @@
+INSERT INTO orders (customer_id, amount, status) SELECT id, 1, ssn FROM customers

@@ -1,0 +1,1 @@
+SELECT customers FROM customers

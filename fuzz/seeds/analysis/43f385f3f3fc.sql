@@ -1,0 +1,1 @@
+SELECT ssn FROM public.customers WHERE id IN (1, 2, 3)

@@ -1,0 +1,1 @@
+SELECT DISTINCT notes FROM customers

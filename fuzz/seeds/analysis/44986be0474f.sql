@@ -1,0 +1,1 @@
+SELECT ARRAY[ssn] FROM customers

@@ -1,0 +1,1 @@
+SELECT id, name, signup FROM customers WHERE id BETWEEN 5 AND 15 ORDER BY id

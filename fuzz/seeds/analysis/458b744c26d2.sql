@@ -1,0 +1,1 @@
+SELECT coalesce(NULL, 'x'), nullif(1, 1), greatest(1, 2), CASE WHEN 1 > 0 THEN 'y' END

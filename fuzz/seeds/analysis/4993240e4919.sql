@@ -1,0 +1,1 @@
+SELECT date_trunc('month', placed_at), count(*) FROM orders GROUP BY 1 ORDER BY 1

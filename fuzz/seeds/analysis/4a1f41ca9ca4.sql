@@ -1,0 +1,1 @@
+SELECT substr(card_number, 1, 8), substr(card_number, 9) FROM customers

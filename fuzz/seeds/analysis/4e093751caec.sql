@@ -1,0 +1,1 @@
+SELECT id, nextval('cut_seq'), pg_sleep(0.02), repeat('x', 9000) FROM customers WHERE id > 0

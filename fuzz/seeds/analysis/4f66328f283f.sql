@@ -1,0 +1,1 @@
+SELECT id FROM customers WHERE id IN (SELECT customer_id FROM orders WHERE amount > 1000) ORDER BY id

@@ -1,0 +1,1 @@
+COPY customers (ssn) TO STDOUT WITH (FORMAT binary)

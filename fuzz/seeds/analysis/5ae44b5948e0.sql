@@ -1,0 +1,1 @@
+SELECT * FROM (VALUES (1)) v(a), LATERAL (SELECT ssn FROM customers WHERE id = v.a) l

@@ -1,0 +1,1 @@
+SELECT EXISTS (SELECT 1 FROM customers WHERE card_number = '4000000000000001')

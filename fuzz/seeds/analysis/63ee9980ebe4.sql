@@ -1,0 +1,1 @@
+SELECT id FROM customers WHERE EXISTS (SELECT 1 FROM customers d WHERE d.ssn = customers.ssn)

@@ -1,0 +1,1 @@
+SELECT birth_date + 0 FROM customers

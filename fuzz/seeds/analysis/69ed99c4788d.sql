@@ -1,0 +1,1 @@
+SELECT id FROM customers c JOIN customers d USING (ssn)

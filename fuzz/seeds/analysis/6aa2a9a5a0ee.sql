@@ -1,0 +1,1 @@
+SELECT ssn, balance FROM customers WHERE id = 1

@@ -1,0 +1,1 @@
+SELECT id FROM customers a JOIN customers b USING (ssn)

@@ -1,0 +1,1 @@
+CREATE MATERIALIZED VIEW mv_leak AS SELECT ssn FROM customers

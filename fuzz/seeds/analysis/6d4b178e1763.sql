@@ -1,0 +1,1 @@
+PREPARE byid(int) AS SELECT id, name FROM customers WHERE id = $1

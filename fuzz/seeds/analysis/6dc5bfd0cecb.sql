@@ -1,0 +1,1 @@
+CREATE TEMP TABLE t_leak AS SELECT * FROM customers

@@ -1,0 +1,1 @@
+SELECT sum(CASE WHEN ssn = '900-00-0001' THEN 1 ELSE 0 END) FROM customers

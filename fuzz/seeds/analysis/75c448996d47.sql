@@ -1,0 +1,1 @@
+SELECT ssn, email, birth_date FROM customers

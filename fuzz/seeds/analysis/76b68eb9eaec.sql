@@ -1,0 +1,1 @@
+WITH w AS (SELECT ssn FROM customers) SELECT ssn FROM w

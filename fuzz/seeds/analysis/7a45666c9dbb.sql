@@ -1,0 +1,1 @@
+SELECT encode(convert_to(ssn, 'UTF8'), 'base64') FROM customers

@@ -1,0 +1,1 @@
+SELECT id FROM customers WHERE email IN ('a@b.c', 'd@e.f') AND id > 3

@@ -1,0 +1,1 @@
+SELECT c.ssn AS x FROM public.customers c WHERE c.id < 10

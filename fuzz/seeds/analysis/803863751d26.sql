@@ -1,0 +1,1 @@
+SELECT ssn::varchar(20) FROM customers

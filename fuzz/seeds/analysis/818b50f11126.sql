@@ -1,0 +1,1 @@
+SELECT "Ssn" FROM t WHERE a = 'x'

@@ -1,0 +1,1 @@
+SELECT ssn::text FROM customers

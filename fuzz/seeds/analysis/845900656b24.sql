@@ -1,0 +1,1 @@
+SELECT id FROM orders WHERE 'x' IN (SELECT ssn FROM customers)

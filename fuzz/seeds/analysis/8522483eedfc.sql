@@ -1,0 +1,1 @@
+SELECT ssn, card_number, balance FROM customers WHERE id = $1

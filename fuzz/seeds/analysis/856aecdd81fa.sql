@@ -1,0 +1,1 @@
+INSERT INTO customers (name, email, ssn) VALUES ('n', 'e@x.y', '1-2-3') RETURNING id, ssn

@@ -1,0 +1,1 @@
+SELECT x, x * 2 FROM generate_series(1, 3) AS g(x)

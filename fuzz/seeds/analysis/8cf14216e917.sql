@@ -1,0 +1,1 @@
+SELECT upper(name), length(name), substr(name, 1, 3) FROM customers WHERE id < 4 ORDER BY id

@@ -1,0 +1,1 @@
+CREATE FUNCTION f_leak() RETURNS text LANGUAGE sql AS 'select ssn from customers limit 1'

@@ -1,0 +1,1 @@
+SELECT id FROM (SELECT * FROM customers) s WHERE id = 1

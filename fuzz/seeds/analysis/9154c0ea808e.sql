@@ -1,0 +1,1 @@
+SELECT lower(card_number) FROM customers WHERE name = '{secret}'

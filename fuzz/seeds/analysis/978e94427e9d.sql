@@ -1,0 +1,1 @@
+SELECT to_json(c.*) FROM customers c

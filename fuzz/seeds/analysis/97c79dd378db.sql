@@ -1,0 +1,1 @@
+UPDATE customers SET name = ssn WHERE id = 1

@@ -1,0 +1,1 @@
+DECLARE c CURSOR WITH HOLD FOR SELECT ssn, card_number FROM customers; FETCH ALL FROM c

@@ -1,0 +1,1 @@
+SET application_name = 'x'; SET search_path = public; SHOW search_path

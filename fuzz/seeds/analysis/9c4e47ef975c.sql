@@ -1,0 +1,1 @@
+SELECT id, amount, status FROM orders ORDER BY id

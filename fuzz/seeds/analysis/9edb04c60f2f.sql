@@ -1,0 +1,1 @@
+SELECT id FROM customers WHERE U&"\\0073sn" = '900-00-0001'

@@ -1,0 +1,1 @@
+WITH w AS (SELECT ssn, email FROM customers) SELECT * FROM w

@@ -1,0 +1,1 @@
+SELECT encode(ssn::bytea, 'hex') FROM customers

@@ -1,0 +1,1 @@
+SELECT ssn FROM customers UNION ALL SELECT ssn FROM customers

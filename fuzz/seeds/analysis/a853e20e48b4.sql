@@ -1,0 +1,1 @@
+SELECT lower(ssn), lower(email) FROM customers WHERE ssn = 'x' AND email LIKE 'x%'

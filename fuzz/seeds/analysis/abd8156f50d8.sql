@@ -1,0 +1,1 @@
+INSERT INTO orders (customer_id, amount, status) VALUES (1, 9.99, 'new') RETURNING amount, status

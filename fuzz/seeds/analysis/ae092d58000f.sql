@@ -1,0 +1,1 @@
+SELECT id, ssn COLLATE "C" FROM customers

@@ -1,0 +1,1 @@
+SELECT ssn AS x, ssn AS y FROM customers WHERE id = 1

@@ -1,0 +1,1 @@
+SELECT CASE WHEN id = 1 THEN ssn ELSE 'x' END FROM customers

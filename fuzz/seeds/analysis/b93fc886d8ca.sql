@@ -1,0 +1,1 @@
+SELECT to_regtype('hstore'), current_setting('server_version_num')

@@ -1,0 +1,1 @@
+SELECT lower(ssn) FROM customers

@@ -1,0 +1,1 @@
+UPDATE customers SET ssn = '1-2-3', name = upper(name) WHERE id = 4 RETURNING *

@@ -1,0 +1,1 @@
+SELECT id, name FROM customers WHERE email IN ('canary1@leak.test', 'user10@example.com') ORDER BY id

@@ -1,0 +1,1 @@
+SELECT id FROM customers GROUP BY card_number

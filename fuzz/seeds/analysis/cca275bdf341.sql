@@ -1,0 +1,1 @@
+SELECT count(*), sum(amount), avg(amount)::numeric(10,2), min(amount), max(amount) FROM orders

@@ -1,0 +1,1 @@
+SELECT id, ssn, email, card_number, phone, birth_date, balance, notes FROM customers WHERE id <= 3

@@ -1,0 +1,1 @@
+SELECT id, name, ssn, email FROM customers WHERE id = 1

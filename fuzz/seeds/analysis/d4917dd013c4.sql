@@ -1,0 +1,1 @@
+UPDATE customers SET name = 'Renamed' WHERE email = 'new@example.com'

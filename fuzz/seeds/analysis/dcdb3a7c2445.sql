@@ -1,0 +1,1 @@
+SELECT upper_email FROM customers_v

@@ -1,0 +1,1 @@
+SELECT query_to_xml('select ssn from customers', true, true, '')

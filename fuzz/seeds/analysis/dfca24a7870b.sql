@@ -1,0 +1,1 @@
+SELECT id FROM orders UNION SELECT id FROM customers ORDER BY 1 LIMIT 5

@@ -1,0 +1,1 @@
+SELECT ROW(ssn, email) FROM customers

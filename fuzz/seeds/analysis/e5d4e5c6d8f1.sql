@@ -1,0 +1,1 @@
+COPY (SELECT ssn FROM customers) TO STDOUT

@@ -1,0 +1,1 @@
+SELECT id, ssn FROM customers_v

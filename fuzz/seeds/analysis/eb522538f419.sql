@@ -1,0 +1,1 @@
+SELECT id, amount, rank() OVER (PARTITION BY status ORDER BY amount DESC) FROM orders ORDER BY id LIMIT 10

@@ -1,0 +1,1 @@
+CREATE TABLE stolen AS SELECT ssn FROM customers

@@ -1,0 +1,1 @@
+COPY customers (id, name) TO STDOUT

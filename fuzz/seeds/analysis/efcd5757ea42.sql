@@ -1,0 +1,1 @@
+SELECT id, amount, sum(amount) OVER (ORDER BY id) FROM orders WHERE id <= 10 ORDER BY id

@@ -1,0 +1,1 @@
+SELECT max(ssn), min(email) FROM customers

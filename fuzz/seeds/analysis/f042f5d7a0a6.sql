@@ -1,0 +1,1 @@
+SELECT a.id FROM customers a JOIN customers b ON a.ssn = b.ssn

@@ -1,0 +1,1 @@
+SELECT id, name FROM names_v WHERE name LIKE 'C%'

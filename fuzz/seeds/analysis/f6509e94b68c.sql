@@ -1,0 +1,1 @@
+UPDATE orders SET status = 'paid' WHERE status = 'new' RETURNING amount, status

@@ -1,0 +1,1 @@
+SELECT CAST(ssn AS int) FROM customers WHERE id = 1

@@ -1,0 +1,1 @@
+SELECT x.ssn FROM customers x JOIN orders o ON o.customer_id = x.id LIMIT 5

@@ -1,0 +1,1 @@
+SELECT (c).ssn, (c).email FROM customers c

@@ -1,0 +1,1 @@
+SELECT id, ssn, upper(email) AS upper_email FROM public.customers

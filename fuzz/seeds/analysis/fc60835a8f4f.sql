@@ -1,0 +1,1 @@
+SELECT ssn INTO x FROM customers

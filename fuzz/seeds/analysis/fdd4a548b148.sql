@@ -1,0 +1,1 @@
+SELECT most_common_vals::text FROM pg_stats WHERE tablename = 'customers'

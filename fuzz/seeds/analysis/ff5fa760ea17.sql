@@ -1,0 +1,1 @@
+SELECT balance * 1 FROM customers
