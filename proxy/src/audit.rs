@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -129,7 +130,27 @@ enum Msg {
 #[derive(Debug, Clone)]
 pub struct Audit {
     tx: Option<mpsc::Sender<Msg>>,
+    state: Arc<WriterState>,
 }
+
+/// What the writer thread and the senders share.
+#[derive(Debug, Default)]
+struct WriterState {
+    /// Set while a write fails (disk full, file unwritable); cleared by the next good write.
+    failing: AtomicBool,
+    /// Set by `close`: a writer that still cannot write gives up retrying (lines go to stderr).
+    closing: AtomicBool,
+    /// Events waiting for room in the queue (`log` from synchronous code); bounded.
+    waiting: AtomicUsize,
+    metrics: Option<Arc<Metrics>>,
+}
+
+const QUEUE: usize = 4096;
+/// How many connection-level events may wait for room beyond the queue before they are
+/// dropped and counted (only while the writer is failing or far behind).
+const MAX_WAITING: usize = 4096;
+/// How long a closing writer keeps retrying a line it cannot write.
+const CLOSE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,14 +172,22 @@ pub enum AuditError {
 
 impl Audit {
     pub fn disabled() -> Self {
-        Audit { tx: None }
+        Audit { tx: None, state: Arc::default() }
+    }
+
+    /// Whether the log is failing to write right now (statements of audited sessions are
+    /// refused while it is, unless `audit.on_failure: continue`).
+    pub fn is_failing(&self) -> bool {
+        self.state.failing.load(Relaxed)
     }
 
     /// Starts the writer for `path` (`-` is standard output).
     pub fn start(path: &str, chain: bool, metrics: Arc<Metrics>) -> Result<(Audit, AuditWriter), AuditError> {
         let target = Target::open(path)?;
-        let (tx, mut rx) = mpsc::channel::<Msg>(4096);
+        let (tx, mut rx) = mpsc::channel::<Msg>(QUEUE);
         let path = path.to_owned();
+        let state = Arc::new(WriterState { metrics: Some(Arc::clone(&metrics)), ..WriterState::default() });
+        let shared = Arc::clone(&state);
         // A plain thread: file writes block, and this keeps them off the async workers.
         let handle = std::thread::Builder::new()
             .name("pgveil-audit".to_owned())
@@ -184,14 +213,37 @@ impl Audit {
                             line.push('\n');
                             // One write per line, and flush before taking the next: lines are
                             // never split or interleaved, and nothing waits in a buffer.
+                            // A failed write is retried (reopening the file, which may have been
+                            // replaced) until it succeeds: the line is never skipped.
+                            let mut backoff = std::time::Duration::from_millis(100);
+                            let mut failed_since: Option<Instant> = None;
                             loop {
                                 match target.write_line(line.as_bytes()) {
                                     Ok(()) => break,
                                     Err(e) => {
-                                        tracing::error!(error = %e, "audit log write failed; retrying");
-                                        std::thread::sleep(std::time::Duration::from_millis(200));
+                                        metrics.audit_write_errors_total.fetch_add(1, Relaxed);
+                                        if !shared.failing.swap(true, Relaxed) {
+                                            metrics.audit_failing.store(1, Relaxed);
+                                            tracing::error!(error = %e, path = %path, "audit log write failed; retrying");
+                                        }
+                                        let since = *failed_since.get_or_insert_with(Instant::now);
+                                        if shared.closing.load(Relaxed) && since.elapsed() > CLOSE_RETRY {
+                                            // Shutting down and still unwritable: the line goes to
+                                            // the process log rather than nowhere.
+                                            tracing::error!(line = %line.trim_end(), "audit line not written to the log");
+                                            break;
+                                        }
+                                        std::thread::sleep(backoff);
+                                        backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                                        if let Ok(t) = Target::open(&path) {
+                                            target = t;
+                                        }
                                     }
                                 }
+                            }
+                            if failed_since.is_some() && shared.failing.swap(false, Relaxed) {
+                                metrics.audit_failing.store(0, Relaxed);
+                                tracing::warn!(path = %path, "audit log writable again");
                             }
                             metrics.audit_lines_total.fetch_add(1, Relaxed);
                             let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -201,20 +253,30 @@ impl Audit {
                 }
             })
             .map_err(|source| AuditError::Open { path: "(thread)".to_owned(), source })?;
-        Ok((Audit { tx: Some(tx) }, AuditWriter { handle: Some(handle) }))
+        Ok((Audit { tx: Some(tx), state }, AuditWriter { handle: Some(handle) }))
     }
 
-    /// Queues an event. Never drops it: if the writer is behind, this waits for room (from
-    /// async code use [`Audit::send`], which yields instead of blocking).
+    /// Queues a connection-level event (auth failures, protocol errors) from code that cannot
+    /// wait. If the queue is full a task waits for room; past `MAX_WAITING` such events (a
+    /// failing disk under a flood of bad logins) they are dropped and counted rather than
+    /// held without bound. Statement events use [`Audit::send`], which never drops.
     pub fn log(&self, event: Event) {
         let Some(tx) = &self.tx else { return };
         match tx.try_send(Msg::Line(Box::new(event))) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => {
+                if self.state.waiting.fetch_add(1, Relaxed) >= MAX_WAITING {
+                    self.state.waiting.fetch_sub(1, Relaxed);
+                    if let Some(m) = &self.state.metrics {
+                        m.audit_dropped_total.fetch_add(1, Relaxed);
+                    }
+                    return;
+                }
                 let tx = tx.clone();
-                // Back-pressure without blocking a runtime worker: a task waits for room.
+                let state = Arc::clone(&self.state);
                 tokio::spawn(async move {
                     let _ = tx.send(msg).await;
+                    state.waiting.fetch_sub(1, Relaxed);
                 });
             }
         }
@@ -236,6 +298,7 @@ impl Audit {
 
     /// Asks the writer to stop after every line queued so far (call once sessions are done).
     pub async fn close(&self) {
+        self.state.closing.store(true, Relaxed);
         if let Some(tx) = &self.tx {
             let _ = tx.send(Msg::Close).await;
         }

@@ -138,11 +138,21 @@ pub struct Audit {
     pub raw_access: bool,
     /// Each line carries the SHA-256 of the previous line (`pgveil audit verify` checks it).
     pub chain: bool,
+    /// While the log cannot be written (disk full, file unwritable): `refuse` the statements of
+    /// audited (masked) sessions, or `continue` serving them with lines queued in memory.
+    pub on_failure: AuditFailure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuditFailure {
+    Refuse,
+    Continue,
 }
 
 impl Default for Audit {
     fn default() -> Self {
-        Audit { path: None, raw_access: false, chain: true }
+        Audit { path: None, raw_access: false, chain: true, on_failure: AuditFailure::Refuse }
     }
 }
 

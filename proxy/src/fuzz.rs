@@ -82,7 +82,12 @@ pub fn datarow(data: &[u8]) {
         })
         .collect();
     let masks: Vec<Option<Mask>> = spec.iter().map(|b| MASKS.get(usize::from(b >> 4)).cloned()).collect();
-    let plan = RowPlan::build(&fields, |i| if fields.get(i).is_some_and(|f| f.format == 1) { Format::Binary } else { Format::Text }, &masks, |_| None);
+    let plan = RowPlan::build(
+        &fields,
+        |i| if fields.get(i).is_some_and(|f| f.format == 1) { Format::Binary } else { Format::Text },
+        &masks,
+        |_| None,
+    );
     let mut row = BytesMut::with_capacity(body.len().saturating_add(5));
     row.put_u8(b'D');
     row.put_u32(u32::try_from(body.len().saturating_add(4)).unwrap_or(u32::MAX));
@@ -158,7 +163,9 @@ static MASKS: LazyLock<[Mask; 9]> = LazyLock::new(|| {
 
 static SPEC_POLICY: LazyLock<Arc<Policy>> = LazyLock::new(|| {
     let src = include_str!("../../rules/testdata/valid/spec-example.yaml");
-    Arc::new(rules::compile(src, &CompileOptions { hash_key: Some(b"fuzz".to_vec()) }).expect("the spec example compiles"))
+    Arc::new(
+        rules::compile(src, &CompileOptions { hash_key: Some(b"fuzz".to_vec()) }).expect("the spec example compiles"),
+    )
 });
 
 static CATALOG: LazyLock<Catalog> = LazyLock::new(|| {

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub reloads_rejected: AtomicU64,
     pub audit_lines_total: AtomicU64,
     pub audit_write_nanos_sum: AtomicU64,
+    pub audit_write_errors_total: AtomicU64,
+    pub audit_dropped_total: AtomicU64,
+    /// 1 while the audit log cannot be written.
+    pub audit_failing: AtomicU64,
     pub tls_handshake_failures_total: AtomicU64,
     pub auth_failures_total: AtomicU64,
     pub cancel_requests_total: AtomicU64,
@@ -224,6 +228,27 @@ impl Metrics {
             "pgveil_audit_write_seconds_sum {}\npgveil_audit_write_seconds_count {}",
             secs(&self.audit_write_nanos_sum),
             n(&self.audit_lines_total)
+        );
+        g(
+            &mut out,
+            "pgveil_audit_write_errors_total",
+            "counter",
+            "Failed audit log writes (each is retried; the line is not lost).",
+            n(&self.audit_write_errors_total),
+        );
+        g(
+            &mut out,
+            "pgveil_audit_dropped_total",
+            "counter",
+            "Audit lines dropped: only connection-level events while the log is failing and its queue is full.",
+            n(&self.audit_dropped_total),
+        );
+        g(
+            &mut out,
+            "pgveil_audit_failing",
+            "gauge",
+            "1 while the audit log cannot be written.",
+            n(&self.audit_failing),
         );
         g(
             &mut out,

@@ -82,7 +82,14 @@ pub async fn watch(shared: Arc<Shared>) {
                 if path.exists() {
                     reload(&shared);
                 } else {
-                    tracing::warn!(path = %path.display(), "rules file is gone; the previous rules stay in force");
+                    // Deleted (or moved away mid-deploy): nothing to compile, so the rules in
+                    // force stay, and security hears of it like any rejected file.
+                    shared.metrics.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+                    shared.audit.log(Event::new(EventKind::RulesRejected).reason(&format!(
+                        "{} is gone; the previous rules stay in force",
+                        path.display()
+                    )));
+                    tracing::error!(path = %path.display(), "rules file is gone; the previous rules stay in force");
                 }
             }
         }

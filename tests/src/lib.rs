@@ -17,6 +17,8 @@ mod drivers;
 #[cfg(test)]
 mod false_blocks;
 #[cfg(test)]
+mod faults;
+#[cfg(test)]
 mod hardening;
 #[cfg(test)]
 mod leaks;

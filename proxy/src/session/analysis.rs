@@ -141,6 +141,13 @@ impl SessionRules {
     /// catalog failures come back as blocking analyses: fail closed.
     pub async fn analyze(&mut self, shared: &Shared, sql: &[u8]) -> Arc<Analysis> {
         self.refresh(shared);
+        if shared.audit.is_failing() && shared.config.audit.on_failure == crate::config::AuditFailure::Refuse {
+            return Arc::new(blocked(
+                AUDIT_UNAVAILABLE,
+                "the audit log cannot be written, and statements of audited sessions do not run unaudited",
+                "retry shortly; the operator should check the audit log's disk (audit.on_failure)",
+            ));
+        }
         let started = Instant::now();
         let catalog = match self.catalog.current(&shared.config, &shared.metrics).await {
             Ok(c) => c,
@@ -205,6 +212,10 @@ impl SessionRules {
 fn nanos(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
+
+/// The rule of statements refused while the audit log is failing. They are counted in the
+/// metrics and the process log, not the audit log: it is the thing that is down.
+pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
 
 fn blocked(rule: &str, reason: &str, hint: &str) -> Analysis {
     Analysis {

@@ -410,6 +410,10 @@ impl<'a> Inspector<'a> {
     }
 
     async fn audit_block(&self, kind: EventKind, b: &Block, text: Option<&str>, mode: Option<&'static str>) {
+        if b.rule == super::analysis::AUDIT_UNAVAILABLE {
+            tracing::warn!(user = %self.info.user, "statement refused: the audit log is failing");
+            return;
+        }
         let mut ev = Event::session(kind, self.info).rule(&b.rule).reason(&b.reason);
         ev.statement = Some(match text.and_then(rules::sql::normalize) {
             Some(n) => n,

@@ -120,7 +120,13 @@ async fn serve_session(
 
     // A `v` from the server (an older server asked for 3.2) is absorbed and re-issued to the
     // client together with the options we removed.
-    let first = server.read_frame().await?.ok_or(SessionError::Truncated(Direction::FromServer))?;
+    // The server's first answer is part of connecting (as PgBouncer's server_connect_timeout
+    // counts login): a server that accepts but never answers is a clear error, not a hang.
+    let timeout = shared.config.upstream.connect_timeout;
+    let first = tokio::time::timeout(timeout, server.read_frame())
+        .await
+        .map_err(|_| SessionError::Connect(format!("no answer to the startup message within {timeout:?}")))??
+        .ok_or(SessionError::Truncated(Direction::FromServer))?;
     let first = if first.tag() == b'v' {
         minor = minor.min(messages::negotiated_minor(&first).unwrap_or(0));
         None

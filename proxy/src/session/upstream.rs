@@ -12,8 +12,17 @@ use crate::session::SessionError;
 
 pub type ServerStream = Either<Either<TcpStream, UnixStream>, tokio_rustls::client::TlsStream<TcpStream>>;
 
-/// Opens a connection to PostgreSQL, negotiating TLS as `upstream.tls` says.
+/// Opens a connection to PostgreSQL, negotiating TLS as `upstream.tls` says. The whole of it
+/// (TCP, SSLRequest, TLS handshake) is bounded by `upstream.connect_timeout`: a server that
+/// accepts but never answers costs the session a clear error, not a hang.
 pub async fn connect(shared: &Shared) -> Result<ServerStream, SessionError> {
+    let up = &shared.config.upstream;
+    tokio::time::timeout(up.connect_timeout, connect_within(shared)).await.map_err(|_| {
+        SessionError::Connect(format!("{}:{}: no answer within {:?}", up.host, up.port, up.connect_timeout))
+    })?
+}
+
+async fn connect_within(shared: &Shared) -> Result<ServerStream, SessionError> {
     let up = &shared.config.upstream;
     let timeout = up.connect_timeout;
     let fail = |e: String| SessionError::Connect(e);

@@ -3,6 +3,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod fault;
 pub mod pg;
 pub mod proxy;
 pub mod recorder;
