@@ -11,15 +11,16 @@ command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz is missing: cargo install
 secs=${1:-60}; shift || true
 targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(frame startup datarow mask rules analysis)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/../target/fuzz}
-# -O with debug assertions: integer overflow panics, as it would in a debug build.
-cargo fuzz build -s none -O -a
+# FUZZ_FLAGS="-O -a" adds debug assertions (integer overflow panics) at the cost of a rebuild.
+FLAGS=(${FUZZ_FLAGS:--O})
+cargo fuzz build -s none "${FLAGS[@]}"
 status=0
 printf '%-10s %8s %14s %10s  %s\n' target seconds executions exec/s result
 for t in "${targets[@]}"; do
     corpus=corpus/$t; mkdir -p "$corpus" "artifacts/$t"
     seeds=(); [ -d "seeds/$t" ] && seeds=("seeds/$t")
     log=$(mktemp)
-    if cargo fuzz run -s none -O -a "$t" "$corpus" "${seeds[@]}" "regressions/$t" -- \
+    if cargo fuzz run -s none "${FLAGS[@]}" "$t" "$corpus" "${seeds[@]}" "regressions/$t" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
         result=ok
     else

@@ -15,68 +15,11 @@ SECS=${SECONDS_PER_RUN:-5}
 CLIENTS=${CLIENTS:-"1 8"}
 MODES=${MODES:-"simple extended prepared"}
 
-BIN=$(ls -d /usr/lib/postgresql/*/bin | sort | tail -n 1)
-[ -x "$BIN/initdb" ] || { echo "PostgreSQL server binaries missing: apt-get install -y postgresql" >&2; exit 1; }
 command -v pgbouncer >/dev/null || { echo "pgbouncer missing: apt-get install -y pgbouncer" >&2; exit 1; }
-cargo build --release -p proxy >/dev/null 2>&1 || cargo build --release -p proxy
-PGVEIL=$PWD/target/release/pgveil
-
-WORK=$(mktemp -d /tmp/pgveil-bench-XXXXXX)
-chmod 755 "$WORK"
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
-  as_pg "$BIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-[ "$(id -u)" = 0 ] && chown postgres "$WORK"
-
-PG_PORT=$(free_port); BOUNCER_PORT=$(free_port); VEIL_PORT=$(free_port); ADMIN_PORT=$(free_port)
-as_pg "$BIN/initdb" -D "$WORK/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >/dev/null
-cat >> "$WORK/data/postgresql.conf" <<CONF
-port = $PG_PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$WORK'
-max_connections = 300
-fsync = off
-synchronous_commit = off
-shared_buffers = 128MB
-CONF
-as_pg "$BIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w start >/dev/null
-PSQL=("$BIN/psql" -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres)
-"${PSQL[@]}" -c "CREATE DATABASE bench" >/dev/null
-"$BIN/pgbench" -i -s 10 -q -h 127.0.0.1 -p "$PG_PORT" -U postgres bench >/dev/null 2>&1
-"${PSQL[@]}" -d bench >/dev/null <<SQL
-CREATE TABLE big AS SELECT g AS id, md5(g::text) c1, md5((g+1)::text) c2, md5((g+2)::text) c3, md5((g+3)::text) c4,
-  md5((g+4)::text) c5, md5((g+5)::text) c6, md5((g+6)::text) c7 FROM generate_series(1, 200000) g;
-CREATE ROLE bench_exempt LOGIN; CREATE ROLE bench_nomask LOGIN; CREATE ROLE bench_masked LOGIN; CREATE ROLE pgveil LOGIN;
-GRANT ALL ON ALL TABLES IN SCHEMA public TO bench_exempt, bench_nomask, bench_masked;
-SQL
-
-cat > "$WORK/rules.yaml" <<YAML
-version: 1
-exempt: [bench_exempt]
-columns:
-  public.pgbench_accounts.abalance: { mask: { round: 100 }, unmasked_for: [bench_nomask] }
-  public.pgbench_accounts.filler: { mask: redact }
-  public.big.c1: { mask: { partial: { keep_last: 4 } }, unmasked_for: [bench_nomask] }
-  public.big.c2: { mask: redact, unmasked_for: [bench_nomask] }
-YAML
-openssl req -x509 -newkey rsa:2048 -nodes -keyout "$WORK/tls.key" -out "$WORK/tls.crt" -days 2 -subj /CN=localhost >/dev/null 2>&1
-cat > "$WORK/pgveil.yaml" <<YAML
-listen: 127.0.0.1:$VEIL_PORT
-upstream: { host: 127.0.0.1, port: $PG_PORT, tls: disable }
-tls: { cert: $WORK/tls.crt, key: $WORK/tls.key, clients: allow }
-catalog: { user: pgveil }
-rules: $WORK/rules.yaml
-admin: { listen: 127.0.0.1:$ADMIN_PORT }
-limits: { max_connections: 500 }
-YAML
-PGVEIL_LOG=warn "$PGVEIL" run --config "$WORK/pgveil.yaml" 2>"$WORK/pgveil.log" &
-VEIL_PID=$!; PIDS+=("$VEIL_PID")
+source benches/lib.sh
+setup_cluster 300
+BOUNCER_PORT=$(free_port)
+start_pgveil
 
 cat > "$WORK/pgbouncer.ini" <<INI
 [databases]
@@ -101,7 +44,6 @@ printf '"postgres" ""\n"bench_exempt" ""\n' > "$WORK/userlist.txt"
 as_pg pgbouncer -d "$WORK/pgbouncer.ini"
 sleep 1
 BOUNCER_PID=$(cat "$WORK/pgbouncer.pid"); PIDS+=("$BOUNCER_PID")
-for i in $(seq 50); do "$BIN/pg_isready" -q -h 127.0.0.1 -p "$VEIL_PORT" && break; sleep 0.1; done
 
 # name | port | user | pid whose CPU is counted
 TARGETS=(
