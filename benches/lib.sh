@@ -57,6 +57,8 @@ YAML
 
 # start_pgveil [EXTRA CONFIG LINES]: writes $WORK/pgveil.yaml and starts pgveil in the background.
 start_pgveil() {
+  local extra=${1:-}
+  [ -n "$extra" ] || extra="limits: { max_connections: 500 }"
   cat > "$WORK/pgveil.yaml" <<YAML
 listen: 127.0.0.1:$VEIL_PORT
 upstream: { host: 127.0.0.1, port: $PG_PORT, tls: disable }
@@ -64,10 +66,10 @@ tls: { cert: $WORK/tls.crt, key: $WORK/tls.key, clients: allow }
 catalog: { user: pgveil }
 rules: $WORK/rules.yaml
 admin: { listen: 127.0.0.1:$ADMIN_PORT }
-${1:-limits: { max_connections: 500 }}
+$extra
 YAML
   PGVEIL_LOG=warn "$PGVEIL" run --config "$WORK/pgveil.yaml" 2>"$WORK/pgveil.log" &
   VEIL_PID=$!; PIDS+=("$VEIL_PID")
-  for _ in $(seq 100); do "$BIN/pg_isready" -q -h 127.0.0.1 -p "$VEIL_PORT" && return 0; sleep 0.1; done
+  for _ in $(seq 100); do "$BIN/pg_isready" -q -h 127.0.0.1 -p "$VEIL_PORT" -U bench_exempt -d bench && return 0; sleep 0.1; done
   echo "pgveil did not start: $(cat "$WORK/pgveil.log")" >&2; exit 1
 }

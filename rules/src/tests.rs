@@ -265,4 +265,38 @@ fn shape_keys_ignore_literals_only_where_they_cannot_matter() {
     // Comments do not change the key; a literal never merges with an identifier.
     assert_eq!(shape_key("SELECT a FROM t WHERE b = 1 -- c"), shape_key("SELECT a FROM t WHERE b = 2"));
     assert_ne!(shape_key("SELECT a FROM t WHERE b = 'c'"), shape_key("SELECT a FROM t WHERE b = c"));
+    // Writes: assigned values are literals like any other (pgbench's tpcb-like statements)...
+    let up = "UPDATE pgbench_accounts SET abalance = abalance + 17 WHERE aid = 3";
+    assert_eq!(shape_key(up), shape_key("UPDATE pgbench_accounts SET abalance = abalance + 99 WHERE aid = 7"));
+    assert!(shape_key("INSERT INTO h (tid, delta) VALUES (1, 2)").is_some());
+    // ...but SET stays sensitive outside an UPDATE, also after one in the same text,
+    assert_eq!(shape_key("UPDATE t SET a = 1 WHERE id = 2; SET search_path = evil"), None);
+    assert_eq!(shape_key("ALTER ROLE app SET search_path = 'evil'"), None);
+    assert_eq!(shape_key("SELECT a INTO new_t FROM t"), None);
+    // ...and RETURNING still is.
+    assert_eq!(shape_key("UPDATE t SET a = 1 WHERE id = 2 RETURNING ssn"), None);
+    // The analysis of a write does not depend on its values.
+    for (a, b) in [
+        ("UPDATE customers SET notes = 'x' WHERE id = 1", "UPDATE customers SET notes = 'y' WHERE id = 2"),
+        ("UPDATE customers SET notes = ssn WHERE id = 1", "UPDATE customers SET notes = ssn WHERE id = 9"),
+        (
+            "INSERT INTO orders (customer_id, amount) VALUES (1, 2)",
+            "INSERT INTO orders (customer_id, amount) VALUES (3, 4)",
+        ),
+    ] {
+        assert_eq!(shape_key(a), shape_key(b));
+        let verdict = |sql| {
+            let policy = Arc::new(
+                compile(
+                    include_str!("../testdata/valid/spec-example.yaml"),
+                    &CompileOptions { hash_key: Some(b"k".to_vec()) },
+                )
+                .unwrap(),
+            );
+            let session = policy.for_identity(&Identity::new(APP.iter().copied()));
+            let analysis = Analyzer::new(&session, &test_catalog(), APP[0]).analyze(sql);
+            analysis.block.map(|b| b.rule)
+        };
+        assert_eq!(verdict(a), verdict(b), "{a}");
+    }
 }

@@ -37,13 +37,36 @@ struct Entry {
 struct Weigh;
 
 impl quick_cache::Weighter<Key, Entry> for Weigh {
+    /// An estimate of the heap an entry holds: its text, the analysis with its strings, and
+    /// the cache's own slot. Estimates err high, so the bound holds in real memory.
     fn weight(&self, _key: &Key, val: &Entry) -> u64 {
-        let plans = val
-            .analysis
-            .statements
-            .iter()
-            .fold(0usize, |sum, s| sum.saturating_add(s.outputs.len().saturating_mul(48)).saturating_add(64));
-        u64::try_from(val.text.len().saturating_add(plans).saturating_add(128)).unwrap_or(u64::MAX)
+        use std::mem::size_of;
+        let strings = |v: &[String]| v.iter().fold(0usize, |sum, s| sum.saturating_add(s.len()).saturating_add(32));
+        let a = &val.analysis;
+        let plans = a.statements.iter().fold(0usize, |sum, s| {
+            let columns =
+                s.columns.iter().fold(0usize, |sum, (name, _)| sum.saturating_add(name.len()).saturating_add(64));
+            sum.saturating_add(size_of::<rules::sql::StatementPlan>())
+                .saturating_add(columns)
+                .saturating_add(s.outputs.len().saturating_mul(size_of::<Option<rules::Mask>>()))
+                .saturating_add(strings(&s.tables))
+        });
+        let blocks = a.block.iter().chain(&a.flagged).fold(0usize, |sum, b| {
+            sum.saturating_add(size_of::<rules::sql::Block>())
+                .saturating_add(b.reason.len())
+                .saturating_add(b.hint.len())
+                .saturating_add(b.rule.len())
+                .saturating_add(strings(&b.tables))
+                .saturating_add(strings(&b.columns))
+        });
+        let total = val
+            .text
+            .len()
+            .saturating_add(size_of::<Key>() + size_of::<Entry>() + size_of::<Analysis>() + 96)
+            .saturating_add(plans)
+            .saturating_add(blocks)
+            .saturating_add(a.effects.len().saturating_mul(128));
+        u64::try_from(total).unwrap_or(u64::MAX)
     }
 }
 
@@ -180,7 +203,9 @@ impl SessionRules {
         if let (Some(k), Some(text)) = (&shape_key, &shape)
             && let Some(hit) = shared.analysis_cache.get(k, text)
         {
-            shared.analysis_cache.put(key, sql, &hit);
+            // Not stored again under its exact text: texts that differ only in literals are
+            // mostly one-offs, and storing each filled the cache (and pgveil's memory) with
+            // them under a read-write pgbench (benches/load/run.sh).
             shared.metrics.analysis(nanos(started), true);
             return hit;
         }
