@@ -36,6 +36,10 @@ struct Entry {
 #[derive(Clone)]
 struct Weigh;
 
+/// What every entry costs besides its contents: key, entry, the analysis and the cache slot.
+const ENTRY_OVERHEAD: usize =
+    std::mem::size_of::<Key>() + std::mem::size_of::<Entry>() + std::mem::size_of::<Analysis>() + 96;
+
 impl quick_cache::Weighter<Key, Entry> for Weigh {
     /// An estimate of the heap an entry holds: its text, the analysis with its strings, and
     /// the cache's own slot. Estimates err high, so the bound holds in real memory.
@@ -62,7 +66,7 @@ impl quick_cache::Weighter<Key, Entry> for Weigh {
         let total = val
             .text
             .len()
-            .saturating_add(size_of::<Key>() + size_of::<Entry>() + size_of::<Analysis>() + 96)
+            .saturating_add(ENTRY_OVERHEAD)
             .saturating_add(plans)
             .saturating_add(blocks)
             .saturating_add(a.effects.len().saturating_mul(128));
