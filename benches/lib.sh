@@ -23,8 +23,14 @@ trap cleanup EXIT
 # setup_cluster MAX_CONNECTIONS
 setup_cluster() {
   PG_PORT=$(free_port); VEIL_PORT=$(free_port); ADMIN_PORT=$(free_port)
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$WORK/tls.key" -out "$WORK/tls.crt" -days 2 -subj /CN=localhost >/dev/null 2>&1
+  chmod 600 "$WORK/tls.key"; [ "$(id -u)" = 0 ] && chown postgres "$WORK/tls.key" "$WORK/tls.crt"
   as_pg "$BIN/initdb" -D "$WORK/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >/dev/null
+  # TLS is offered on every target (clients choose with PGSSLMODE), so TLS runs compare alike.
   cat >> "$WORK/data/postgresql.conf" <<CONF
+ssl = on
+ssl_cert_file = '$WORK/tls.crt'
+ssl_key_file = '$WORK/tls.key'
 port = $PG_PORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$WORK'
@@ -52,7 +58,6 @@ columns:
   public.big.c1: { mask: { partial: { keep_last: 4 } }, unmasked_for: [bench_nomask] }
   public.big.c2: { mask: redact, unmasked_for: [bench_nomask] }
 YAML
-  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$WORK/tls.key" -out "$WORK/tls.crt" -days 2 -subj /CN=localhost >/dev/null 2>&1
 }
 
 # start_pgveil [EXTRA CONFIG LINES]: writes $WORK/pgveil.yaml and starts pgveil in the background.

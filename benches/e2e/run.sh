@@ -45,14 +45,25 @@ as_pg pgbouncer -d "$WORK/pgbouncer.ini"
 sleep 1
 BOUNCER_PID=$(cat "$WORK/pgbouncer.pid"); PIDS+=("$BOUNCER_PID")
 
-# name | port | user | pid whose CPU is counted
+# name | port | user | pid whose CPU is counted | client sslmode. Every target offers TLS; the
+# plaintext runs say sslmode=disable (libpq's default, prefer, would pick TLS at the proxies and
+# not at a server without ssl, comparing unlike things).
 TARGETS=(
-  "direct|$PG_PORT|postgres|"
-  "pgbouncer|$BOUNCER_PORT|postgres|$BOUNCER_PID"
-  "pgveil-exempt|$VEIL_PORT|bench_exempt|$VEIL_PID"
-  "pgveil-nomask|$VEIL_PORT|bench_nomask|$VEIL_PID"
-  "pgveil-masked|$VEIL_PORT|bench_masked|$VEIL_PID"
+  "direct|$PG_PORT|postgres||disable"
+  "pgbouncer|$BOUNCER_PORT|postgres|$BOUNCER_PID|disable"
+  "pgveil-exempt|$VEIL_PORT|bench_exempt|$VEIL_PID|disable"
+  "pgveil-nomask|$VEIL_PORT|bench_nomask|$VEIL_PID|disable"
+  "pgveil-masked|$VEIL_PORT|bench_masked|$VEIL_PID|disable"
 )
+# TLS on the client leg (TLS_MODES x TLS_CLIENTS only, to keep the run short).
+TLS_TARGETS=(
+  "direct-tls|$PG_PORT|postgres||require"
+  "pgbouncer-tls|$BOUNCER_PORT|postgres|$BOUNCER_PID|require"
+  "pgveil-exempt-tls|$VEIL_PORT|bench_exempt|$VEIL_PID|require"
+  "pgveil-nomask-tls|$VEIL_PORT|bench_nomask|$VEIL_PID|require"
+)
+TLS_MODES=${TLS_MODES:-"simple extended"}
+TLS_CLIENTS=${TLS_CLIENTS:-8}
 cpu_ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
 TICK=$(getconf CLK_TCK)
 RAW="$WORK/raw.tsv"
@@ -60,10 +71,12 @@ RAW="$WORK/raw.tsv"
 for round in $(seq "$ROUNDS"); do
   for mode in $MODES; do
     for c in $CLIENTS; do
-      for t in "${TARGETS[@]}"; do
-        IFS='|' read -r name port user pid <<<"$t"
+      run=("${TARGETS[@]}")
+      [[ " $TLS_MODES " == *" $mode "* && " $TLS_CLIENTS " == *" $c "* ]] && run+=("${TLS_TARGETS[@]}")
+      for t in "${run[@]}"; do
+        IFS='|' read -r name port user pid sslmode <<<"$t"
         before=$(cpu_ticks "$pid")
-        out=$("$BIN/pgbench" -n -S -M "$mode" -c "$c" -j "$(( c < 2 ? 1 : 2 ))" -T "$SECS" -h 127.0.0.1 -p "$port" -U "$user" bench 2>&1) || { echo "$name $mode c=$c failed: $out" >&2; exit 1; }
+        out=$(PGSSLMODE=$sslmode "$BIN/pgbench" -n -S -M "$mode" -c "$c" -j "$(( c < 2 ? 1 : 2 ))" -T "$SECS" -h 127.0.0.1 -p "$port" -U "$user" bench 2>&1) || { echo "$name $mode c=$c failed: $out" >&2; exit 1; }
         after=$(cpu_ticks "$pid")
         tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
         lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
@@ -75,9 +88,9 @@ for round in $(seq "$ROUNDS"); do
     done
   done
   for t in "${TARGETS[@]}"; do
-    IFS='|' read -r name port user pid <<<"$t"
+    IFS='|' read -r name port user pid sslmode <<<"$t"
     start=$(date +%s.%N)
-    "$BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U "$user" -d bench -c "SELECT * FROM big" > /dev/null
+    PGSSLMODE=$sslmode "$BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U "$user" -d bench -c "SELECT * FROM big" > /dev/null
     end=$(date +%s.%N)
     printf 'big\t-\t1\t%s\t%s\t-\t-\t0\n' "$name" "$(awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }')" >> "$RAW"
   done
@@ -87,7 +100,7 @@ done
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 rss0=$(rss "$VEIL_PID")
 IDLE=()
-for i in $(seq 200); do (sleep 8 | "$BIN/psql" -X -q -h 127.0.0.1 -p "$VEIL_PORT" -U bench_nomask -d bench >/dev/null 2>&1) & IDLE+=($!); done
+for i in $(seq 200); do (sleep 8 | PGSSLMODE=disable "$BIN/psql" -X -q -h 127.0.0.1 -p "$VEIL_PORT" -U bench_nomask -d bench >/dev/null 2>&1) & IDLE+=($!); done
 sleep 4
 rss1=$(rss "$VEIL_PID")
 wait "${IDLE[@]}"
@@ -115,11 +128,15 @@ for r in rows:
     groups.setdefault((r[1], r[2], r[3]), []).append(r)
 for (mode, c, name), rs in sorted(groups.items(), key=lambda k: (k[0][0], int(k[0][1]))):
     tps = [float(x[4]) for x in rs]; lat = [float(x[5]) for x in rs]; cpu_us = [float(x[6]) for x in rs]
-    d = med([float(x[4]) for x in groups[(mode, c, "direct")]]); b = med([float(x[4]) for x in groups[(mode, c, "pgbouncer")]])
-    dl = med([float(x[5]) for x in groups[(mode, c, "direct")]])
+    suffix = "-tls" if name.endswith("-tls") else ""
+    d = med([float(x[4]) for x in groups[(mode, c, "direct" + suffix)]]); b = med([float(x[4]) for x in groups[(mode, c, "pgbouncer" + suffix)]])
+    dl = med([float(x[5]) for x in groups[(mode, c, "direct" + suffix)]])
     failed = sum(int(x[7]) for x in rs)
     added = (med(lat) - dl) * 1000
     lines.append(f"| {mode} | {c} | {name} | {med(tps):.0f} | {spread(tps):.0f} | {med(tps)/d:.2f} | {med(tps)/b:.2f} | {med(lat):.3f} | {added:+.0f} | {med(cpu_us) if name != 'direct' else 0:.1f} | {failed} |")
+lines += ["", "Rows named -tls use TLS on the client leg (sslmode=require; PgBouncer with client_tls_sslmode=allow, which",
+          "serves TLS clients exactly as require does) and compare with direct-tls and pgbouncer-tls; the others are plaintext.",
+          "Proxy CPU is the proxy process's user+system time (from /proc) divided by transactions."]
 lines += ["", "## 200,000 rows x 8 columns fetched with psql, median seconds", "", "| target | seconds | vs direct |", "|---|---|---|"]
 big = {}
 for r in rows:
