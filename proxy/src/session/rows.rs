@@ -96,40 +96,39 @@ impl RowPlan {
         self.cells.iter().all(Option::is_none)
     }
 
-    /// Writes the masked row to `out`; returns the number of cells masked.
+    /// Writes the masked row to `out`; returns the number of cells masked. Runs of cells that
+    /// keep their value (and NULLs) are copied as one slice of the original row.
     pub fn rewrite(&self, row: &Frame, out: &mut BytesMut, key: Option<&HashKey>) -> Result<u64, RowError> {
-        let mut r = Reader::new(row.body_ref());
+        let body = row.body_ref();
+        let mut r = Reader::new(body);
         let n = r.u16().ok_or(RowError)?;
         if usize::from(n) != self.cells.len() {
             return Err(RowError);
         }
         let at = begin(out, b'D');
         out.put_u16(n);
+        let offset = |r: &Reader<'_>| body.len().saturating_sub(r.remaining());
+        let mut run = offset(&r);
         let mut masked: u64 = 0;
         for plan in &self.cells {
+            let cell_at = offset(&r);
             let cell = r.value().ok_or(RowError)?;
-            match (plan, cell) {
-                (_, None) => out.put_i32(-1),
-                (None, Some(v)) => {
-                    out.put_i32(i32::try_from(v.len()).map_err(|_| RowError)?);
-                    out.put_slice(v);
+            let (Some(p), Some(v)) = (plan, cell) else { continue };
+            out.extend_from_slice(body.get(run..cell_at).ok_or(RowError)?);
+            run = offset(&r);
+            masked = masked.saturating_add(1);
+            let len_at = out.len();
+            out.put_i32(0);
+            match mask::apply_into(&p.mask, p.ty, p.format, v, key, out) {
+                mask::Written::Null => {
+                    out.truncate(len_at);
+                    out.put_i32(-1);
                 }
-                (Some(p), Some(v)) => {
-                    masked = masked.saturating_add(1);
-                    let at = out.len();
-                    out.put_i32(0);
-                    match mask::apply_into(&p.mask, p.ty, p.format, v, key, out) {
-                        mask::Written::Null => {
-                            out.truncate(at);
-                            out.put_i32(-1);
-                        }
-                        mask::Written::Value => {
-                            let body = out.len().saturating_sub(at.saturating_add(4));
-                            let len = i32::try_from(body).map_err(|_| RowError)?;
-                            if let Some(slot) = out.get_mut(at..at.saturating_add(4)) {
-                                slot.copy_from_slice(&len.to_be_bytes());
-                            }
-                        }
+                mask::Written::Value => {
+                    let written = out.len().saturating_sub(len_at.saturating_add(4));
+                    let len = i32::try_from(written).map_err(|_| RowError)?;
+                    if let Some(slot) = out.get_mut(len_at..len_at.saturating_add(4)) {
+                        slot.copy_from_slice(&len.to_be_bytes());
                     }
                 }
             }
@@ -137,6 +136,7 @@ impl RowPlan {
         if !r.is_empty() {
             return Err(RowError);
         }
+        out.extend_from_slice(body.get(run..).ok_or(RowError)?);
         finish(out, at);
         Ok(masked)
     }
