@@ -166,3 +166,48 @@ async fn an_unreachable_server_is_a_clear_fatal_error() {
     let msg = err.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
     assert!(msg.contains("could not connect to the database server"), "{err}");
 }
+
+/// A client that asks for a huge result and stops reading: the proxy does not buffer it; the
+/// back-pressure reaches the backend, which waits in `ClientWrite`, for the byte pump and for
+/// the inspected relay alike. Other sessions carry on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_pushes_back_on_the_backend() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let pump = harness_proxy::spawn(cluster).await;
+    let inspected = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
+    for (name, port) in [("pump", pump.port()), ("inspected", inspected.port())] {
+        let mut s = logged_in(port, &db.name).await;
+        // ~16 GB of rows: far more than every socket and proxy buffer together (and than a
+        // proxy that buffered could hold).
+        let marker = format!("stalled_{name}");
+        let sql = format!("SELECT repeat('x', 400) AS {marker} FROM generate_series(1, 40000000)\0");
+        let mut msg = BytesMut::new();
+        msg.put_u8(b'Q');
+        msg.put_u32(u32::try_from(sql.len() + 4).unwrap());
+        msg.put_slice(sql.as_bytes());
+        s.write_all(&msg).await.unwrap();
+        // ...and never read. The backend must end up blocked writing to its client.
+        let probe = format!(
+            "SELECT state || '/' || coalesce(wait_event, '') FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+        );
+        let mut seen = String::new();
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            seen = cluster.psql_admin(&db.name, &probe).unwrap().trim().to_owned();
+            if seen == "active/ClientWrite" {
+                break;
+            }
+        }
+        assert_eq!(seen, "active/ClientWrite", "{name}: the backend should be held back by the stalled client");
+        let other = connect_plain(&url(port, "app_user", &db.name, "sslmode=disable")).await.unwrap();
+        assert_eq!(other.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0), 7, "{name}");
+        // Still blocked at every look over two seconds: nothing is draining the result into
+        // memory (a proxy reading on would leave the backend busy producing rows instead).
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert_eq!(cluster.psql_admin(&db.name, &probe).unwrap().trim(), "active/ClientWrite", "{name}");
+        }
+        drop(s);
+    }
+}
