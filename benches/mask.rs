@@ -113,6 +113,16 @@ fn analysis(c: &mut Criterion) {
     c.bench_function("analyse_oltp_statement_uncached", |b| {
         b.iter(|| rules::sql::Analyzer::new(&view, &catalog, "app_user").analyze(sql));
     });
+    // A hit: what every repeated statement text costs (the cache holds 10,000 other entries).
+    let cache = proxy::session::analysis::Cache::new();
+    let analysis = Arc::new(rules::sql::Analyzer::new(&view, &catalog, "app_user").analyze(sql));
+    for i in 0..10_000 {
+        cache.bench_store(7, format!("SELECT {i}").as_bytes(), &analysis);
+    }
+    cache.bench_store(7, sql.as_bytes(), &analysis);
+    c.bench_function("analysis_cache_hit", |b| {
+        b.iter(|| cache.bench_lookup(7, sql.as_bytes()).is_some());
+    });
 }
 
 criterion_group!(benches, rewrite, analysis);
