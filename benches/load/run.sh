@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Load and shutdown, through the release pgveil binary against a throwaway PostgreSQL:
+#   0. a storm of malformed clients (STORM rounds of each kind): all answered or closed, and
+#      descriptors and memory back to the baseline;
 #   1. HOLD (default 1,000) idle client connections of a masked role held open, plus pgbench
 #      (tpcb-like, read-write) with CLIENTS (default 64) clients of an inspected role for
 #      LOAD_SECS (default 60) seconds: pgbench must report zero failed transactions and every
@@ -12,7 +14,7 @@
 #      pgveil exits 0 within the grace period.
 # Prints a table and writes benches/results/load-<date>-<host>.md. Exits non-zero on a failure.
 #
-#   benches/load/run.sh            # HOLD=1000 CLIENTS=64 LOAD_SECS=60
+#   benches/load/run.sh            # HOLD=1000 CLIENTS=64 LOAD_SECS=60 STORM=100
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 HOLD=${HOLD:-1000}
@@ -39,6 +41,14 @@ check() { if eval "$2"; then echo "  ok    $1"; else echo "  FAIL  $1"; FAIL=1; 
 "${PSQLV[@]}" -U bench_nomask -c "SELECT 1" >/dev/null
 sleep 1
 fd0=$(fds); rss0=$(rss_kb)
+
+# 0. A storm of malformed clients (STORM rounds of every kind in tests/src/hardening.rs):
+#    every one answered or closed, and descriptors and memory back where they were.
+STORM=${STORM:-100}
+storm_line=$(python3 benches/load/storm.py 127.0.0.1 "$VEIL_PORT" "$STORM" bench_masked bench)
+storm_total=$(awk '{print $2}' <<<"$storm_line"); storm_ok=$(awk '{print $4}' <<<"$storm_line")
+for _ in $(seq 50); do [ "$(fds)" -le "$fd0" ] && break; sleep 0.2; done
+fdS=$(fds); rssS=$(rss_kb)
 
 # 1. Hold HOLD idle masked sessions.
 coproc HOLDER { python3 benches/load/hold.py 127.0.0.1 "$VEIL_PORT" "$HOLD" bench_masked bench; }
@@ -100,6 +110,8 @@ cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
   echo
   echo "| measure | value |"
   echo "|---|---|"
+  echo "| malformed clients (garbage, bad lengths, truncated/smuggled startup, bad messages, invalid UTF-8) | $storm_ok of $storm_total answered with an error or closed |"
+  echo "| after the storm: descriptors / RSS vs baseline | $fdS vs $fd0 / $((rssS/1024)) vs $((rss0/1024)) MiB |"
   echo "| idle connections held (masked role) | $held (failed to open: $hold_failed) |"
   echo "| held connections answering after the load | $alive |"
   echo "| pgbench tpcb-like, $CLIENTS clients × ${LOAD_SECS} s (inspected role) | $tx transactions, $tps TPS, latency $lat ms |"
@@ -115,6 +127,8 @@ cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
 cat "$OUT"
 echo
 echo "checks:"
+check "every malformed client answered or closed" '[ "$storm_ok" = "$storm_total" ]'
+check "storm: descriptors back to baseline, RSS within 8 MiB of it" '[ "$fdS" -le "$fd0" ] && [ $((rssS - rss0)) -le 8192 ]'
 check "every idle connection opened" '[ "$held" = "$HOLD" ]'
 check "every held connection still answers" '[ "$alive" = "$HOLD" ]'
 check "pgbench: zero failed transactions, exit 0" '[ "${failed_tx:-0}" = 0 ] && [ "$bench_rc" = 0 ]'
