@@ -31,7 +31,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                     if n == 0 {
                         break;
                     }
-                    used += n;
+                    used = used.saturating_add(n);
                     if buf.get(..used).is_some_and(|b| b.windows(4).any(|w| w == b"\r\n\r\n")) {
                         break;
                     }

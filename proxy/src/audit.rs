@@ -234,7 +234,7 @@ impl Audit {
                                             break;
                                         }
                                         std::thread::sleep(backoff);
-                                        backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                                        backoff = backoff.saturating_mul(2).min(std::time::Duration::from_secs(2));
                                         if let Ok(t) = Target::open(&path) {
                                             target = t;
                                         }

@@ -1,5 +1,6 @@
 //! The DBA-facing commands: `pgveil check` (validate a rules file, optionally against a live
 //! database) and `pgveil explain` (what the rules decide for one statement and role).
+#![allow(clippy::arithmetic_side_effects, reason = "operator commands: positions and numbering of their own output")]
 
 use std::fmt::Write as _;
 use std::path::Path;

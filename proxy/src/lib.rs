@@ -5,6 +5,17 @@
 //! `session` (one connection: handshake, upstream, authentication, relay) → `forward` (the
 //! byte pump) → `protocol` (sans-IO wire format). Around them: `tls`, `cancel`, `audit`,
 //! `metrics`, `admin`.
+//!
+//! The whole crate denies what could panic on input (unwrap, expect, panic, indexing,
+//! unchecked arithmetic): every path that touches client or server bytes is covered, and the
+//! few exceptions are allowed where they stand, with the reason.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 pub mod admin;
 pub mod audit;
