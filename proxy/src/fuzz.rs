@@ -14,10 +14,10 @@
 use std::sync::{Arc, LazyLock};
 
 use bytes::{BufMut, BytesMut};
-use rules::catalog::{Catalog, Column, RelKind, Relation};
+use rules::catalog::Catalog;
 use rules::mask::{self, Mask};
 use rules::types::{Format, PgType};
-use rules::{CompileOptions, HashKey, Identity, Policy, TableName};
+use rules::{CompileOptions, HashKey, Identity, Policy};
 
 use crate::protocol::messages::{self, FieldDesc};
 use crate::protocol::{Direction, Frame, decode, startup};
@@ -174,39 +174,4 @@ static SPEC_POLICY: LazyLock<Arc<Policy>> = LazyLock::new(|| {
     )
 });
 
-static CATALOG: LazyLock<Catalog> = LazyLock::new(|| {
-    let rel = |oid, name: &str, cols: &[(&str, u32)], view: Option<&str>| Relation {
-        oid,
-        name: TableName::new("public", name),
-        kind: if view.is_some() { RelKind::View } else { RelKind::Table },
-        columns: cols
-            .iter()
-            .zip(1i16..)
-            .map(|((n, t), attnum)| Column { name: (*n).to_owned(), attnum, type_oid: *t })
-            .collect(),
-        ancestors: Vec::new(),
-        view_sql: view.map(str::to_owned),
-    };
-    let customers: &[(&str, u32)] = &[
-        ("id", 23),
-        ("name", 25),
-        ("email", 25),
-        ("ssn", 25),
-        ("card_number", 25),
-        ("phone", 25),
-        ("birth_date", 1082),
-        ("balance", 1700),
-        ("notes", 25),
-        ("signup", 1184),
-    ];
-    Catalog::new([
-        rel(16_384, "customers", customers, None),
-        rel(16_385, "orders", &[("id", 23), ("customer_id", 23), ("amount", 1700), ("status", 25)], None),
-        rel(
-            16_386,
-            "customers_v",
-            &[("id", 23), ("ssn", 25), ("upper_email", 25)],
-            Some("SELECT id, ssn, upper(email) AS upper_email FROM public.customers"),
-        ),
-    ])
-});
+static CATALOG: LazyLock<Catalog> = LazyLock::new(rules::catalog::example);

@@ -111,3 +111,72 @@ impl Catalog {
         self.by_oid.values()
     }
 }
+
+fn rel(oid: u32, schema: &str, name: &str, kind: RelKind, cols: &[(&str, u32)], view: Option<&str>) -> Relation {
+    Relation {
+        oid,
+        name: TableName::new(schema, name),
+        kind,
+        columns: cols
+            .iter()
+            .enumerate()
+            .map(|(i, (n, t))| Column {
+                name: (*n).to_owned(),
+                attnum: i16::try_from(i.saturating_add(1)).unwrap_or(i16::MAX),
+                type_oid: *t,
+            })
+            .collect(),
+        ancestors: Vec::new(),
+        view_sql: view.map(str::to_owned),
+    }
+}
+
+/// The relations the spec example's rules name (`rules/testdata/valid/spec-example.yaml`): a
+/// catalog for tests, benches and fuzz targets, which have no server to read one from.
+#[doc(hidden)]
+pub fn example() -> Catalog {
+    let customers = [
+        ("id", 23),
+        ("name", 25),
+        ("email", 25),
+        ("ssn", 25),
+        ("card_number", 25),
+        ("phone", 25),
+        ("birth_date", 1082),
+        ("balance", 1700),
+        ("notes", 25),
+        ("signup", 1184),
+    ];
+    let mut child = rel(16_390, "public", "customers_eu", RelKind::Table, &customers, None);
+    child.ancestors = vec![TableName::new("public", "customers")];
+    Catalog::new([
+        rel(16_384, "public", "customers", RelKind::Table, &customers, None),
+        rel(
+            16_385,
+            "public",
+            "orders",
+            RelKind::Table,
+            &[("id", 23), ("customer_id", 23), ("amount", 1700), ("status", 25)],
+            None,
+        ),
+        rel(
+            16_386,
+            "public",
+            "customers_v",
+            RelKind::View,
+            &[("id", 23), ("ssn", 25), ("upper_email", 25)],
+            Some("SELECT id, ssn, upper(email) AS upper_email FROM public.customers"),
+        ),
+        rel(
+            16_387,
+            "public",
+            "names_v",
+            RelKind::View,
+            &[("id", 23), ("name", 25)],
+            Some("SELECT id, name FROM public.customers"),
+        ),
+        child,
+        rel(1259, "pg_catalog", "pg_class", RelKind::Table, &[("oid", 26), ("relname", 19)], None),
+        rel(12_000, "pg_catalog", "pg_stats", RelKind::View, &[("attname", 19), ("most_common_vals", 2277)], None),
+    ])
+}

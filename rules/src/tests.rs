@@ -2,73 +2,9 @@
 
 use std::sync::Arc;
 
-use crate::catalog::{Catalog, Column, RelKind, Relation};
-use crate::names::TableName;
 use crate::policy::Identity;
 use crate::sql::Analyzer;
 use crate::{CompileOptions, compile};
-
-fn rel(oid: u32, schema: &str, name: &str, kind: RelKind, cols: &[(&str, u32)], view: Option<&str>) -> Relation {
-    Relation {
-        oid,
-        name: TableName::new(schema, name),
-        kind,
-        columns: cols
-            .iter()
-            .enumerate()
-            .map(|(i, (n, t))| Column { name: (*n).to_owned(), attnum: i16::try_from(i + 1).unwrap(), type_oid: *t })
-            .collect(),
-        ancestors: Vec::new(),
-        view_sql: view.map(str::to_owned),
-    }
-}
-
-pub(crate) fn test_catalog() -> Catalog {
-    let customers = [
-        ("id", 23),
-        ("name", 25),
-        ("email", 25),
-        ("ssn", 25),
-        ("card_number", 25),
-        ("phone", 25),
-        ("birth_date", 1082),
-        ("balance", 1700),
-        ("notes", 25),
-        ("signup", 1184),
-    ];
-    let mut child = rel(16_390, "public", "customers_eu", RelKind::Table, &customers, None);
-    child.ancestors = vec![TableName::new("public", "customers")];
-    Catalog::new([
-        rel(16_384, "public", "customers", RelKind::Table, &customers, None),
-        rel(
-            16_385,
-            "public",
-            "orders",
-            RelKind::Table,
-            &[("id", 23), ("customer_id", 23), ("amount", 1700), ("status", 25)],
-            None,
-        ),
-        rel(
-            16_386,
-            "public",
-            "customers_v",
-            RelKind::View,
-            &[("id", 23), ("ssn", 25), ("upper_email", 25)],
-            Some("SELECT id, ssn, upper(email) AS upper_email FROM public.customers"),
-        ),
-        rel(
-            16_387,
-            "public",
-            "names_v",
-            RelKind::View,
-            &[("id", 23), ("name", 25)],
-            Some("SELECT id, name FROM public.customers"),
-        ),
-        child,
-        rel(1259, "pg_catalog", "pg_class", RelKind::Table, &[("oid", 26), ("relname", 19)], None),
-        rel(12_000, "pg_catalog", "pg_stats", RelKind::View, &[("attname", 19), ("most_common_vals", 2277)], None),
-    ])
-}
 
 #[track_caller]
 fn check(roles: &[&str], sql: &str, expected: &str) {
@@ -77,7 +13,7 @@ fn check(roles: &[&str], sql: &str, expected: &str) {
             .unwrap(),
     );
     let session = policy.for_identity(&Identity::new(roles.iter().copied()));
-    let catalog = test_catalog();
+    let catalog = crate::catalog::example();
     let analysis = Analyzer::new(&session, &catalog, roles[0]).analyze(sql);
     let actual = match (&analysis.block, analysis.flagged.first()) {
         (Some(b), _) => format!("block {}", b.rule),
@@ -294,7 +230,7 @@ fn shape_keys_ignore_literals_only_where_they_cannot_matter() {
                 .unwrap(),
             );
             let session = policy.for_identity(&Identity::new(APP.iter().copied()));
-            let analysis = Analyzer::new(&session, &test_catalog(), APP[0]).analyze(sql);
+            let analysis = Analyzer::new(&session, &crate::catalog::example(), APP[0]).analyze(sql);
             analysis.block.map(|b| b.rule)
         };
         assert_eq!(verdict(a), verdict(b), "{a}");
