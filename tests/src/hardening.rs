@@ -178,10 +178,11 @@ async fn a_client_that_stops_reading_pushes_back_on_the_backend() {
     let inspected = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
     for (name, port) in [("pump", pump.port()), ("inspected", inspected.port())] {
         let mut s = logged_in(port, &db.name).await;
-        // ~16 GB of rows: far more than every socket and proxy buffer together (and than a
-        // proxy that buffered could hold).
+        // ~16 GB of rows, streamed (a set-returning function in the select list is not
+        // materialized first): far more than every socket and proxy buffer together, and than
+        // a proxy that buffered could hold.
         let marker = format!("stalled_{name}");
-        let sql = format!("SELECT repeat('x', 400) AS {marker} FROM generate_series(1, 40000000)\0");
+        let sql = format!("SELECT generate_series(1, 40000000) AS n, repeat('x', 400) AS {marker}\0");
         let mut msg = BytesMut::new();
         msg.put_u8(b'Q');
         msg.put_u32(u32::try_from(sql.len() + 4).unwrap());
