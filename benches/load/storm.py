@@ -16,6 +16,11 @@ def startup(user: str, db: str) -> bytes:
     return struct.pack(">I", len(body) + 4) + body
 
 
+def query(sql: bytes) -> bytes:
+    body = sql + b"\0"
+    return b"Q" + struct.pack(">I", 4 + len(body)) + body
+
+
 def logged_in(host, port, user, db):
     s = socket.create_connection((host, port), timeout=10)
     s.sendall(startup(user, db))
@@ -43,7 +48,7 @@ def attempt(kind, host, port, user, db):
             "after-login-unknown-type": b"Z\0\0\0\x04",
             "after-login-length-below-4": b"Q\0\0\0\x02",
             "after-login-oversized-sync": b"S\0\0\x27\x20",
-            "after-login-invalid-utf8": b"Q" + struct.pack(">I", 4 + 25) + b"SELECT '\xff\xfe' AS x, 1\0",
+            "after-login-invalid-utf8": query(b"SELECT '\xff\xfe' AS x, 1"),
         }[kind]
         s.sendall(payload)
         if kind == "truncated-startup":
@@ -75,6 +80,9 @@ def main():
     with ThreadPoolExecutor(max_workers=32) as pool:
         results = list(pool.map(lambda k: attempt(k, host, port, user, db), jobs))
     print(f"storm {len(jobs)} answered {sum(results)}", flush=True)
+    failed = sorted({k for k, ok in zip(jobs, results) if not ok})
+    if failed:
+        print(f"unanswered kinds: {', '.join(failed)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
