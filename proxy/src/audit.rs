@@ -194,6 +194,9 @@ impl Audit {
             .spawn(move || {
                 let mut target = target;
                 let mut prev: Option<String> = None;
+                // Set once a closing writer gave up on the file: the lines still queued go
+                // straight to the process log instead of each waiting out CLOSE_RETRY.
+                let mut gave_up = false;
                 while let Some(msg) = rx.blocking_recv() {
                     match msg {
                         Msg::Close => break,
@@ -217,9 +220,15 @@ impl Audit {
                             // replaced) until it succeeds: the line is never skipped.
                             let mut backoff = std::time::Duration::from_millis(100);
                             let mut failed_since: Option<Instant> = None;
-                            loop {
+                            let written = loop {
                                 match target.write_line(line.as_bytes()) {
-                                    Ok(()) => break,
+                                    Ok(()) => {
+                                        if failed_since.is_some() && shared.failing.swap(false, Relaxed) {
+                                            metrics.audit_failing.store(0, Relaxed);
+                                            tracing::warn!(path = %path, "audit log writable again");
+                                        }
+                                        break true;
+                                    }
                                     Err(e) => {
                                         metrics.audit_write_errors_total.fetch_add(1, Relaxed);
                                         if !shared.failing.swap(true, Relaxed) {
@@ -227,11 +236,12 @@ impl Audit {
                                             tracing::error!(error = %e, path = %path, "audit log write failed; retrying");
                                         }
                                         let since = *failed_since.get_or_insert_with(Instant::now);
-                                        if shared.closing.load(Relaxed) && since.elapsed() > CLOSE_RETRY {
+                                        if shared.closing.load(Relaxed) && (gave_up || since.elapsed() > CLOSE_RETRY) {
+                                            gave_up = true;
                                             // Shutting down and still unwritable: the line goes to
                                             // the process log rather than nowhere.
                                             tracing::error!(line = %line.trim_end(), "audit line not written to the log");
-                                            break;
+                                            break false;
                                         }
                                         std::thread::sleep(backoff);
                                         backoff = backoff.saturating_mul(2).min(std::time::Duration::from_secs(2));
@@ -240,10 +250,9 @@ impl Audit {
                                         }
                                     }
                                 }
-                            }
-                            if failed_since.is_some() && shared.failing.swap(false, Relaxed) {
-                                metrics.audit_failing.store(0, Relaxed);
-                                tracing::warn!(path = %path, "audit log writable again");
+                            };
+                            if !written {
+                                continue;
                             }
                             metrics.audit_lines_total.fetch_add(1, Relaxed);
                             let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
