@@ -27,6 +27,12 @@ struct Key {
     text_hash: u64,
 }
 
+impl Key {
+    fn bench(identity: u64, text: &[u8]) -> Key {
+        Key { identity, policy_generation: 0, catalog_generation: 0, text_hash: text_hash(text) }
+    }
+}
+
 #[derive(Clone)]
 struct Entry {
     text: Arc<[u8]>,
@@ -83,15 +89,13 @@ impl Cache {
     /// criterion bench of a cache hit.
     #[doc(hidden)]
     pub fn bench_lookup(&self, identity: u64, text: &[u8]) -> Option<Arc<Analysis>> {
-        let key = Key { identity, policy_generation: 0, catalog_generation: 0, text_hash: text_hash(text) };
-        self.get(&key, text)
+        self.get(&Key::bench(identity, text), text)
     }
 
     /// Stores an analysis where `bench_lookup` finds it.
     #[doc(hidden)]
     pub fn bench_store(&self, identity: u64, text: &[u8], analysis: &Arc<Analysis>) {
-        let key = Key { identity, policy_generation: 0, catalog_generation: 0, text_hash: text_hash(text) };
-        self.put(key, text, analysis);
+        self.put(Key::bench(identity, text), text, analysis);
     }
 
     fn get(&self, key: &Key, text: &[u8]) -> Option<Arc<Analysis>> {

@@ -24,21 +24,14 @@ pub async fn connect(shared: &Shared) -> Result<ServerStream, SessionError> {
 
 async fn connect_within(shared: &Shared) -> Result<ServerStream, SessionError> {
     let up = &shared.config.upstream;
-    let timeout = up.connect_timeout;
     let fail = |e: String| SessionError::Connect(e);
     if up.is_unix() {
         let path = up.socket_path();
-        let sock = tokio::time::timeout(timeout, UnixStream::connect(&path))
-            .await
-            .map_err(|_| fail(format!("timed out connecting to {}", path.display())))?
-            .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        let sock = UnixStream::connect(&path).await.map_err(|e| fail(format!("{}: {e}", path.display())))?;
         return Ok(Either::Left(Either::Right(sock)));
     }
     let addr = format!("{}:{}", up.host, up.port);
-    let mut tcp = tokio::time::timeout(timeout, TcpStream::connect(&addr))
-        .await
-        .map_err(|_| fail(format!("timed out connecting to {addr}")))?
-        .map_err(|e| fail(format!("{addr}: {e}")))?;
+    let mut tcp = TcpStream::connect(&addr).await.map_err(|e| fail(format!("{addr}: {e}")))?;
     let _ = tcp.set_nodelay(true);
     let Some(connector) = shared.upstream_tls.as_ref() else {
         return Ok(Either::Left(Either::Left(tcp)));
@@ -49,9 +42,9 @@ async fn connect_within(shared: &Shared) -> Result<ServerStream, SessionError> {
     match answer[0] {
         b'S' => {
             let name = crate::tls::upstream_name(&up.host);
-            let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
+            let tls = connector
+                .connect(name, tcp)
                 .await
-                .map_err(|_| fail(format!("TLS handshake with {addr} timed out")))?
                 .map_err(|e| fail(format!("TLS handshake with {addr} failed: {e}")))?;
             Ok(Either::Right(tls))
         }
