@@ -98,6 +98,7 @@ fn analysis(c: &mut Criterion) {
                 name: (*n).to_owned(),
                 attnum: i16::try_from(i + 1).unwrap(),
                 type_oid: 25,
+                sql_type: "text".to_owned(),
             })
             .collect(),
         ancestors: Vec::new(),
@@ -122,6 +123,16 @@ fn analysis(c: &mut Criterion) {
     cache.bench_store(7, sql.as_bytes(), &analysis);
     c.bench_function("analysis_cache_hit", |b| {
         b.iter(|| cache.bench_lookup(7, sql.as_bytes()).is_some());
+    });
+    // Substitution: parse, decide and rewrite a statement that reads masked columns, and
+    // apply a cached rewrite to another text of the same shape (the simple protocol's case).
+    let masked = "SELECT id, email, ssn FROM customers WHERE id = 42";
+    c.bench_function("substitute_uncached", |b| {
+        b.iter(|| rules::sql::Analyzer::new(&view, &catalog, "app_user").analyze(masked));
+    });
+    let rw = rules::sql::Analyzer::new(&view, &catalog, "app_user").analyze(masked).rewrite.unwrap();
+    c.bench_function("rewrite_cached_shape", |b| {
+        b.iter(|| rw.apply("SELECT id, email, ssn FROM customers WHERE id = 9001"));
     });
 }
 

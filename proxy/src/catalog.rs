@@ -85,6 +85,7 @@ SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text,
        coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
        coalesce(array_agg(a.attnum::int4 ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
        coalesce(array_agg(a.atttypid::int8 ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
+       coalesce(array_agg(pg_catalog.format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
        CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -134,8 +135,13 @@ impl DbCatalog {
     /// Reloads now (`forced`: because a name was unknown; rate-limited).
     pub async fn refresh(&self, config: &Config, metrics: &Metrics, forced: bool) -> Result<(), CatalogError> {
         let mut at = self.loaded_at.lock().await;
-        if forced && at.is_some_and(|t| t.elapsed() < MIN_FORCED_GAP) {
-            return Ok(());
+        if forced && let Some(t) = *at {
+            // Forced refreshes are spaced out by waiting, never by skipping: a statement that
+            // names a relation the snapshot lacks is decided on a snapshot taken after it came.
+            let since = t.elapsed();
+            if since < MIN_FORCED_GAP {
+                tokio::time::sleep(MIN_FORCED_GAP.saturating_sub(since)).await;
+            }
         }
         let mut guard = self.client.lock().await;
         let client = match guard.as_ref() {
@@ -196,6 +202,9 @@ impl DbCatalog {
 
 pub async fn load(client: &tokio_postgres::Client) -> Result<Catalog, CatalogError> {
     let q = |e: tokio_postgres::Error| CatalogError::Query(e.to_string());
+    // With an empty search_path, view definitions and type names come out schema-qualified,
+    // so a masked session's own search_path cannot change what an inlined view reads.
+    client.batch_execute("SET search_path = ''").await.map_err(q)?;
     let rows = client.query(RELATIONS_SQL, &[]).await.map_err(q)?;
     let ancestors = client.query(ANCESTORS_SQL, &[]).await.map_err(q)?;
     let mut names: HashMap<u32, TableName> = HashMap::new();
@@ -208,17 +217,20 @@ pub async fn load(client: &tokio_postgres::Client) -> Result<Catalog, CatalogErr
         let col_names: Vec<String> = row.get(4);
         let attnums: Vec<i32> = row.get(5);
         let types: Vec<i64> = row.get(6);
+        let sql_types: Vec<String> = row.get(7);
         let columns = col_names
             .into_iter()
             .zip(attnums)
             .zip(types)
-            .map(|((name, attnum), ty)| Column {
+            .zip(sql_types)
+            .map(|(((name, attnum), ty), sql_type)| Column {
                 name,
                 attnum: i16::try_from(attnum).unwrap_or(0),
                 type_oid: u32::try_from(ty).unwrap_or(0),
+                sql_type,
             })
             .collect();
-        relations.push(Relation { oid, name, kind, columns, ancestors: Vec::new(), view_sql: row.get(7) });
+        relations.push(Relation { oid, name, kind, columns, ancestors: Vec::new(), view_sql: row.get(8) });
     }
     let mut parents: HashMap<u32, Vec<TableName>> = HashMap::new();
     for row in &ancestors {

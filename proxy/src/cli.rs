@@ -136,18 +136,45 @@ pub async fn explain(
         }
         return (out, EXIT_FINDING);
     }
-    let _ = writeln!(out, "decision: allowed");
+    match &analysis.rewritten {
+        Some(_) => {
+            let _ = writeln!(out, "decision: allowed, with protected relations substituted");
+        }
+        None => {
+            let _ = writeln!(out, "decision: allowed, unchanged");
+        }
+    }
     for (i, st) in analysis.statements.iter().enumerate() {
         if analysis.statements.len() > 1 {
             let _ = writeln!(out, "statement {}:", i + 1);
         }
-        for (n, (name, mask)) in st.columns.iter().enumerate() {
-            let m = mask.as_ref().map_or_else(|| "unmasked".to_owned(), ToString::to_string);
-            let _ = writeln!(out, "  {:>3}  {name:<24} {m}", n + 1);
+        if !st.tables.is_empty() {
+            let _ = writeln!(out, "  protected relations read: {}", st.tables.join(", "));
+        }
+        if !st.substituted.is_empty() {
+            let _ = writeln!(out, "  substituted by their masked subqueries: {}", st.substituted.join(", "));
+        }
+        for t in &st.substituted {
+            let Some(rel) = catalog.resolve(
+                t.split_once('.').map(|(s, _)| s),
+                t.split_once('.').map_or(t.as_str(), |(_, n)| n),
+                &[],
+            ) else {
+                continue;
+            };
+            for c in &rel.columns {
+                let m = policy
+                    .column_mask(&rules::ColumnName::new(&rel.name.schema, &rel.name.table, &c.name), &identity)
+                    .map_or_else(|| "unmasked".to_owned(), ToString::to_string);
+                let _ = writeln!(out, "    {:<24} {m}", c.name);
+            }
         }
         if let Some(l) = &st.max_rows {
             let _ = writeln!(out, "  max_rows: {} (rule \"{}\")", l.rows, l.rule);
         }
+    }
+    if let Some(text) = &analysis.rewritten {
+        let _ = writeln!(out, "PostgreSQL runs:\n  {text}");
     }
     (out, EXIT_OK)
 }
@@ -183,6 +210,7 @@ fn catalog_from_rules(policy: &rules::Policy, sql: &str) -> Catalog {
                     name: c,
                     attnum: i16::try_from(j + 1).unwrap_or(0),
                     type_oid: 25,
+                    sql_type: "text".to_owned(),
                 })
                 .collect(),
             ancestors: Vec::new(),

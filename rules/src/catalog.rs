@@ -35,6 +35,8 @@ pub struct Column {
     pub name: String,
     pub attnum: i16,
     pub type_oid: u32,
+    /// The type as SQL writes it (`format_type`, with its modifier): masks cast to it.
+    pub sql_type: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +126,7 @@ fn rel(oid: u32, schema: &str, name: &str, kind: RelKind, cols: &[(&str, u32)], 
                 name: (*n).to_owned(),
                 attnum: i16::try_from(i.saturating_add(1)).unwrap_or(i16::MAX),
                 type_oid: *t,
+                sql_type: crate::types::PgType::from_oid(*t).name().to_owned(),
             })
             .collect(),
         ancestors: Vec::new(),

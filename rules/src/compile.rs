@@ -16,7 +16,7 @@ pub struct CompileOptions {
     pub hash_key: Option<Vec<u8>>,
 }
 
-const TOP_KEYS: &[&str] = &["version", "exempt", "columns", "selects", "mode"];
+const TOP_KEYS: &[&str] = &["version", "exempt", "columns", "selects", "mode", "functions"];
 const COLUMN_KEYS: &[&str] = &["mask", "unmasked_for", "predicates", "by_role"];
 const BY_ROLE_KEYS: &[&str] = &["role", "mask"];
 const SELECT_KEYS: &[&str] = &["name", "roles", "tables", "deny", "max_rows", "mode"];
@@ -111,6 +111,7 @@ pub fn compile(src: &str, opts: &CompileOptions) -> Result<Policy, Vec<Diagnosti
     let mut columns = BTreeMap::new();
     let mut selects = Vec::new();
     let mut mode = Mode::Enforce;
+    let mut functions = Vec::new();
     for (key, value) in top {
         match key.name.as_str() {
             "version" => version = Some(value),
@@ -118,6 +119,7 @@ pub fn compile(src: &str, opts: &CompileOptions) -> Result<Policy, Vec<Diagnosti
             "columns" => columns = compile_columns(&mut cx, value),
             "selects" => selects = compile_selects(&mut cx, value),
             "mode" => mode = compile_mode(&mut cx, value).unwrap_or_default(),
+            "functions" => functions = compile_functions(&mut cx, value),
             _ => cx.unknown_key(key, TOP_KEYS, "the rules file"),
         }
     }
@@ -142,7 +144,31 @@ pub fn compile(src: &str, opts: &CompileOptions) -> Result<Policy, Vec<Diagnosti
         return Err(cx.diags);
     }
     let hash_key = opts.hash_key.as_deref().filter(|k| !k.is_empty()).map(HashKey::new);
-    Ok(Policy { exempt, columns, selects, mode, hash_key })
+    Ok(Policy { exempt, columns, selects, mode, hash_key, functions })
+}
+
+/// `functions: { allow: [schema.fn, …] }`: user-defined functions masked sessions may call.
+fn compile_functions(cx: &mut Ctx, node: &Node) -> Vec<TableName> {
+    let mut out = Vec::new();
+    let Some(fields) = cx.map(node, "`functions`") else { return out };
+    for (k, v) in fields {
+        if k.name != "allow" {
+            cx.unknown_key(k, &["allow"], "`functions`");
+            continue;
+        }
+        let Some(items) = cx.seq(v, "`functions.allow`") else { continue };
+        for item in items {
+            let Some(s) = cx.string(item, "a function name") else { continue };
+            match crate::names::parse_table(s) {
+                Ok(t) => out.push(t),
+                Err(e) => {
+                    cx.err(item.pos, format!("invalid function name `{s}`: {e}")).expected =
+                        Some("`schema.function`".to_owned());
+                }
+            }
+        }
+    }
+    out
 }
 
 fn compile_mode(cx: &mut Ctx, node: &Node) -> Option<Mode> {
@@ -201,8 +227,10 @@ fn compile_column(cx: &mut Ctx, pos: Pos, node: &Node) -> Option<ColumnRule> {
                 Some("none") => predicates = Predicates::None,
                 Some("equality") => predicates = Predicates::Equality,
                 Some("any") => predicates = Predicates::Any,
+                Some("masked") => predicates = Predicates::Masked,
                 _ => {
-                    cx.err(value.pos, "invalid `predicates`").expected = Some("`none`, `equality` or `any`".to_owned());
+                    cx.err(value.pos, "invalid `predicates`").expected =
+                        Some("`none`, `masked`, `equality` or `any`".to_owned());
                 }
             },
             "by_role" => {

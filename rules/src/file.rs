@@ -26,6 +26,18 @@ pub struct RulesFile {
     /// `monitor` runs every rule in monitor mode (log, do not block).
     #[serde(default)]
     pub mode: Option<Mode>,
+    /// User-defined functions masked sessions may call.
+    #[serde(default)]
+    pub functions: Option<Functions>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Functions {
+    /// `schema.function` names (their bodies run with their own rights and are not seen by
+    /// the proxy: list only functions that do not read protected data).
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -113,6 +125,7 @@ pub enum Granularity {
 #[serde(rename_all = "snake_case")]
 pub enum Predicates {
     None,
+    Masked,
     Equality,
     Any,
 }

@@ -3,7 +3,6 @@
 
 pub mod catalog;
 pub mod compile;
-mod count;
 pub mod diagnostic;
 pub mod file;
 pub mod mask;
@@ -12,9 +11,6 @@ pub mod policy;
 pub mod sql;
 pub mod tree;
 pub mod types;
-
-#[cfg(test)]
-mod tests;
 
 pub use compile::{CompileOptions, compile};
 pub use diagnostic::Diagnostic;

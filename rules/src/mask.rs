@@ -64,6 +64,33 @@ impl HashKey {
     pub fn new(key: &[u8]) -> Self {
         HashKey(Arc::from(key))
     }
+
+    /// Names the key without revealing it (`pgveil init` stores it, `run` checks it).
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let mut h = Sha256::new();
+        h.update(b"pgveil-hash-key-fingerprint-v1\0");
+        h.update(&self.0);
+        hex::encode(h.finalize().get(..12).unwrap_or_default())
+    }
+
+    /// HMAC-SHA-256's inner and outer padded keys (RFC 2104): what the installed SQL function
+    /// needs to compute the same HMAC with core `sha256()`.
+    pub fn pads(&self) -> ([u8; 64], [u8; 64]) {
+        use sha2::Digest;
+        let mut block = [0u8; 64];
+        if self.0.len() > 64 {
+            let d = Sha256::digest(&self.0);
+            for (b, d) in block.iter_mut().zip(d.iter()) {
+                *b = *d;
+            }
+        } else {
+            for (b, k) in block.iter_mut().zip(self.0.iter()) {
+                *b = *k;
+            }
+        }
+        (block.map(|b| b ^ 0x36), block.map(|b| b ^ 0x5c))
+    }
 }
 
 impl fmt::Debug for HashKey {
@@ -198,16 +225,22 @@ fn email(s: &str) -> Option<String> {
     (!domain.is_empty()).then(|| format!("{first}***@{domain}"))
 }
 
-/// Keeps `keep_first` and `keep_last` of the replaceable (alphanumeric) characters; other
-/// characters are separators and keep their place. When the mask would keep every
-/// replaceable character, it keeps none: a short value is never shown whole.
+/// Whether `partial` may replace a character: ASCII letters and digits, and every non-ASCII
+/// character (so the SQL form, `sql::mask_sql`, can name the same set in a regex class).
+fn replaceable(c: char) -> bool {
+    c.is_ascii_alphanumeric() || !c.is_ascii()
+}
+
+/// Keeps `keep_first` and `keep_last` of the replaceable characters; other characters are
+/// separators and keep their place. When the mask would keep every replaceable character, it
+/// keeps none: a short value is never shown whole.
 pub fn partial(s: &str, keep_first: usize, keep_last: usize, fill: char) -> String {
-    let total = s.chars().filter(|c| c.is_alphanumeric()).count();
+    let total = s.chars().filter(|c| replaceable(*c)).count();
     let keep_all_risk = keep_first.saturating_add(keep_last) >= total;
     let mut seen: usize = 0;
     s.chars()
         .map(|c| {
-            if !c.is_alphanumeric() {
+            if !replaceable(c) {
                 return c;
             }
             seen = seen.saturating_add(1);

@@ -13,6 +13,8 @@ use crate::tree::Pos;
 pub enum Predicates {
     #[default]
     None,
+    /// Filters, joins, ordering and grouping compare the masked value.
+    Masked,
     Equality,
     Any,
 }
@@ -95,6 +97,8 @@ pub struct Policy {
     pub(crate) selects: Vec<SelectRule>,
     pub(crate) mode: Mode,
     pub(crate) hash_key: Option<HashKey>,
+    /// `functions.allow`: user-defined functions masked sessions may call (schema, name).
+    pub(crate) functions: Vec<TableName>,
 }
 
 impl Policy {
@@ -117,6 +121,19 @@ impl Policy {
 
     pub fn hash_key(&self) -> Option<&HashKey> {
         self.hash_key.as_ref()
+    }
+
+    /// Whether any rule uses the `hash` mask (then `pgveil init` must have installed its
+    /// function and key).
+    pub fn uses_hash(&self) -> bool {
+        self.columns.values().any(|c| {
+            matches!(c.mask, Mask::Hash { .. }) || c.by_role.iter().any(|(_, m)| matches!(m, Mask::Hash { .. }))
+        })
+    }
+
+    /// `functions.allow`, as (schema, name) pairs.
+    pub fn functions(&self) -> &[TableName] {
+        &self.functions
     }
 
     pub fn is_exempt(&self, id: &Identity) -> bool {

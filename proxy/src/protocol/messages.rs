@@ -9,6 +9,7 @@ use super::wire::{Reader, begin, finish, put_cstr};
 /// SQLSTATE codes the proxy itself uses.
 pub mod sqlstate {
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const SYNTAX_ERROR: &str = "42601";
     pub const PROTOCOL_VIOLATION: &str = "08P01";
     pub const CONNECTION_FAILURE: &str = "08006";
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
@@ -249,6 +250,14 @@ pub fn query_text(frame: &Frame) -> Option<&[u8]> {
 pub fn parse_message(frame: &Frame) -> Option<(&[u8], &[u8])> {
     let mut r = Reader::new(frame.body_ref());
     Some((r.cstr()?, r.cstr()?))
+}
+
+/// `P`: what follows the statement text (the parameter types), unchanged by a rewrite.
+pub fn parse_rest(frame: &Frame) -> Option<&[u8]> {
+    let mut r = Reader::new(frame.body_ref());
+    r.cstr()?;
+    r.cstr()?;
+    Some(r.rest())
 }
 
 /// `B`: portal, statement and the result-format codes.

@@ -54,10 +54,8 @@ impl quick_cache::Weighter<Key, Entry> for Weigh {
         let strings = |v: &[String]| v.iter().fold(0usize, |sum, s| sum.saturating_add(s.len()).saturating_add(32));
         let a = &val.analysis;
         let plans = a.statements.iter().fold(0usize, |sum, s| {
-            let columns =
-                s.columns.iter().fold(0usize, |sum, (name, _)| sum.saturating_add(name.len()).saturating_add(64));
             sum.saturating_add(size_of::<rules::sql::StatementPlan>())
-                .saturating_add(columns)
+                .saturating_add(strings(&s.substituted))
                 .saturating_add(s.outputs.len().saturating_mul(size_of::<Option<rules::Mask>>()))
                 .saturating_add(strings(&s.tables))
         });
@@ -75,7 +73,8 @@ impl quick_cache::Weighter<Key, Entry> for Weigh {
             .saturating_add(ENTRY_OVERHEAD)
             .saturating_add(plans)
             .saturating_add(blocks)
-            .saturating_add(a.effects.len().saturating_mul(128));
+            .saturating_add(a.effects.len().saturating_mul(128))
+            .saturating_add(a.rewritten.as_ref().map_or(0, |t| t.len().saturating_mul(3)));
         u64::try_from(total).unwrap_or(u64::MAX)
     }
 }
@@ -141,6 +140,13 @@ pub struct SessionRules {
     policy: Arc<rules::Policy>,
     pub view: SessionPolicy,
     pub catalog: Arc<DbCatalog>,
+    /// The session's search_path as tracked (`$user` expanded), and the schemas of paths it
+    /// may be using instead (a SET a rollback may have undone): see `Analyzer`.
+    search_path: Vec<String>,
+    default_path: Vec<String>,
+    uncertain: Vec<String>,
+    path_key: u64,
+    temp: Vec<String>,
 }
 
 impl SessionRules {
@@ -151,7 +157,8 @@ impl SessionRules {
             r.hash(&mut h);
         }
         let view = policy.for_identity(&identity);
-        SessionRules {
+        let default_path = vec![user.to_owned(), "public".to_owned()];
+        let mut rules = SessionRules {
             identity,
             identity_key: h.finish(),
             user: user.to_owned(),
@@ -159,7 +166,67 @@ impl SessionRules {
             policy,
             view,
             catalog: shared.catalogs.for_db(db),
+            search_path: default_path.clone(),
+            default_path,
+            uncertain: Vec::new(),
+            path_key: 0,
+            temp: Vec::new(),
+        };
+        rules.rekey();
+        rules
+    }
+
+    /// Starts from the search_path the client asked for at startup (a top-level key or
+    /// `-c search_path=` in options); every schema named is kept as uncertain as well.
+    pub fn set_startup_path(&mut self, params: &[(String, String)]) {
+        let mut value = params.iter().find(|(k, _)| k.eq_ignore_ascii_case("search_path")).map(|(_, v)| v.clone());
+        if let Some((_, opts)) = params.iter().find(|(k, _)| k == "options")
+            && let Some(i) = opts.find("search_path=")
+        {
+            let rest = opts.get(i.saturating_add("search_path=".len())..).unwrap_or_default();
+            value = Some(rest.split_whitespace().next().unwrap_or_default().to_owned());
         }
+        if let Some(v) = value {
+            let path = parse_path(&v, &self.user);
+            self.default_path = path.clone();
+            self.set_path(Some(path));
+        }
+    }
+
+    /// Follows a `SET search_path` (`None`: RESET / DISCARD back to the default). The path
+    /// left behind stays uncertain for the rest of the session: a rollback may restore it.
+    pub fn set_path(&mut self, path: Option<Vec<String>>) {
+        let new = path
+            .map(|p| p.iter().map(|s| expand_user(s, &self.user)).collect())
+            .unwrap_or_else(|| self.default_path.clone());
+        for s in self.search_path.iter().chain(&self.default_path) {
+            if !new.contains(s) && !self.uncertain.contains(s) {
+                self.uncertain.push(s.clone());
+            }
+        }
+        self.uncertain.retain(|s| !new.contains(s));
+        self.search_path = new;
+        self.rekey();
+    }
+
+    /// Remembers a temporary relation the session created (bounded: a session that creates
+    /// thousands keeps the latest).
+    pub fn add_temp(&mut self, name: &str) {
+        if !self.temp.iter().any(|t| t == name) {
+            if self.temp.len() >= 1024 {
+                self.temp.remove(0);
+            }
+            self.temp.push(name.to_owned());
+            self.rekey();
+        }
+    }
+
+    fn rekey(&mut self) {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.search_path.hash(&mut h);
+        self.uncertain.hash(&mut h);
+        self.temp.hash(&mut h);
+        self.path_key = h.finish();
     }
 
     /// Picks up a reloaded policy (atomically: a statement sees the old or the new rules).
@@ -207,7 +274,7 @@ impl SessionRules {
             }
         };
         let key = Key {
-            identity: self.identity_key,
+            identity: self.identity_key ^ self.path_key,
             policy_generation: self.generation,
             catalog_generation: self.catalog.generation(),
             text_hash: text_hash(sql),
@@ -219,6 +286,7 @@ impl SessionRules {
         let Ok(text) = std::str::from_utf8(sql) else {
             return Arc::new(blocked("unanalysable", "the statement is not valid UTF-8", "send statements in UTF-8"));
         };
+        let text_str = text;
         // Statements that differ only in literals (the simple protocol's way of passing
         // values) share one analysis, keyed by the server scanner's tokens.
         let shape = rules::sql::shape_key(text).map(|k| format!("shape\u{1f}{k}").into_bytes());
@@ -229,16 +297,39 @@ impl SessionRules {
             // Not stored again under its exact text: texts that differ only in literals are
             // mostly one-offs, and storing each filled the cache (and pgveil's memory) with
             // them under a read-write pgbench (benches/load/run.sh).
-            shared.metrics.analysis(nanos(started), true);
-            return hit;
+            match &hit.rewrite {
+                None => {
+                    shared.metrics.analysis(nanos(started), true);
+                    return hit;
+                }
+                // The rewrite is in tokens: applied to this text's own literals.
+                Some(rw) => {
+                    if let Some(rewritten) = rw.apply(text_str) {
+                        shared.metrics.analysis(nanos(started), true);
+                        return Arc::new(Analysis { rewritten: Some(rewritten), ..(*hit).clone() });
+                    }
+                }
+            }
         }
         let mut analysis = self.run(&catalog, text);
-        if analysis.block.as_ref().is_some_and(|b| b.rule == "unknown_relation")
-            && self.catalog.refresh(&shared.config, &shared.metrics, true).await.is_ok()
-        {
-            // A relation created since the snapshot: look again with a fresh catalog.
-            let fresh = self.catalog.snapshot();
-            analysis = self.run(&fresh, text);
+        if analysis.unknown_relation && self.is_strict() {
+            // A relation the snapshot does not know: maybe created since. Reload once (waiting
+            // out the refresh rate limit rather than skipping it) and decide again; if it is
+            // still unknown, the server answers for it (42P01).
+            match self.catalog.refresh(&shared.config, &shared.metrics, true).await {
+                Ok(()) => {
+                    let fresh = self.catalog.snapshot();
+                    analysis = self.run(&fresh, text);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "catalog refresh failed; blocking statements of masked sessions");
+                    return Arc::new(blocked(
+                        "catalog_unavailable",
+                        "pgveil cannot read the database catalog right now",
+                        "retry shortly",
+                    ));
+                }
+            }
         }
         let analysis = Arc::new(analysis);
         let generation = self.catalog.generation();
@@ -253,8 +344,31 @@ impl SessionRules {
     }
 
     fn run(&self, catalog: &Catalog, text: &str) -> Analysis {
-        Analyzer::new(&self.view, catalog, &self.user).analyze(text)
+        Analyzer::new(&self.view, catalog, &self.user)
+            .with_search_path(self.search_path.clone())
+            .with_uncertain_schemas(self.uncertain.clone())
+            .with_temp_relations(self.temp.clone())
+            .analyze(text)
     }
+}
+
+/// A search_path value (`a, "B", $user`) as schema names.
+fn parse_path(v: &str, user: &str) -> Vec<String> {
+    v.split(',')
+        .map(|s| {
+            let s = s.trim();
+            match s.strip_prefix('"').and_then(|x| x.strip_suffix('"')) {
+                Some(q) => q.replace("\"\"", "\""),
+                None => s.to_lowercase(),
+            }
+        })
+        .filter(|s| !s.is_empty())
+        .map(|s| expand_user(&s, user))
+        .collect()
+}
+
+fn expand_user(s: &str, user: &str) -> String {
+    if s == "$user" { user.to_owned() } else { s.to_owned() }
 }
 
 fn nanos(started: Instant) -> u64 {
@@ -274,6 +388,7 @@ fn blocked(rule: &str, reason: &str, hint: &str) -> Analysis {
             tables: Vec::new(),
             columns: Vec::new(),
             check: None,
+            sqlstate: "42501",
         }),
         ..Analysis::default()
     }

@@ -62,11 +62,12 @@ struct QueryState {
     blocked: Option<Box<ErrorResponse>>,
     rows: u64,
     cut: bool,
+    source: Option<Source>,
 }
 
 impl QueryState {
     fn new(analysis: Arc<Analysis>, blocked: Option<Box<ErrorResponse>>) -> Self {
-        QueryState { analysis, idx: 0, row_plan: None, blocked, rows: 0, cut: false }
+        QueryState { analysis, idx: 0, row_plan: None, blocked, rows: 0, cut: false, source: None }
     }
 
     fn plan(&self) -> Option<&StatementPlan> {
@@ -74,10 +75,26 @@ impl QueryState {
     }
 }
 
+/// The client's text of a statement the server runs rewritten, to map error positions back.
+#[derive(Debug, Clone)]
+struct Source {
+    analysis: Arc<Analysis>,
+    original: Bytes,
+}
+
+impl Source {
+    fn map(&self, position: usize) -> Option<usize> {
+        let rw = self.analysis.rewrite.as_ref()?;
+        let text = self.analysis.rewritten.as_deref()?;
+        rw.map_position(std::str::from_utf8(&self.original).ok()?, text, position)
+    }
+}
+
 #[derive(Debug)]
 enum Expect {
     Parse {
         blocked: Option<Box<ErrorResponse>>,
+        source: Option<Source>,
     },
     Bind,
     DescribeStatement(Bytes),
@@ -223,8 +240,16 @@ impl<'a> Inspector<'a> {
                 match self.verdict(&analysis, text).await {
                     Some(err) => self.push_blocked_query(err),
                     None => {
-                        self.to_server.put_slice(f.as_bytes());
-                        self.expect.push_back(Expect::Query(QueryState::new(analysis, None)));
+                        let mut q = QueryState::new(Arc::clone(&analysis), None);
+                        match &analysis.rewritten {
+                            Some(rewritten) => {
+                                // The statement PostgreSQL runs for this session (I2).
+                                messages::tagged(&mut self.to_server, b'Q', &[rewritten.as_bytes(), b"\0"].concat());
+                                q.source = Some(Source { analysis, original: Bytes::copy_from_slice(text) });
+                            }
+                            None => self.to_server.put_slice(f.as_bytes()),
+                        }
+                        self.expect.push_back(Expect::Query(q));
                     }
                 }
             }
@@ -243,7 +268,7 @@ impl<'a> Inspector<'a> {
                         body.put_u16(0);
                         messages::tagged(&mut self.to_server, b'P', &body);
                         self.statements.remove(&name);
-                        self.expect.push_back(Expect::Parse { blocked: Some(err) });
+                        self.expect.push_back(Expect::Parse { blocked: Some(err), source: None });
                     }
                     None => {
                         let plan = Arc::new(analysis.statements.first().cloned().unwrap_or_default());
@@ -252,10 +277,28 @@ impl<'a> Inspector<'a> {
                         let closing = self.expect.iter().any(|e| matches!(e, Expect::Close(b'S', n, _) if *n == name));
                         if name.is_empty() || closing || !self.statements.contains_key(&name) {
                             self.next_id = self.next_id.wrapping_add(1);
-                            self.statements.insert(name, Prepared { id: self.next_id, plan, desc: None });
+                            self.statements.insert(name.clone(), Prepared { id: self.next_id, plan, desc: None });
                         }
-                        self.to_server.put_slice(f.as_bytes());
-                        self.expect.push_back(Expect::Parse { blocked: None });
+                        let source = match &analysis.rewritten {
+                            Some(rewritten) => {
+                                // Same name and parameter types, the rewritten text (I2, I11:
+                                // the server stores the substituted statement).
+                                let rest = messages::parse_rest(&f).unwrap_or_default();
+                                let mut body = BytesMut::with_capacity(rewritten.len() + rest.len() + name.len() + 2);
+                                body.put_slice(&name);
+                                body.put_u8(0);
+                                body.put_slice(rewritten.as_bytes());
+                                body.put_u8(0);
+                                body.put_slice(rest);
+                                messages::tagged(&mut self.to_server, b'P', &body);
+                                Some(Source { analysis: Arc::clone(&analysis), original: Bytes::copy_from_slice(sql) })
+                            }
+                            None => {
+                                self.to_server.put_slice(f.as_bytes());
+                                None
+                            }
+                        };
+                        self.expect.push_back(Expect::Parse { blocked: None, source });
                     }
                 }
             }
@@ -339,6 +382,7 @@ impl<'a> Inspector<'a> {
                         tables: Vec::new(),
                         columns: Vec::new(),
                         check: None,
+                        sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
                     };
                     let err = self.record_block(&b, None).await;
                     self.push_blocked_query(err);
@@ -382,28 +426,18 @@ impl<'a> Inspector<'a> {
                     self.sql_prepared.remove(name);
                 }
                 Effect::Deallocate(None) => self.sql_prepared.clear(),
-                Effect::Execute(name) => {
-                    let plan = self.sql_prepared.get(name);
-                    if self.rules.is_strict() && plan.is_none_or(|p| p.needs_positions) {
-                        let b = Block {
-                            rule: "prepare".to_owned(),
-                            reason: format!(
-                                "EXECUTE {name}: pgveil did not see this statement prepared in a way it can mask"
-                            ),
-                            hint: "PREPARE it in this session, or use the extended protocol".to_owned(),
-                            tables: Vec::new(),
-                            columns: Vec::new(),
-                            check: None,
-                        };
-                        return Some(self.record_block(&b, text).await);
-                    }
-                }
+                Effect::SearchPath(path) => self.rules.set_path(path.clone()),
+                Effect::TempRelation(name) => self.rules.add_temp(name),
             }
         }
         None
     }
 
     async fn record_block(&mut self, b: &Block, text: Option<&str>) -> Box<ErrorResponse> {
+        if b.sqlstate != sqlstate::INSUFFICIENT_PRIVILEGE {
+            // Not a policy decision: the server's own answer (a syntax error), not audited.
+            return Box::new(block_error(b));
+        }
         self.shared.metrics.blocked(&b.rule, b.check.unwrap_or(&b.rule));
         self.audit_block(EventKind::QueryBlocked, b, text, None).await;
         Box::new(block_error(b))
@@ -716,8 +750,10 @@ impl<'a> Inspector<'a> {
     fn error(&mut self, f: &Frame) -> Result<(), SessionError> {
         let strict = self.rules.is_strict();
         let mut replacement: Option<ErrorResponse> = None;
+        let mut source: Option<Source> = None;
         match self.expect.front_mut() {
             Some(Expect::Query(q)) => {
+                source.clone_from(&q.source);
                 if let Some(b) = q.blocked.take() {
                     replacement = Some(*b);
                 } else if q.cut {
@@ -732,7 +768,8 @@ impl<'a> Inspector<'a> {
             _ => {
                 // Extended protocol: the server now skips to Sync; so do our expectations.
                 match self.expect.front() {
-                    Some(Expect::Parse { blocked: Some(b) }) => replacement = Some((**b).clone()),
+                    Some(Expect::Parse { blocked: Some(b), .. }) => replacement = Some((**b).clone()),
+                    Some(Expect::Parse { source: s, .. }) => source.clone_from(s),
                     Some(Expect::Execute(portal)) => {
                         if let Some(l) =
                             self.portals.get(portal).filter(|p| p.cut).and_then(|p| p.plan.max_rows.clone())
@@ -750,12 +787,15 @@ impl<'a> Inspector<'a> {
         if self.suppress {
             return Ok(());
         }
-        match replacement {
-            Some(e) => e.encode(&mut self.to_client),
-            None if strict => {
+        match (replacement, source) {
+            (Some(e), _) => e.encode(&mut self.to_client),
+            (None, Some(src)) => {
+                rows::scrub_error_mapped(f, &mut self.to_client, &|p| src.map(p));
+            }
+            (None, None) if strict => {
                 rows::scrub_error(f, &mut self.to_client);
             }
-            None => self.forward(f),
+            (None, None) => self.forward(f),
         }
         Ok(())
     }
@@ -824,6 +864,9 @@ fn is_ddl_tag(tag: &[u8]) -> bool {
 
 /// The client-facing error for a blocked statement.
 pub(super) fn block_error(b: &Block) -> ErrorResponse {
+    if b.sqlstate == sqlstate::SYNTAX_ERROR {
+        return ErrorResponse::error(sqlstate::SYNTAX_ERROR, b.reason.clone());
+    }
     let mut e = ErrorResponse::error(
         sqlstate::INSUFFICIENT_PRIVILEGE,
         format!("pgveil: statement blocked by rule \"{}\": {}", b.rule, b.reason),

@@ -211,13 +211,34 @@ fn pin_settings(params: &mut Vec<(String, String)>) -> Result<(), SessionError> 
             format!("pgveil: client_encoding {enc} is not supported for sessions with masked columns; use UTF8"),
         ))));
     }
+    // An unsafe encoding hidden in `options` (`-c client_encoding=SJIS`) is refused too.
+    if let Some((_, opts)) = params.iter().find(|(k, _)| k == "options") {
+        let lower = opts.to_ascii_lowercase();
+        for part in lower.split(|c: char| c.is_whitespace()) {
+            if let Some(v) = part.strip_prefix("client_encoding=").or_else(|| part.strip_prefix("--client_encoding="))
+                && inspect::is_unsafe_encoding(v.as_bytes())
+            {
+                return Err(SessionError::Refused(Box::new(messages::ErrorResponse::fatal(
+                    messages::sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!("pgveil: client_encoding {v} is not supported for sessions with masked columns; use UTF8"),
+                ))));
+            }
+        }
+    }
+    // Top-level startup keys are applied after `options`, so the pins are top-level keys too,
+    // replacing any the client sent.
     const PINS: &str = "-c standard_conforming_strings=on -c bytea_output=hex -c DateStyle=ISO";
+    const PINNED: &[(&str, &str)] = &[("standard_conforming_strings", "on"), ("bytea_output", "hex")];
+    params.retain(|(k, _)| !PINNED.iter().any(|(p, _)| k.eq_ignore_ascii_case(p)));
     match params.iter_mut().find(|(k, _)| k == "options") {
         Some((_, v)) => {
             v.push(' ');
             v.push_str(PINS);
         }
         None => params.push(("options".to_owned(), PINS.to_owned())),
+    }
+    for (k, v) in PINNED {
+        params.push(((*k).to_owned(), (*v).to_owned()));
     }
     Ok(())
 }

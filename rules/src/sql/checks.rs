@@ -1,0 +1,801 @@
+//! The decision for one statement of a masked session: the edits that substitute its
+//! protected relations (I2) and mask the protected columns of a DML target, or the block for
+//! what cannot be made safe (I4): SQL from strings, denied built-ins, user functions the rules
+//! do not allow, DDL on protected relations, lexer settings, identity changes, CTEs named like
+//! protected relations, and comparisons of masked columns that `predicates:` forbids.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::catalog::Relation;
+use crate::names::quote_ident;
+use crate::policy::Predicates;
+
+use super::functions;
+use super::protect::{Protected, Protection};
+use super::tokens::{Edit, Piece, Tokens};
+use super::walk::{self, ColSite, Found, Position, Site, StmtKind};
+use super::{Block, Effect, Reason, block};
+
+/// Relations masked sessions may never read: statistics hold sample values of every column.
+const DENIED_RELATIONS: &[&str] =
+    &["pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext_data", "pg_stat_statements"];
+
+/// Where a protected relation may be named other than read or written: statements that do
+/// not change it or what derives from it.
+const HARMLESS_SITES: &[(&str, &str)] = &[
+    ("LockStmt", "relations"),
+    ("TruncateStmt", "relations"),
+    ("GrantStmt", "objects"),
+    ("VacuumRelation", "relation"),
+    ("TableLikeClause", "relation"),
+    ("ClusterStmt", "relation"),
+    ("ReindexStmt", "relation"),
+    ("RefreshMatViewStmt", "relation"),
+    ("ViewStmt", "view"),
+    ("IntoClause", "rel"),
+    ("CreateStmt", "relation"),
+    ("CommentStmt", "object"),
+];
+
+/// Statement types that make the server call a user-defined function later (operators,
+/// casts, aggregates, …) without a function call in the text.
+const CALLS_LATER: &[&str] = &[
+    "CreateCastStmt",
+    "DefineStmt",
+    "CreateOpClassStmt",
+    "CreateTransformStmt",
+    "CreateEventTrigStmt",
+    "CreateConversionStmt",
+    "AlterOperatorStmt",
+    "CreatePLangStmt",
+    "AlterFunctionStmt",
+];
+
+#[derive(Debug, Default)]
+pub(crate) struct Decided {
+    pub edits: Vec<Edit>,
+    pub read_protected: Vec<String>,
+    pub substituted: Vec<String>,
+    pub unknown_relation: bool,
+}
+
+/// Session effects of a statement of a session without masked columns.
+pub(crate) fn effects_only(found: &Found<'_>, effects: &mut Vec<Effect>) {
+    match &found.kind {
+        StmtKind::Deallocate(n) => effects.push(Effect::Deallocate(n.clone())),
+        StmtKind::Set { name, values, .. } if name == "search_path" => {
+            effects.push(Effect::SearchPath(values.clone()));
+        }
+        StmtKind::ResetAll | StmtKind::Discard => effects.push(Effect::SearchPath(None)),
+        _ => {}
+    }
+}
+
+pub(crate) fn check(
+    found: &Found<'_>,
+    protect: &mut Protection<'_>,
+    toks: &Tokens<'_>,
+    effects: &mut Vec<Effect>,
+) -> Result<Decided, Block> {
+    statement(found, protect, effects)?;
+    for f in &found.funcs {
+        function(f, protect)?;
+    }
+    for cte in &found.ctes {
+        if let Some(r) = protect.resolve(None, cte)
+            && protect.protected(&r).is_some()
+        {
+            return Err(Block {
+                tables: vec![r.name.to_string()],
+                ..block(
+                    Reason::CteShadow,
+                    format!("the CTE {cte} has the name of protected relation {}", r.name),
+                    "give the CTE another name",
+                )
+            });
+        }
+    }
+    relations(found, protect, toks)
+}
+
+fn statement(found: &Found<'_>, protect: &mut Protection<'_>, effects: &mut Vec<Effect>) -> Result<(), Block> {
+    match &found.kind {
+        StmtKind::Do => {
+            return Err(block(
+                Reason::Procedural,
+                "DO runs SQL from a string, which pgveil cannot rewrite",
+                "run the statements directly",
+            ));
+        }
+        StmtKind::CreateFunction { language, string_body, has_sql_body } => {
+            if *has_sql_body {
+                return Ok(()); // BEGIN ATOMIC: its statements were walked and are substituted
+            }
+            let sql = language.is_empty() || language == "sql";
+            let reads_protected =
+                string_body.as_deref().is_none_or(|b| !definition_relations_all(b, protect).is_empty());
+            if !sql || reads_protected {
+                return Err(block(
+                    Reason::Procedural,
+                    format!(
+                        "a function body in {} is SQL run from a string, which pgveil cannot rewrite",
+                        if sql { "a string" } else { language.as_str() }
+                    ),
+                    "write SQL functions with BEGIN ATOMIC … END, or ask a DBA to create the function",
+                ));
+            }
+        }
+        StmtKind::Set { name, values, .. } => {
+            set(name, values.as_deref())?;
+            if name == "search_path" {
+                effects.push(Effect::SearchPath(values.clone()));
+            }
+        }
+        StmtKind::ResetAll | StmtKind::Discard => effects.push(Effect::SearchPath(None)),
+        StmtKind::Deallocate(n) => effects.push(Effect::Deallocate(n.clone())),
+        StmtKind::Drop { remove_type, objects } => {
+            use pg_query::protobuf::ObjectType as O;
+            let relation_types =
+                [O::ObjectTable as i64, O::ObjectForeignTable as i64, O::ObjectMatview as i64, O::ObjectView as i64];
+            if relation_types.contains(remove_type) {
+                for o in objects {
+                    let (schema, name) = match o.as_slice() {
+                        [n] => (None, n.as_str()),
+                        [s, n] | [_, s, n] => (Some(s.as_str()), n.as_str()),
+                        _ => continue,
+                    };
+                    if let Some(r) = protect.resolve(schema, name)
+                        && let Some(p) = protect.protected(&r)
+                        && matches!(*p, Protected::Table { .. })
+                    {
+                        return Err(protected_ddl(&r));
+                    }
+                }
+            }
+        }
+        StmtKind::Other(kind) if CALLS_LATER.contains(&kind.as_str()) => {
+            return Err(block(
+                Reason::Function,
+                "this statement makes the server call a user-defined function later, which masked sessions may not",
+                "ask a DBA to run it",
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn protected_ddl(r: &Relation) -> Block {
+    Block {
+        tables: vec![r.name.to_string()],
+        ..block(
+            Reason::ProtectedDdl,
+            format!("{} is protected: masked sessions may not change it or what derives from it", r.name),
+            "ask a DBA (an exempt role) to make this change",
+        )
+    }
+}
+
+/// Whether a masked session may set `name` to `values` (`None`: RESET / DEFAULT, back to the
+/// session's pinned startup value).
+fn set(name: &str, values: Option<&[String]>) -> Result<(), Block> {
+    let first = values.and_then(|v| v.first()).map(|v| v.to_lowercase());
+    match name {
+        "role" | "session_authorization" | "session authorization" => Err(block(
+            Reason::IdentityChange,
+            "changing the session's role is not allowed for masked sessions",
+            "connect as the role you need",
+        )),
+        "standard_conforming_strings" if first.as_deref().is_some_and(|v| !matches!(v, "on" | "true" | "1")) => {
+            Err(setting(name))
+        }
+        "client_encoding" | "names" if first.as_deref().is_some_and(|v| unsafe_encoding(v) || v == "?") => {
+            Err(setting(name))
+        }
+        "search_path" => {
+            // pg_catalog after another schema lets that schema's functions shadow built-ins.
+            let v = values.unwrap_or_default();
+            if v.iter().position(|s| s.eq_ignore_ascii_case("pg_catalog")).is_some_and(|i| i > 0) {
+                return Err(block(
+                    Reason::Setting,
+                    "a search_path with pg_catalog after another schema is not allowed for masked sessions",
+                    "leave pg_catalog out of search_path (it is searched first) or put it first",
+                ));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn setting(name: &str) -> Block {
+    block(
+        Reason::Setting,
+        format!("changing {name} this way is not allowed for masked sessions"),
+        "pgveil pins settings that change how statements are read",
+    )
+}
+
+/// Client encodings whose multi-byte characters can hide a quote or backslash byte.
+pub fn unsafe_encoding(value: &str) -> bool {
+    let v = value.to_ascii_uppercase().replace(['-', '_'], "");
+    matches!(
+        v.as_str(),
+        "SJIS"
+            | "SHIFTJIS"
+            | "BIG5"
+            | "GBK"
+            | "UHC"
+            | "GB18030"
+            | "JOHAB"
+            | "SHIFTJIS2004"
+            | "WIN932"
+            | "WIN936"
+            | "WIN949"
+            | "WIN950"
+            | "CP932"
+            | "CP936"
+            | "CP949"
+            | "CP950"
+    )
+}
+
+fn function(f: &walk::FuncSite, protect: &Protection<'_>) -> Result<(), Block> {
+    let (schema, name) = match f.name.as_slice() {
+        [n] => (None, n.as_str()),
+        [s, n] => (Some(s.as_str()), n.as_str()),
+        [_, s, n] => (Some(s.as_str()), n.as_str()),
+        _ => return Ok(()),
+    };
+    if name == "set_config" && schema.is_none_or(|s| s == "pg_catalog") {
+        let setting_name = f.text_args.first().cloned().flatten().map(|s| s.to_lowercase());
+        let value = f.text_args.get(1).cloned().flatten();
+        return match setting_name.as_deref() {
+            None | Some("search_path") => Err(block(
+                Reason::Setting,
+                "set_config with this setting is not allowed for masked sessions",
+                "use SET with a constant value",
+            )),
+            Some(n) => set(n, Some(&[value.unwrap_or_else(|| "?".to_owned())])),
+        };
+    }
+    match schema {
+        Some(s) if s == super::mask_sql::SCHEMA => Err(block(
+            Reason::Function,
+            "the pgveil schema belongs to the proxy",
+            "masked values come from the proxy itself",
+        )),
+        None | Some("pg_catalog") if functions::is_builtin(name) => match functions::denied(name) {
+            Some(family) => Err(block(
+                if family.starts_with("runs SQL") { Reason::Procedural } else { Reason::Function },
+                format!("{name}() {family}, which masked sessions may not use"),
+                "select the rows directly",
+            )),
+            None => Ok(()),
+        },
+        _ => {
+            let allowed = protect.policy.policy.functions().iter().any(|allowed| {
+                allowed.table == name
+                    && match schema {
+                        Some(s) => allowed.schema == s,
+                        None => protect.search_path.contains(&allowed.schema),
+                    }
+            });
+            if allowed {
+                Ok(())
+            } else {
+                let shown = schema.map_or_else(|| name.to_owned(), |s| format!("{s}.{name}"));
+                Err(block(
+                    Reason::Function,
+                    format!("{shown}() is not a built-in, and the rules do not allow it (functions.allow)"),
+                    "ask the DBA to list it under functions: allow: if it does not read protected data",
+                ))
+            }
+        }
+    }
+}
+
+/// How a column reference resolves.
+enum Col {
+    /// To this relation site's column.
+    Site(usize, String),
+    /// To something else (an unprotected or unknown relation, a subquery, …).
+    Other,
+    /// Cannot tell, and it could be a protected column of this site.
+    Ambiguous(usize, String),
+}
+
+fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>) -> Result<Decided, Block> {
+    let mut out = Decided::default();
+    // Resolve every relation named.
+    let mut resolved: Vec<Option<Arc<Relation>>> = Vec::with_capacity(found.rels.len());
+    let mut prot: Vec<Option<Arc<Protected>>> = Vec::with_capacity(found.rels.len());
+    for r in &found.rels {
+        let schema = r.schema();
+        let is_cte = schema.is_none() && found.ctes.iter().any(|c| c == r.relname());
+        let rel = if is_cte { None } else { protect.resolve(schema, r.relname()) };
+        let is_temp = schema.is_none_or(|s| s.starts_with("pg_temp")) && protect.temp.iter().any(|t| t == r.relname());
+        if rel.is_none() && !is_cte && !is_temp {
+            out.unknown_relation = true;
+        }
+        if schema.is_none()
+            && !is_cte
+            && let Some(t) = protect.ambiguous(r.relname(), rel.as_ref())
+        {
+            return Err(Block {
+                tables: vec![t.to_string()],
+                ..block(
+                    Reason::Unsupported,
+                    format!(
+                        "{} could denote protected relation {t} (the search_path may have been rolled back)",
+                        r.relname()
+                    ),
+                    "qualify the name with its schema",
+                )
+            });
+        }
+        if let Some(rel) = &rel
+            && matches!(r.site, Site::Read | Site::Tablesample)
+            && rel.name.schema == "pg_catalog"
+            && DENIED_RELATIONS.contains(&rel.name.table.as_str())
+        {
+            return Err(block(
+                Reason::Catalog,
+                format!("{} holds sample values of every column", rel.name),
+                "ask a DBA for the statistics you need",
+            ));
+        }
+        prot.push(rel.as_ref().and_then(|x| protect.protected(x)));
+        resolved.push(rel);
+    }
+    let resolve_col = |c: &ColSite| -> Col { resolve_column(found, &resolved, &prot, c) };
+
+    // Comparisons of masked columns, and what raw-predicate grants let through.
+    let mut pushdowns: Vec<(usize, Vec<Piece>, usize, usize)> = Vec::new(); // site, filter, conj tokens
+    let mut raw_ok: HashSet<i32> = HashSet::new(); // DML WHERE refs left raw by a grant
+    for c in &found.cols {
+        let Position::Filter(clause) = c.position else { continue };
+        let (site, name) = match resolve_col(c) {
+            Col::Site(s, n) => (s, n),
+            Col::Other => continue,
+            Col::Ambiguous(s, n) => {
+                let is_target = found.rels.get(s).is_some_and(|r| r.site == Site::Target);
+                if is_target {
+                    return Err(Block {
+                        columns: vec![n.clone()],
+                        ..block(
+                            Reason::Unsupported,
+                            format!("pgveil cannot tell whether {n} here is the protected column of the target"),
+                            "qualify the column with its table",
+                        )
+                    });
+                }
+                continue;
+            }
+        };
+        let Some(p) = prot.get(site).cloned().flatten() else { continue };
+        if !p.is_masked(&name) {
+            continue;
+        }
+        let predicates = p.column(&name).map_or(Predicates::None, |v| v.predicates);
+        let rel_site = found.rels.get(site);
+        let qualified = resolved.get(site).cloned().flatten().map(|r| format!("{}.{name}", r.name)).unwrap_or_default();
+        let conj = found
+            .scopes
+            .get(rel_site.map_or(usize::MAX, |r| r.scope))
+            .and_then(|s| s.conjuncts.iter().find(|k| k.col_location == c.location && c.location >= 0));
+        let predicate_block = |why: &str| Block {
+            columns: vec![qualified.clone()],
+            tables: resolved.get(site).cloned().flatten().map(|r| r.name.to_string()).into_iter().collect(),
+            ..block(
+                Reason::Predicate,
+                format!("column {qualified} is masked for this session and cannot be used in {clause}{why}"),
+                if clause == "WHERE" {
+                    "filter on an unmasked column, or ask the DBA for `predicates: masked` or `equality` on it"
+                } else {
+                    "use only unmasked columns here, or ask the DBA for `predicates: masked` on it"
+                },
+            )
+        };
+        let grant_fits = |k: &walk::Conjunct| match predicates {
+            Predicates::Equality => k.op == "=",
+            Predicates::Any => true,
+            _ => false,
+        };
+        match predicates {
+            Predicates::None => return Err(predicate_block("")),
+            Predicates::Masked => {}
+            Predicates::Equality | Predicates::Any => {
+                let is_target = rel_site.is_some_and(|r| r.site == Site::Target);
+                match conj {
+                    Some(k) if grant_fits(k) && is_target => {
+                        raw_ok.insert(c.location);
+                    }
+                    Some(k) if grant_fits(k) => {
+                        if rel_site.is_some_and(|r| r.nullable) {
+                            return Err(predicate_block(" (its table is on the outer side of a join)"));
+                        }
+                        let (Some(first), Some(rhs), Some(mut last)) =
+                            (toks.at(k.first), toks.at(k.rhs_first), toks.at(k.rhs_last))
+                        else {
+                            return Err(predicate_block(""));
+                        };
+                        if !k.is_in && toks.text(last) == "-" {
+                            last = last.saturating_add(1);
+                        }
+                        let op = if k.is_in { "IN" } else { k.op.as_str() };
+                        let mut filter = vec![Piece::Text(format!("{} {op} ", quote_ident(&name)))];
+                        filter.push(Piece::Tokens(rhs, last.saturating_add(1)));
+                        pushdowns.push((site, filter, first, last.saturating_add(1)));
+                    }
+                    _ if predicates == Predicates::Any && clause != "WHERE" => {} // compares masked values
+                    _ => return Err(predicate_block(" except as `column = value` at the top of WHERE")),
+                }
+            }
+        }
+    }
+
+    // Substitute read relations; mask the protected columns of DML targets.
+    for (i, r) in found.rels.iter().enumerate() {
+        let (Some(rel), Some(p)) = (resolved.get(i).cloned().flatten(), prot.get(i).cloned().flatten()) else {
+            continue;
+        };
+        let name = rel.name.to_string();
+        match &r.site {
+            Site::Read | Site::CopyTo => {
+                if !out.read_protected.contains(&name) {
+                    out.read_protected.push(name.clone());
+                }
+                let filters: Vec<Vec<Piece>> =
+                    pushdowns.iter().filter(|(s, ..)| *s == i).map(|(_, f, ..)| f.clone()).collect();
+                let needed = !filters.is_empty() || reachable(found, r, &p);
+                if !needed {
+                    continue;
+                }
+                for (_, _, from, to) in pushdowns.iter().filter(|(s, ..)| *s == i) {
+                    out.edits.push(Edit { from: *from, to: *to, pieces: vec![Piece::Text("TRUE".to_owned())] });
+                }
+                let edit = substitution(r, &p, protect, toks, filters)?;
+                out.edits.push(edit);
+                out.substituted.push(name);
+            }
+            Site::Tablesample => {
+                return Err(block(
+                    Reason::Unsupported,
+                    format!("TABLESAMPLE of protected relation {name} is not supported for masked sessions"),
+                    "sample with WHERE random() < …",
+                ));
+            }
+            Site::Target => {
+                target(found, i, &rel, &p, protect, toks, &raw_ok, &resolved, &prot, &mut out.edits)?;
+            }
+            Site::Other(parent, key) => {
+                if !HARMLESS_SITES.iter().any(|(p, k)| p == parent && k == key) {
+                    return Err(protected_ddl(&rel));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a statement can read a protected column of this relation site without naming it
+/// or by naming it: `*`, whole-row references, NATURAL joins, COPY of every column, or any
+/// reference by a masked column's name. A relation no such path reaches stays as written.
+fn reachable(found: &Found<'_>, r: &walk::RelSite<'_>, p: &Protected) -> bool {
+    if matches!(p, Protected::View { .. }) || matches!(p, Protected::Table { whole: true, .. }) {
+        return true;
+    }
+    if r.site == Site::CopyTo {
+        return r.copy_columns.is_empty() || r.copy_columns.iter().any(|c| p.is_masked(c));
+    }
+    if found.natural_join || found.cols.iter().any(|c| c.fields.last().is_some_and(|f| f == "*")) {
+        return true;
+    }
+    let alias = r.alias().unwrap_or(r.relname());
+    if found.cols.iter().any(|c| c.fields.len() == 1 && (c.fields[0] == alias || c.fields[0] == r.relname())) {
+        return true;
+    }
+    p.masked_names().iter().any(|n| found.names.contains(*n))
+}
+
+/// The edit that replaces a relation site by its masked subquery.
+fn substitution(
+    r: &walk::RelSite<'_>,
+    p: &Protected,
+    protect: &Protection<'_>,
+    toks: &Tokens<'_>,
+    filters: Vec<Vec<Piece>>,
+) -> Result<Edit, Block> {
+    let cannot = || block(Reason::Unsupported, "pgveil cannot locate this relation in the statement's text", "");
+    let at = toks.at(r.location()).ok_or_else(cannot)?;
+    let mut from = at;
+    let mut to = toks.name_end(at);
+    let mut prefix = String::new();
+    let copy = r.site == Site::CopyTo;
+    if !copy {
+        if from > 0 && toks.is(from.saturating_sub(1), "only") {
+            from = from.saturating_sub(1);
+        } else if from > 1 && toks.text(from.saturating_sub(1)) == "(" && toks.is(from.saturating_sub(2), "only") {
+            from = from.saturating_sub(2);
+            if toks.text(to.saturating_add(1)) == ")" {
+                to = to.saturating_add(1);
+            }
+        } else if from > 0 && toks.is(from.saturating_sub(1), "table") {
+            // `TABLE t` is `SELECT * FROM t`.
+            from = from.saturating_sub(1);
+            prefix.push_str("SELECT * FROM ");
+        }
+        if toks.text(to.saturating_add(1)) == "*" {
+            to = to.saturating_add(1);
+        }
+    } else if toks.text(to.saturating_add(1)) == "(" {
+        to = toks.matching_paren(to.saturating_add(1)).ok_or_else(cannot)?;
+    }
+    let only = copy || !r.inh();
+    let mut pieces = vec![Piece::Text(prefix)];
+    pieces.extend(protect.subquery(p, only, &r.copy_columns, filters)?);
+    if !copy && r.alias().is_none() {
+        pieces.push(Piece::Text(format!(" AS {}", quote_ident(r.relname()))));
+    }
+    Ok(Edit { from, to: to.saturating_add(1), pieces })
+}
+
+#[allow(clippy::too_many_arguments, reason = "the pieces of one decision")]
+fn target(
+    found: &Found<'_>,
+    site: usize,
+    rel: &Arc<Relation>,
+    p: &Protected,
+    protect: &Protection<'_>,
+    toks: &Tokens<'_>,
+    raw_ok: &HashSet<i32>,
+    resolved: &[Option<Arc<Relation>>],
+    prot: &[Option<Arc<Protected>>],
+    edits: &mut Vec<Edit>,
+) -> Result<(), Block> {
+    let Some(r) = found.rels.get(site) else { return Ok(()) };
+    if matches!(p, Protected::View { .. }) {
+        return Err(block(
+            Reason::Unsupported,
+            format!("writing through view {} over protected data is not supported for masked sessions", rel.name),
+            "write to the table itself",
+        ));
+    }
+    let alias = quote_ident(r.alias().unwrap_or(r.relname()));
+    let scope_entries = found.scopes.get(r.scope).map_or(0, |s| s.entries.len());
+    for c in &found.cols {
+        let star = c.fields.last().is_some_and(|f| f == "*");
+        if star && c.position == Position::Returning {
+            let qualifier = c.fields.len().checked_sub(2).and_then(|i| c.fields.get(i));
+            let ours = match qualifier {
+                None => c.scope == r.scope,
+                Some(q) => *q == r.alias().unwrap_or(r.relname()),
+            };
+            if !ours {
+                continue;
+            }
+            if qualifier.is_none() && scope_entries > 1 && found.kind != StmtKind::Insert {
+                return Err(block(
+                    Reason::Unsupported,
+                    "RETURNING * over a protected table and other relations",
+                    "list the columns in RETURNING",
+                ));
+            }
+            let list: Vec<String> = rel
+                .columns
+                .iter()
+                .map(|col| {
+                    let q = format!("{alias}.{}", quote_ident(&col.name));
+                    match protect.column_expr(p, &col.name, &q) {
+                        Some(e) => format!("{e} AS {}", quote_ident(&col.name)),
+                        None => q,
+                    }
+                })
+                .collect();
+            let at = toks.at(c.location).ok_or_else(|| block(Reason::Unsupported, "cannot locate *", ""))?;
+            let end = if qualifier.is_some() { at.saturating_add(2) } else { at };
+            edits.push(Edit { from: at, to: end.saturating_add(1), pieces: vec![Piece::Text(list.join(", "))] });
+            continue;
+        }
+        let (s, name) = match resolve_column(found, resolved, prot, c) {
+            Col::Site(s, n) | Col::Ambiguous(s, n) if s == site => (s, n),
+            _ => {
+                // A whole-row reference to the target.
+                if c.fields.len() == 1
+                    && c.fields.first().is_some_and(|f| f == r.alias().unwrap_or(r.relname()))
+                    && rel.column(&c.fields[0]).is_none()
+                    && c.scope >= r.scope
+                {
+                    return Err(block(
+                        Reason::WholeRow,
+                        format!("a whole-row reference to protected table {} in a write", rel.name),
+                        "name the columns you need",
+                    ));
+                }
+                continue;
+            }
+        };
+        let _ = s;
+        if !p.is_masked(&name) || raw_ok.contains(&c.location) {
+            continue;
+        }
+        if let Col::Ambiguous(..) = resolve_column(found, resolved, prot, c) {
+            return Err(block(
+                Reason::Unsupported,
+                format!("pgveil cannot tell whether {name} here is the protected column of the target"),
+                "qualify the column with its table",
+            ));
+        }
+        let Some(expr) = protect.column_expr(p, &name, &format!("{alias}.{}", quote_ident(&name))) else { continue };
+        let at = toks.at(c.location).ok_or_else(|| block(Reason::Unsupported, "cannot locate a column", ""))?;
+        let end = toks.name_end(at);
+        edits.push(Edit { from: at, to: end.saturating_add(1), pieces: vec![Piece::Text(format!("({expr})"))] });
+    }
+    Ok(())
+}
+
+/// Resolves a column reference through its scopes, as the server would by name.
+fn resolve_column(
+    found: &Found<'_>,
+    resolved: &[Option<Arc<Relation>>],
+    prot: &[Option<Arc<Protected>>],
+    c: &ColSite,
+) -> Col {
+    let fields: Vec<&str> = c.fields.iter().map(String::as_str).filter(|f| *f != "*").collect();
+    let (qualifier, column) = match fields.as_slice() {
+        [col] => (None, *col),
+        [q, col] => (Some(*q), *col),
+        [_, q, col] | [_, _, q, col] => (Some(*q), *col),
+        _ => return Col::Other,
+    };
+    let mut scope = Some(c.scope);
+    let mut unknown_inner = false;
+    while let Some(si) = scope {
+        let Some(s) = found.scopes.get(si) else { break };
+        match qualifier {
+            Some(q) => {
+                if let Some(e) = s.entries.iter().rev().find(|e| e.alias == q) {
+                    return match e.rel {
+                        Some(site) => Col::Site(site, column.to_owned()),
+                        None => Col::Other,
+                    };
+                }
+            }
+            None => {
+                let mut unknown_here = false;
+                for e in &s.entries {
+                    match e.rel.and_then(|site| resolved.get(site).cloned().flatten().map(|r| (site, r))) {
+                        Some((site, r)) if r.column(column).is_some() => {
+                            return if unknown_inner {
+                                Col::Ambiguous(site, column.to_owned())
+                            } else {
+                                Col::Site(site, column.to_owned())
+                            };
+                        }
+                        Some(_) => {}
+                        None => unknown_here = true,
+                    }
+                }
+                if unknown_here {
+                    unknown_inner = true;
+                }
+            }
+        }
+        scope = s.parent;
+    }
+    let _ = prot;
+    Col::Other
+}
+
+/// A view definition with its protected relations substituted; `None` when nothing in it is
+/// protected (the view is then not protected either).
+pub(crate) fn substitute_definition(sql: &str, protect: &mut Protection<'_>) -> Result<Option<String>, Block> {
+    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT)
+        .map_err(|e| block(Reason::Unsupported, e.to_string(), ""))?;
+    let toks = Tokens::new(sql).ok_or_else(|| block(Reason::Unsupported, "unscannable view", ""))?;
+    let mut edits = Vec::new();
+    for raw in &parsed.protobuf.stmts {
+        let Some(stmt) = raw.stmt.as_ref() else { continue };
+        let tree = serde_json::to_value(stmt).map_err(|e| block(Reason::Unsupported, e.to_string(), ""))?;
+        let found = walk::walk(&tree);
+        let mut scratch = Vec::new();
+        edits.extend(check(&found, protect, &toks, &mut scratch)?.edits);
+    }
+    if edits.is_empty() {
+        return Ok(None);
+    }
+    super::Rewrite::new(edits, toks.len())
+        .apply(sql)
+        .map(Some)
+        .ok_or_else(|| block(Reason::Unsupported, "view not rewritable", ""))
+}
+
+/// The relations a definition reads (for lineage).
+pub(crate) fn definition_relations(sql: &str, protect: &mut Protection<'_>) -> Vec<Arc<Relation>> {
+    let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else { return Vec::new() };
+    let mut out = Vec::new();
+    for raw in &parsed.protobuf.stmts {
+        let Some(stmt) = raw.stmt.as_ref() else { continue };
+        let Ok(tree) = serde_json::to_value(stmt) else { continue };
+        let found = walk::walk(&tree);
+        for r in &found.rels {
+            if matches!(r.site, Site::Read | Site::Tablesample | Site::CopyTo)
+                && let Some(rel) = protect.resolve(r.schema(), r.relname())
+            {
+                out.push(rel);
+            }
+        }
+    }
+    out
+}
+
+/// The protected relations a function body names anywhere; a body that does not parse counts
+/// as reading one.
+fn definition_relations_all(sql: &str, protect: &mut Protection<'_>) -> Vec<String> {
+    let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
+        return vec!["(unparsable body)".to_owned()];
+    };
+    let mut out = Vec::new();
+    for raw in &parsed.protobuf.stmts {
+        let Some(stmt) = raw.stmt.as_ref() else { continue };
+        let Ok(tree) = serde_json::to_value(stmt) else { return vec!["(unreadable body)".to_owned()] };
+        let found = walk::walk(&tree);
+        for r in &found.rels {
+            if let Some(rel) = protect.resolve(r.schema(), r.relname())
+                && protect.protected(&rel).is_some()
+            {
+                out.push(rel.name.to_string());
+            }
+        }
+        for f in &found.funcs {
+            if function(f, protect).is_err() {
+                out.push(f.name.join("."));
+            }
+        }
+    }
+    out
+}
+
+/// The substitution checker: re-parses a statement as the server receives it and fails if a
+/// protected relation is read anywhere other than as the single relation of a masked
+/// subquery (every masked column an expression under its own name, every other column
+/// itself), unless no masked column of it is reachable. Tests run it on every rewrite.
+pub fn verify(sql: &str, protect: &mut Protection<'_>) -> Result<(), String> {
+    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).map_err(|e| format!("does not parse: {e}"))?;
+    for raw in &parsed.protobuf.stmts {
+        let Some(stmt) = raw.stmt.as_ref() else { continue };
+        let tree = serde_json::to_value(stmt).map_err(|e| e.to_string())?;
+        let found = walk::walk(&tree);
+        for (i, r) in found.rels.iter().enumerate() {
+            if !matches!(r.site, Site::Read | Site::CopyTo | Site::Tablesample) {
+                continue;
+            }
+            let Some(rel) = protect.resolve(r.schema(), r.relname()) else { continue };
+            let Some(p) = protect.protected(&rel) else { continue };
+            if let Protected::View { .. } = *p {
+                return Err(format!("view {} is read as written", rel.name));
+            }
+            let Protected::Table { whole, .. } = *p else { continue };
+            let Some(s) = found.selects.iter().find(|s| s.from_rels.contains(&i)) else {
+                if reachable(&found, r, &p) {
+                    return Err(format!("{} is read outside a substitution", rel.name));
+                }
+                continue;
+            };
+            let shaped = s.from_rels.len() == 1
+                && s.from_subselects.is_empty()
+                && s.outputs.len() <= rel.columns.len()
+                && s.outputs.iter().all(|(name, plain)| match rel.column(name) {
+                    None => false,
+                    Some(_) if whole || p.is_masked(name) => plain.is_none(),
+                    Some(_) => plain.as_deref() == Some(name.as_str()),
+                });
+            if !shaped && reachable(&found, r, &p) {
+                return Err(format!("{} is read outside a substitution", rel.name));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! Cache keys shared by statements that differ only in literal values, where literals cannot
+//! change the decision: the server's own scanner splits the text, literals become `$`,
+//! everything else is kept as written. A rewrite is expressed in tokens, so it applies to
+//! every text of one shape.
+
+use pg_query::protobuf as pb;
+
+/// Keywords whose literal arguments change what analysis decides (positions in ORDER BY,
+/// LIMIT NULL, setting values, …): statements with them get no shape key.
+const SHAPE_SENSITIVE: &[&str] = &[
+    "order",
+    "group",
+    "limit",
+    "offset",
+    "fetch",
+    "set",
+    "reset",
+    "distinct",
+    "copy",
+    "explain",
+    "do",
+    "prepare",
+    "execute",
+    "declare",
+    "call",
+    "values",
+    "into",
+    "window",
+    "over",
+    "filter",
+    "returning",
+    "show",
+    "set_config",
+];
+
+/// Of `SHAPE_SENSITIVE`, the keywords that are plain syntax in a statement starting with the
+/// given word: `UPDATE … SET col = <value>` and `INSERT INTO … VALUES (<values>)` assign values,
+/// which analysis never looks at (it looks at the columns and the sources they come from).
+const SHAPE_SYNTAX: &[(&str, &[&str])] = &[("update", &["set"]), ("insert", &["into", "values"])];
+
+/// A key equal for statements that differ only in literal values, where literals cannot
+/// change the analysis: the server's own scanner splits the text, literals become `$`,
+/// everything else is kept as written. `None` when the statement must be analysed as is.
+pub fn shape_key(sql: &str) -> Option<String> {
+    let scanned = pg_query::scan(sql).ok()?;
+    let mut key = String::with_capacity(sql.len());
+    // The first word of the statement being scanned (a text may hold several).
+    let mut head: Option<&str> = None;
+    for t in &scanned.tokens {
+        let start = usize::try_from(t.start).ok()?;
+        let end = usize::try_from(t.end).ok()?;
+        let text = sql.get(start..end)?;
+        if matches!(pb::Token::try_from(t.token), Ok(pb::Token::SqlComment | pb::Token::CComment)) {
+            continue;
+        }
+        if text == ";" {
+            head = None;
+        } else if head.is_none() {
+            head = Some(text);
+        }
+        let literal = matches!(
+            pb::Token::try_from(t.token),
+            Ok(pb::Token::Sconst
+                | pb::Token::Usconst
+                | pb::Token::Iconst
+                | pb::Token::Fconst
+                | pb::Token::Bconst
+                | pb::Token::Xconst)
+        );
+        if literal {
+            key.push('$');
+        } else {
+            let syntax = SHAPE_SYNTAX.iter().any(|(first, words)| {
+                head.is_some_and(|h| h.eq_ignore_ascii_case(first))
+                    && words.iter().any(|w| text.eq_ignore_ascii_case(w))
+            });
+            if !syntax && SHAPE_SENSITIVE.iter().any(|k| text.eq_ignore_ascii_case(k)) {
+                return None;
+            }
+            key.push_str(text);
+        }
+        key.push('\u{1f}');
+    }
+    Some(key)
+}

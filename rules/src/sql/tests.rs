@@ -1,0 +1,362 @@
+//! Data-driven tests of statement decisions against the spec example's rules and catalog.
+//! Every rewrite is re-parsed by the substitution checker.
+
+use std::sync::Arc;
+
+use crate::policy::Identity;
+use crate::sql::{Analyzer, verify_substituted};
+use crate::{CompileOptions, compile};
+
+fn policy() -> Arc<crate::Policy> {
+    Arc::new(
+        compile(
+            include_str!("../../testdata/valid/spec-example.yaml"),
+            &CompileOptions { hash_key: Some(b"k".to_vec()) },
+        )
+        .unwrap(),
+    )
+}
+
+/// `block <rule>`, `flag <rule>`, `allow` (forwarded as written) or `rewrite` (substituted),
+/// with ` max_rows=N` when a row limit applies.
+fn decide(roles: &[&str], sql: &str) -> (String, Option<String>) {
+    let session = policy().for_identity(&Identity::new(roles.iter().copied()));
+    let catalog = crate::catalog::example();
+    let analysis = Analyzer::new(&session, &catalog, roles[0]).analyze(sql);
+    let limit = analysis
+        .statements
+        .iter()
+        .find_map(|s| s.max_rows.as_ref())
+        .map(|l| format!(" max_rows={}", l.rows))
+        .unwrap_or_default();
+    let verdict = match (&analysis.block, analysis.flagged.first(), &analysis.rewritten) {
+        (Some(b), _, _) => format!("block {}", b.rule),
+        (None, Some(f), _) => format!("flag {}", f.rule),
+        (None, None, Some(_)) => format!("rewrite{limit}"),
+        (None, None, None) => format!("allow{limit}"),
+    };
+    if let Some(text) = &analysis.rewritten {
+        verify_substituted(&session, &catalog, roles[0], text)
+            .unwrap_or_else(|e| panic!("{e}\nsql: {sql}\nrewritten: {text}"));
+    } else if analysis.block.is_none() {
+        verify_substituted(&session, &catalog, roles[0], sql).unwrap_or_else(|e| panic!("{e}\nsql: {sql}"));
+    }
+    (verdict, analysis.rewritten)
+}
+
+#[track_caller]
+fn check(roles: &[&str], sql: &str, expected: &str) {
+    let (actual, rewritten) = decide(roles, sql);
+    assert_eq!(actual, expected, "\nroles: {roles:?}\nsql:   {sql}\nrewritten: {rewritten:?}");
+}
+
+#[track_caller]
+fn rewritten(roles: &[&str], sql: &str) -> String {
+    let (verdict, text) = decide(roles, sql);
+    text.unwrap_or_else(|| panic!("{sql}: not rewritten ({verdict})"))
+}
+
+const APP: &[&str] = &["app_user"];
+const ANALYST: &[&str] = &["analyst"];
+
+#[test]
+fn statements_that_cannot_reach_a_masked_column_are_forwarded_as_written() {
+    check(APP, "SELECT id, name FROM customers WHERE id = 1", "allow");
+    check(APP, "SELECT c.id FROM public.customers c JOIN orders o ON o.customer_id = c.id", "allow");
+    check(APP, "SELECT count(*) FROM customers", "allow");
+    check(APP, "SELECT id, name FROM names_v WHERE name LIKE 'C%'", "allow");
+    check(APP, "DELETE FROM orders WHERE id = 1", "allow");
+    check(APP, "UPDATE customers SET name = upper(name) WHERE id = 4", "allow");
+    check(APP, "INSERT INTO customers (name, email, ssn) VALUES ('n', 'e@x.y', '1-2-3')", "allow");
+}
+
+#[test]
+fn every_reach_of_a_masked_column_is_substituted() {
+    for sql in [
+        "SELECT ssn FROM customers WHERE id = 1",
+        "SELECT * FROM customers",
+        "SELECT c FROM customers c",
+        "SELECT to_jsonb(c) FROM customers c",
+        "SELECT (c).ssn FROM customers c",
+        "SELECT lower(ssn), upper(email), substring(phone from 2 for 3) FROM customers",
+        "SELECT coalesce(notes, 'x'), extract(year FROM birth_date), balance * 2 FROM customers",
+        "SELECT ssn::regclass FROM customers",
+        "SELECT ssn FROM customers_eu",
+        "SELECT ssn FROM ONLY customers",
+        "SELECT ssn FROM ONLY (customers)",
+        "SELECT ssn FROM customers *",
+        "SELECT x.ssn FROM \"customers\" AS x(i, n, e, ssn)",
+        "SELECT ssn FROM U&\"\\0063ustomers\"",
+        "TABLE customers",
+        "SELECT * FROM orders NATURAL JOIN customers",
+        "SELECT g, ssn FROM generate_series(1, 3) g, customers",
+        "SELECT t.* FROM customers t",
+        "SELECT * FROM customers c, LATERAL (SELECT c.ssn) s",
+        "SELECT ssn FROM customers UNION SELECT ssn FROM customers_eu",
+        "WITH w AS MATERIALIZED (SELECT lower(ssn) AS x FROM customers) SELECT 1 FROM w",
+        "SELECT 1 FROM (SELECT length(ssn) FROM customers OFFSET 0) s",
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT ssn FROM r, customers",
+        "CREATE TABLE copy AS SELECT ssn, email FROM customers",
+        "SELECT ssn INTO copy FROM customers",
+        "CREATE VIEW v AS SELECT ssn FROM customers",
+        "CREATE MATERIALIZED VIEW mv AS SELECT * FROM customers",
+        "INSERT INTO orders (status) SELECT ssn FROM customers",
+        "PREPARE p AS SELECT ssn FROM customers WHERE id = $1",
+        "DECLARE cur CURSOR FOR SELECT ssn FROM customers",
+        "EXPLAIN SELECT ssn FROM customers",
+        "EXPLAIN ANALYZE SELECT ssn FROM customers",
+        "COPY customers TO STDOUT",
+        "COPY customers (id, ssn) TO STDOUT",
+        "COPY (SELECT ssn FROM customers) TO STDOUT",
+        "UPDATE orders o SET status = c.ssn FROM customers c WHERE c.id = o.customer_id",
+        "DELETE FROM orders o USING customers c WHERE c.id = o.customer_id AND c.name = 'x' RETURNING c.ssn",
+        "MERGE INTO orders o USING customers c ON o.customer_id = c.id WHEN MATCHED THEN UPDATE SET status = c.ssn",
+        "SELECT upper_email FROM customers_v",
+        "SELECT 1 FROM customers_v",
+        "CREATE FUNCTION f() RETURNS text LANGUAGE sql BEGIN ATOMIC SELECT ssn FROM customers LIMIT 1; END",
+    ] {
+        check(APP, sql, "rewrite");
+    }
+}
+
+#[test]
+fn substitution_keeps_the_client_text_around_it() {
+    let text = rewritten(APP, "SELECT notes /* c */ FROM customers WHERE id = $1");
+    assert!(text.starts_with("SELECT notes /* c */ FROM (SELECT id, name, CAST("), "{text}");
+    assert!(
+        text.ends_with(", CAST(NULL AS text) AS notes, signup FROM public.customers) AS customers WHERE id = $1"),
+        "{text}"
+    );
+    let only = rewritten(APP, "SELECT notes FROM ONLY customers c");
+    assert!(only.starts_with("SELECT notes FROM (SELECT "), "{only}");
+    assert!(only.ends_with("FROM ONLY public.customers) c"), "{only}");
+    let table = rewritten(APP, "TABLE customers");
+    assert!(table.starts_with("SELECT * FROM (SELECT id, name, "), "{table}");
+    let copy = rewritten(APP, "COPY customers (id, notes) TO STDOUT");
+    assert_eq!(copy, "COPY (SELECT id, CAST(NULL AS text) AS notes FROM ONLY public.customers) TO STDOUT");
+    let view = rewritten(APP, "SELECT upper_email FROM customers_v");
+    assert!(view.contains("upper(email) AS upper_email FROM (SELECT id,"), "{view}");
+}
+
+#[test]
+fn dml_targets_see_masked_values_and_keep_their_assignments() {
+    let up = rewritten(APP, "UPDATE customers SET notes = ssn, ssn = '1-2-3' WHERE id = 1 RETURNING id, ssn");
+    assert!(up.starts_with("UPDATE customers SET notes = (CAST("), "{up}");
+    assert!(up.contains(", ssn = '1-2-3' WHERE id = 1 RETURNING id, (CAST("), "{up}");
+    let star = rewritten(APP, "UPDATE customers SET ssn = '1' WHERE id = 4 RETURNING *");
+    assert!(star.contains("RETURNING customers.id, customers.name, CAST("), "{star}");
+    check(APP, "INSERT INTO customers AS c (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET notes = c.ssn", "rewrite");
+    check(APP, "UPDATE customers c SET name = 'x' WHERE c.email = 'a@b.c'", "allow");
+    check(APP, "DELETE FROM customers WHERE ssn = 'x'", "block predicate");
+    check(APP, "UPDATE customers SET name = 'x' RETURNING customers", "block whole_row");
+    check(
+        APP,
+        "DELETE FROM customers WHERE EXISTS (SELECT 1 FROM generate_series(1, 2) g WHERE g::text = ssn)",
+        "block unsupported",
+    );
+}
+
+#[test]
+fn predicates_follow_the_columns_grant() {
+    for sql in [
+        "SELECT id FROM customers WHERE ssn = '900-00-0001'",
+        "SELECT id FROM customers WHERE ssn LIKE '9%'",
+        "SELECT id FROM customers ORDER BY ssn",
+        "SELECT ssn FROM customers ORDER BY 1",
+        "SELECT ssn AS s FROM customers ORDER BY s",
+        "SELECT id FROM customers GROUP BY card_number",
+        "SELECT DISTINCT ssn FROM customers",
+        "SELECT count(DISTINCT ssn) FROM customers",
+        "SELECT id FROM customers c JOIN customers d USING (ssn)",
+        "SELECT id FROM orders WHERE customer_id IN (SELECT id FROM customers WHERE ssn = 'x')",
+        "SELECT id FROM customers WHERE EXISTS (SELECT 1 FROM orders o WHERE o.status = customers.ssn)",
+        "SELECT count(*) FILTER (WHERE ssn > '5') FROM customers",
+        "SELECT string_agg(name, ',' ORDER BY ssn) FROM customers",
+        "SELECT rank() OVER (ORDER BY balance) FROM customers",
+        "SELECT id FROM customers WHERE email LIKE 'canary%'",
+        "SELECT id FROM customers WHERE lower(email) = 'x'",
+    ] {
+        check(APP, sql, "block predicate");
+    }
+    // `predicates: equality` on email: the conjunct moves into the substitution.
+    let eq = rewritten(APP, "SELECT id, email FROM customers WHERE email = 'canary1@leak.test' AND id > 3");
+    assert!(
+        eq.contains("FROM public.customers WHERE email = 'canary1@leak.test') AS customers WHERE TRUE AND id > 3"),
+        "{eq}"
+    );
+    let inl = rewritten(APP, "SELECT id FROM customers c WHERE c.email IN ($1, $2)");
+    assert!(inl.contains("WHERE email IN ($1, $2)) c WHERE TRUE"), "{inl}");
+    check(
+        APP,
+        "SELECT o.id FROM orders o LEFT JOIN customers c ON c.id = o.customer_id WHERE c.email = 'x'",
+        "block predicate",
+    );
+}
+
+#[test]
+fn what_cannot_be_substituted_is_blocked() {
+    for (sql, rule) in [
+        ("DO $$ BEGIN PERFORM 1; END $$", "procedural"),
+        ("SELECT query_to_xml('select ssn from customers', true, true, '')", "procedural"),
+        ("SELECT table_to_xml('customers', true, true, '')", "function"),
+        ("SELECT ts_stat('select 1')", "procedural"),
+        ("CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $$ BEGIN RETURN 1; END $$", "procedural"),
+        ("CREATE FUNCTION f() RETURNS text LANGUAGE sql AS 'SELECT ssn FROM customers'", "procedural"),
+        ("SELECT app.secret_fn(1)", "function"),
+        ("SELECT my_udf(ssn) FROM customers", "function"),
+        ("SELECT pgveil.hmac_hex('x', 'y')", "function"),
+        ("SELECT most_common_vals FROM pg_stats", "catalog"),
+        ("SET ROLE dba", "identity_change"),
+        ("SET SESSION AUTHORIZATION dba", "identity_change"),
+        ("SET standard_conforming_strings = off", "setting"),
+        ("SET client_encoding = 'SJIS'", "setting"),
+        ("SELECT set_config('standard_conforming_strings', 'off', false)", "setting"),
+        ("SELECT set_config('role', 'dba', false)", "identity_change"),
+        ("SELECT set_config($1, 'x', false)", "setting"),
+        ("SET search_path = evil, pg_catalog", "setting"),
+        ("ALTER TABLE customers ADD COLUMN x int", "protected_ddl"),
+        ("ALTER TABLE customers RENAME COLUMN ssn TO s", "protected_ddl"),
+        ("DROP TABLE customers", "protected_ddl"),
+        ("CREATE TABLE kid () INHERITS (customers)", "protected_ddl"),
+        ("CREATE TABLE part PARTITION OF customers FOR VALUES IN (1)", "protected_ddl"),
+        ("ALTER TABLE orders INHERIT customers", "protected_ddl"),
+        ("CREATE INDEX ON customers ((ssn::int))", "protected_ddl"),
+        ("CREATE TRIGGER t BEFORE INSERT ON customers FOR EACH ROW EXECUTE FUNCTION f()", "protected_ddl"),
+        ("CREATE RULE r AS ON SELECT TO customers DO INSTEAD SELECT 1", "protected_ddl"),
+        ("CREATE POLICY p ON customers USING (true)", "protected_ddl"),
+        ("ALTER TABLE orders ADD FOREIGN KEY (status) REFERENCES customers (ssn)", "protected_ddl"),
+        ("WITH customers AS (SELECT 1 AS ssn) SELECT ssn FROM customers", "cte_shadow"),
+        ("SELECT ssn FROM customers TABLESAMPLE SYSTEM (50)", "unsupported"),
+        ("CREATE OPERATOR === (LEFTARG = text, RIGHTARG = text, FUNCTION = texteq)", "function"),
+        ("SELEC 1", "syntax_error"),
+    ] {
+        check(APP, sql, &format!("block {rule}"));
+    }
+}
+
+#[test]
+fn ordinary_application_sql_runs() {
+    for sql in [
+        "CREATE TEMP TABLE t (a int)",
+        "CREATE TABLE IF NOT EXISTS t2 (a int, b text)",
+        "CREATE INDEX ON orders (status)",
+        "CREATE TYPE mood AS ENUM ('a', 'b')",
+        "CREATE SCHEMA s",
+        "DROP TABLE orders",
+        "SELECT pg_notify('ch', 'x')",
+        "SELECT pg_advisory_lock(1), pg_advisory_unlock(1)",
+        "SELECT int4range(1, 5), numrange(1.0, 2.0), tstzrange(now(), now())",
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'orders'",
+        "SELECT name FROM pg_cursors",
+        "SELECT name FROM pg_prepared_statements",
+        "SELECT gid FROM pg_prepared_xacts",
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        "SET DateStyle = 'German'",
+        "SET IntervalStyle = postgres",
+        "SET TimeZone = 'Europe/Paris'",
+        "SET extra_float_digits = 3",
+        "SET client_encoding = 'LATIN1'",
+        "SET search_path = public",
+        "RESET ALL",
+        "DISCARD ALL",
+        "SELECT set_config('jit', 'off', false)",
+        "SELECT id FROM nowhere",
+        "BEGIN; SAVEPOINT a; ROLLBACK TO a; COMMIT",
+        "LISTEN ch; NOTIFY ch, 'x'; UNLISTEN ch",
+        "SELECT relname FROM pg_class WHERE relname = 'customers'",
+        "SELECT now(), 1 + 1, $1::int",
+        "EXPLAIN SELECT id FROM orders",
+        "COPY orders FROM STDIN",
+        "COPY customers (id, name) TO STDOUT",
+        "LOCK TABLE customers IN SHARE MODE",
+        "TRUNCATE orders",
+        "SELECT to_regtype('hstore'), current_setting('server_version_num')",
+        "EXECUTE p(1)",
+        "DEALLOCATE ALL",
+    ] {
+        let (verdict, _) = decide(APP, sql);
+        assert!(verdict == "allow" || verdict == "rewrite", "{sql}: {verdict}");
+    }
+    check(&["dba"], "SELECT lower(ssn) FROM customers WHERE ssn = 'x'", "allow");
+    check(
+        &["billing_admin", "support"],
+        "SELECT lower(ssn), lower(email) FROM customers WHERE ssn = 'x' AND email LIKE 'x%'",
+        "allow",
+    );
+}
+
+#[test]
+fn syntax_errors_get_the_servers_code() {
+    let session = policy().for_identity(&Identity::new(APP.iter().copied()));
+    let catalog = crate::catalog::example();
+    let a = Analyzer::new(&session, &catalog, "app_user").analyze("SELECT FROM WHERE");
+    let b = a.block.unwrap();
+    assert_eq!(b.sqlstate, "42601");
+    assert!(b.reason.contains("syntax error"), "{}", b.reason);
+}
+
+#[test]
+fn selects_rules() {
+    check(ANALYST, "SELECT * FROM customers WHERE id = 1", "block no-bulk-customer-export");
+    check(ANALYST, "SELECT id FROM (SELECT * FROM customers) s WHERE id = 1", "block no-bulk-customer-export");
+    check(ANALYST, "SELECT * FROM names_v WHERE id = 2", "block no-bulk-customer-export");
+    check(ANALYST, "SELECT id, name FROM customers", "block no-bulk-customer-export");
+    check(ANALYST, "SELECT id, name FROM customers WHERE id > 10", "allow max_rows=1000");
+    check(ANALYST, "SELECT id, name FROM customers LIMIT 5", "allow max_rows=1000");
+    check(ANALYST, "SELECT count(*) FROM customers", "allow max_rows=1000");
+    check(ANALYST, "SELECT id FROM orders", "allow");
+    check(ANALYST, "COPY customers (id) TO STDOUT", "block no-bulk-customer-export");
+}
+
+#[test]
+fn rewrites_apply_to_every_text_of_one_shape() {
+    let session = policy().for_identity(&Identity::new(APP.iter().copied()));
+    let catalog = crate::catalog::example();
+    let a = Analyzer::new(&session, &catalog, "app_user").analyze("SELECT ssn FROM customers WHERE id = 1 -- one");
+    let rw = a.rewrite.unwrap();
+    let other = rw.apply("SELECT ssn FROM customers WHERE id = 22").unwrap();
+    assert!(other.ends_with(") AS customers WHERE id = 22"), "{other}");
+    assert_eq!(rw.apply("SELECT ssn FROM customers WHERE id = 1 AND true"), None, "another shape");
+    let moved = Analyzer::new(&session, &catalog, "app_user").analyze("SELECT id FROM customers WHERE email = 'a@b.c'");
+    let text = moved.rewrite.unwrap().apply("SELECT id FROM customers WHERE email = 'x@y.z'").unwrap();
+    assert!(text.contains("WHERE email = 'x@y.z')"), "{text}");
+}
+
+#[test]
+fn error_positions_map_back_to_the_client_text() {
+    let session = policy().for_identity(&Identity::new(APP.iter().copied()));
+    let catalog = crate::catalog::example();
+    let sql = "SELECT notes, nope FROM customers WHERE id = 1";
+    let a = Analyzer::new(&session, &catalog, "app_user").analyze(sql);
+    let rewritten = a.rewritten.clone().unwrap();
+    let rw = a.rewrite.unwrap();
+    // `nope` is the 15th character in both texts; `id` after the substitution.
+    assert_eq!(rw.map_position(sql, &rewritten, 15), Some(15));
+    let id_new = rewritten.rfind("id = 1").unwrap() + 1;
+    let id_old = sql.rfind("id = 1").unwrap() + 1;
+    assert_eq!(rw.map_position(sql, &rewritten, id_new), Some(id_old));
+    // Inside the substitution: the relation's own position.
+    let inner = rewritten.find("CAST").unwrap() + 1;
+    assert_eq!(rw.map_position(sql, &rewritten, inner), Some(sql.find("customers").unwrap() + 1));
+}
+
+#[test]
+fn shape_keys_ignore_literals_only_where_they_cannot_matter() {
+    use crate::sql::shape_key;
+    let a = shape_key("SELECT abalance FROM pgbench_accounts WHERE aid = 42;").unwrap();
+    assert_eq!(Some(a.clone()), shape_key("SELECT abalance FROM pgbench_accounts WHERE aid = 9001;"));
+    assert_ne!(Some(a), shape_key("SELECT abalance FROM pgbench_accounts WHERE bid = 42;"));
+    assert_ne!(shape_key("SELECT \"Ssn\" FROM t WHERE a = 'x'"), shape_key("SELECT ssn FROM t WHERE a = 'x'"));
+    assert_eq!(shape_key("SELECT id FROM t ORDER BY 1"), None);
+    assert_eq!(shape_key("SELECT set_config('jit', 'off', false)"), None);
+    assert_eq!(shape_key("SELECT id FROM t LIMIT 5"), None);
+    assert_eq!(shape_key("SELECT a FROM t WHERE b = 1 -- c"), shape_key("SELECT a FROM t WHERE b = 2"));
+    assert_ne!(shape_key("SELECT a FROM t WHERE b = 'c'"), shape_key("SELECT a FROM t WHERE b = c"));
+    let up = "UPDATE pgbench_accounts SET abalance = abalance + 17 WHERE aid = 3";
+    assert_eq!(shape_key(up), shape_key("UPDATE pgbench_accounts SET abalance = abalance + 99 WHERE aid = 7"));
+    assert!(shape_key("INSERT INTO h (tid, delta) VALUES (1, 2)").is_some());
+    assert_eq!(shape_key("UPDATE t SET a = 1 WHERE id = 2; SET search_path = evil"), None);
+    assert_eq!(shape_key("ALTER ROLE app SET search_path = 'evil'"), None);
+    assert_eq!(shape_key("SELECT a INTO new_t FROM t"), None);
+    assert_eq!(shape_key("UPDATE t SET a = 1 WHERE id = 2 RETURNING ssn"), None);
+}
