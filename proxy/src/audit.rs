@@ -29,6 +29,9 @@ pub enum EventKind {
     ProtocolError,
     /// A `monitor`-mode rule matched: the statement ran and would have been blocked.
     QueryFlagged,
+    /// The result-column layer masked a raw protected value: substitution missed a
+    /// reference (a bug to report; the client still got the masked value).
+    Backstop,
 }
 
 /// One audit line. Optional fields are omitted when empty.
@@ -54,9 +57,8 @@ pub struct Event {
     pub statement: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// Always present (possibly empty) in statement events, for a stable schema.
     pub tables: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rows: Option<u64>,

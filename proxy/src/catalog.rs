@@ -245,7 +245,22 @@ pub async fn load(client: &tokio_postgres::Client) -> Result<Catalog, CatalogErr
             r.ancestors = p;
         }
     }
-    Ok(Catalog::new(relations))
+    let mut catalog = Catalog::new(relations);
+    // What `pgveil init` installed here (the hash mask's function and keys).
+    let installed = client
+        .query_opt("SELECT pg_catalog.to_regclass('pgveil.meta') IS NOT NULL", &[])
+        .await
+        .map_err(q)?
+        .is_some_and(|r| r.get::<_, bool>(0));
+    if installed {
+        let version = client.query_opt("SELECT max(version) FROM pgveil.meta", &[]).await.map_err(q)?;
+        let keys = client.query("SELECT pgveil.key_fingerprints()", &[]).await.map_err(q)?;
+        catalog.pgveil = Some(rules::catalog::Installed {
+            version: version.and_then(|r| r.get::<_, Option<i32>>(0)).unwrap_or(0),
+            keys: keys.iter().map(|r| r.get::<_, String>(0)).collect(),
+        });
+    }
+    Ok(catalog)
 }
 
 async fn connect(config: &Config, db: &str) -> Result<tokio_postgres::Client, CatalogError> {

@@ -224,6 +224,13 @@ fn pg_query_tables(sql: &str) -> Result<Vec<String>, ()> {
 }
 
 async fn live_catalog(url: &str) -> Result<(Catalog, tokio_postgres::Client), String> {
+    let client = connect(url).await?;
+    let catalog = crate::catalog::load(&client).await.map_err(|e| e.to_string())?;
+    Ok((catalog, client))
+}
+
+/// A connection for the operator commands (TLS when the server offers it, as `prefer`).
+pub(crate) async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
     let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -235,12 +242,11 @@ async fn live_catalog(url: &str) -> Result<(Catalog, tokio_postgres::Client), St
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let catalog = crate::catalog::load(&client).await.map_err(|e| e.to_string())?;
-    Ok((catalog, client))
+    Ok(client)
 }
 
 /// A connection URL without its password, for messages.
-fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let creds = &url[s + 3..at];

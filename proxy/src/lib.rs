@@ -28,6 +28,7 @@ pub mod demo;
 pub mod forward;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod init;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;

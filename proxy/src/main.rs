@@ -71,6 +71,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create or upgrade the `pgveil` schema (the `hash` mask's function and key) in a database.
+    Init {
+        /// The database (postgres://…), as a role that may create a schema there.
+        #[arg(long)]
+        against: String,
+        /// Print the SQL instead of running it.
+        #[arg(long)]
+        print: bool,
+    },
     /// Show what the rules decide for a statement run by a role.
     Explain {
         #[arg(long)]
@@ -182,6 +191,11 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::Init { against, print } => {
+            let (report, code) = runtime.block_on(proxy::init::init(&against, print));
+            print!("{report}");
+            ExitCode::from(code)
         }
         Command::Explain { rules, role, against, sql } => {
             let (report, code) = runtime.block_on(proxy::cli::explain(

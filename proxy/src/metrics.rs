@@ -53,6 +53,10 @@ pub struct Metrics {
     statements: DashMap<&'static str, AtomicU64>,
     blocked: DashMap<(String, String), AtomicU64>,
     pub masked_cells_total: AtomicU64,
+    /// Cells the result-column layer masked: substitution should leave it nothing to do.
+    pub backstop_masked_cells_total: AtomicU64,
+    /// Rewrites the substitution checker rejected (debug builds check every rewrite).
+    pub substitution_check_failures_total: AtomicU64,
     pub rows_cut_total: AtomicU64,
     pub bytes_client_to_server: AtomicU64,
     pub bytes_server_to_client: AtomicU64,
@@ -173,6 +177,20 @@ impl Metrics {
             "counter",
             "Result cells replaced by a mask.",
             n(&self.masked_cells_total),
+        );
+        g(
+            &mut out,
+            "pgveil_backstop_masked_cells_total",
+            "counter",
+            "Cells the result-column layer masked because substitution missed a reference (should stay 0).",
+            n(&self.backstop_masked_cells_total),
+        );
+        g(
+            &mut out,
+            "pgveil_substitution_check_failures_total",
+            "counter",
+            "Rewritten statements the substitution checker rejected (checked in debug builds).",
+            n(&self.substitution_check_failures_total),
         );
         g(&mut out, "pgveil_rows_cut_total", "counter", "Results cut by a max_rows rule.", n(&self.rows_cut_total));
         let _ = writeln!(

@@ -67,6 +67,34 @@ impl Relation {
 pub struct Catalog {
     by_name: HashMap<TableName, Arc<Relation>>,
     by_oid: HashMap<u32, Arc<Relation>>,
+    /// What `pgveil init` installed in this database, if anything.
+    pub pgveil: Option<Installed>,
+}
+
+/// The `pgveil` schema as installed: its version and the fingerprints of its hash keys.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Installed {
+    pub version: i32,
+    pub keys: Vec<String>,
+}
+
+impl Installed {
+    /// Why `hash` masks cannot be computed with this installation and `key`, if they cannot.
+    pub fn problem(installed: Option<&Installed>, key: Option<&crate::HashKey>) -> Option<String> {
+        let want = crate::sql::mask_sql::SCHEMA_VERSION;
+        match (installed, key) {
+            (_, None) => Some("PGVEIL_HASH_KEY is not set".to_owned()),
+            (None, _) => Some("the pgveil schema is not installed".to_owned()),
+            (Some(i), _) if i.version != want => {
+                Some(format!("the pgveil schema is version {}, this pgveil needs {want}", i.version))
+            }
+            (Some(i), Some(k)) if !i.keys.contains(&k.fingerprint()) => Some(format!(
+                "the installed keys do not include this PGVEIL_HASH_KEY (fingerprint {})",
+                k.fingerprint()
+            )),
+            _ => None,
+        }
+    }
 }
 
 impl Catalog {

@@ -158,7 +158,7 @@ async fn every_block_is_audited_once_without_literals_and_metrics_move() {
                 let blocked = match j % 3 {
                     0 => client.simple_query(&format!("SELECT id FROM customers WHERE ssn = '{secret}'")).await,
                     1 => client
-                        .query(&format!("SELECT lower(card_number) FROM customers WHERE name = '{secret}'"), &[])
+                        .query(&format!("SELECT lower(name) FROM customers WHERE card_number = '{secret}'"), &[])
                         .await
                         .map(|_| Vec::new()),
                     _ => client.simple_query("SELECT id, name FROM customers").await,

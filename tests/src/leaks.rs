@@ -211,12 +211,15 @@ async fn no_protected_value_reaches_a_masked_session() {
     let p = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
     let recorder = Recorder::start(p.addr).await;
     let (blocked, ran) = run_corpus(recorder.port(), &db.name).await;
-    assert!(blocked > 40 && ran > 10, "blocked {blocked}, ran {ran}");
+    // Substitution lets most of the corpus run (on masked values); what cannot be made safe,
+    // and comparisons `predicates:` forbids, is still refused.
+    assert!(blocked >= 25 && ran >= 50, "blocked {blocked}, ran {ran}");
     let stream = recorder.captured();
     assert!(stream.len() > 10_000, "recorded only {} bytes", stream.len());
     for (what, needle) in needles() {
         assert!(!stream.windows(needle.len()).any(|w| w == needle.as_slice()), "the masked session received {what}");
     }
+    assert_layers_held(&p.shared);
     // Negative control: the same corpus as an exempt role does show the raw values, so the
     // oracle can see a leak when there is one.
     let recorder = Recorder::start(p.addr).await;
@@ -243,9 +246,18 @@ async fn psql_sees_no_protected_value_either() {
             blocked += 1;
         }
     }
-    assert!(blocked > 40, "{blocked}");
+    assert!(blocked >= 25, "{blocked}");
     let stream = recorder.captured();
     for (what, needle) in needles() {
         assert!(!stream.windows(needle.len()).any(|w| w == needle.as_slice()), "psql received {what}");
     }
+    assert_layers_held(&p.shared);
+}
+
+/// Every statement the server ran passed the substitution checker (debug builds check each
+/// one), and the result-column layer never had a raw value to mask.
+pub(crate) fn assert_layers_held(shared: &proxy::Shared) {
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(shared.metrics.substitution_check_failures_total.load(Relaxed), 0, "a rewrite failed the checker");
+    assert_eq!(shared.metrics.backstop_masked_cells_total.load(Relaxed), 0, "the second layer had to mask a raw value");
 }

@@ -331,6 +331,16 @@ impl SessionRules {
                 }
             }
         }
+        #[cfg(debug_assertions)]
+        if analysis.block.is_none() && self.is_strict() {
+            // Debug builds (the tests) re-parse every statement as the server will run it.
+            let snapshot = self.catalog.snapshot();
+            let sent = analysis.rewritten.as_deref().unwrap_or(text);
+            if let Err(e) = rules::sql::verify_substituted(&self.view, &snapshot, &self.search_path, sent) {
+                tracing::error!(error = %e, statement = sent, "substitution check failed");
+                shared.metrics.substitution_check_failures_total.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let analysis = Arc::new(analysis);
         let generation = self.catalog.generation();
         if let (Some(k), Some(text)) = (shape_key, shape) {

@@ -135,6 +135,8 @@ pub(super) struct Inspector<'a> {
     pending_cancel: Option<tokio::task::JoinHandle<()>>,
     ready_seen: bool,
     next_id: u64,
+    /// A backstop event was written for the current statement batch.
+    backstop_reported: bool,
 }
 
 impl<'a> Inspector<'a> {
@@ -160,6 +162,7 @@ impl<'a> Inspector<'a> {
             pending_cancel: None,
             ready_seen: false,
             next_id: 0,
+            backstop_reported: false,
         }
     }
 
@@ -508,6 +511,7 @@ impl<'a> Inspector<'a> {
                 self.pop(|e| matches!(e, Expect::Sync | Expect::Query(_) | Expect::FunctionCall))?;
                 self.suppress = false;
                 self.ready_seen = true;
+                self.backstop_reported = false;
                 self.forget_unused_portals();
                 self.forward(&f);
             }
@@ -659,6 +663,17 @@ impl<'a> Inspector<'a> {
                 .rewrite(f, &mut self.to_client, self.rules.hash_key())
                 .map_err(|_| SessionError::UnexpectedServerMessage(b'D'))?;
             self.shared.metrics.masked_cells_total.fetch_add(masked, Relaxed);
+            if masked > 0 && self.rules.is_strict() {
+                // Substitution should have left nothing raw to mask (I3): count and report it.
+                self.shared.metrics.backstop_masked_cells_total.fetch_add(masked, Relaxed);
+                if !std::mem::replace(&mut self.backstop_reported, true) {
+                    tracing::warn!(user = %self.info.user, "result-column layer masked a raw protected value");
+                    let ev = Event::session(EventKind::Backstop, self.info).reason(
+                        "the result-column layer masked a raw protected value: substitution missed a reference",
+                    );
+                    self.shared.audit.log(ev);
+                }
+            }
         }
         Ok(())
     }

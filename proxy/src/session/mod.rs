@@ -197,7 +197,33 @@ async fn session_rules(
     if policy.is_exempt(&identity) {
         return Ok(None);
     }
-    Ok(Some(analysis::SessionRules::new(shared, policy, identity, user, startup.database())))
+    let mut rules = analysis::SessionRules::new(shared, policy, identity, user, startup.database());
+    rules.set_startup_path(&startup.params);
+    if rules.view.masked.values().any(|v| matches!(v.mask, rules::Mask::Hash { .. })) {
+        // `hash` is computed by the function `pgveil init` installs, under a key whose
+        // fingerprint must match this proxy's: without it the session cannot be served.
+        let snapshot = rules.catalog.current(&shared.config, &shared.metrics).await.ok();
+        let problem = match &snapshot {
+            Some(c) => rules::catalog::Installed::problem(c.pgveil.as_ref(), rules.hash_key()),
+            None => Some("the catalog connection is unavailable".to_owned()),
+        };
+        if let Some(problem) = problem {
+            tracing::error!(database = startup.database(), %problem, "hash masks cannot be computed");
+            return Err(SessionError::Refused(Box::new(
+                messages::ErrorResponse::fatal(
+                    messages::sqlstate::CANNOT_CONNECT_NOW,
+                    format!(
+                        "pgveil: this role's masks need `pgveil init` on database \"{}\": {problem}",
+                        startup.database()
+                    ),
+                )
+                .with_hint(
+                    "the operator runs `pgveil init --against postgres://…/<database>` with PGVEIL_HASH_KEY set",
+                ),
+            )));
+        }
+    }
+    Ok(Some(rules))
 }
 
 /// Settings that change how statements are lexed or values printed are pinned for inspected

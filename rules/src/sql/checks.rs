@@ -449,8 +449,11 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
                 }
                 let filters: Vec<Vec<Piece>> =
                     pushdowns.iter().filter(|(s, ..)| *s == i).map(|(_, f, ..)| f.clone()).collect();
-                let needed = !filters.is_empty() || reachable(found, r, &p);
-                if !needed {
+                // Every read of a protected relation is substituted, whether or not the text
+                // names a masked column: the subquery's column list is then the only way to
+                // its data, so a catalog snapshot that is stale (a column renamed or added by
+                // another session) can make the statement fail, never read a raw value.
+                if r.site == Site::CopyTo && !reachable(found, r, &p) {
                     continue;
                 }
                 for (_, _, from, to) in pushdowns.iter().filter(|(s, ..)| *s == i) {
@@ -480,9 +483,9 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
     Ok(out)
 }
 
-/// Whether a statement can read a protected column of this relation site without naming it
-/// or by naming it: `*`, whole-row references, NATURAL joins, COPY of every column, or any
-/// reference by a masked column's name. A relation no such path reaches stays as written.
+/// Whether a statement can read a protected column of this relation site: by `*`, whole-row
+/// references, NATURAL joins, COPY of every column, or any reference by a masked column's
+/// name. Only `COPY t (columns)` of unmasked columns is left as written on this ground.
 fn reachable(found: &Found<'_>, r: &walk::RelSite<'_>, p: &Protected) -> bool {
     if matches!(p, Protected::View { .. }) || matches!(p, Protected::Table { whole: true, .. }) {
         return true;
@@ -778,8 +781,9 @@ pub fn verify(sql: &str, protect: &mut Protection<'_>) -> Result<(), String> {
                 return Err(format!("view {} is read as written", rel.name));
             }
             let Protected::Table { whole, .. } = *p else { continue };
+            let copy_of_unmasked = r.site == Site::CopyTo && !reachable(&found, r, &p);
             let Some(s) = found.selects.iter().find(|s| s.from_rels.contains(&i)) else {
-                if reachable(&found, r, &p) {
+                if !copy_of_unmasked {
                     return Err(format!("{} is read outside a substitution", rel.name));
                 }
                 continue;
@@ -792,7 +796,7 @@ pub fn verify(sql: &str, protect: &mut Protection<'_>) -> Result<(), String> {
                     Some(_) if whole || p.is_masked(name) => plain.is_none(),
                     Some(_) => plain.as_deref() == Some(name.as_str()),
                 });
-            if !shaped && reachable(&found, r, &p) {
+            if !shaped {
                 return Err(format!("{} is read outside a substitution", rel.name));
             }
         }

@@ -43,6 +43,10 @@ CREATE OR REPLACE FUNCTION pgveil.key_installed(key_fingerprint text) RETURNS bo
   LANGUAGE sql STABLE STRICT SECURITY DEFINER SET search_path = pg_catalog
   AS $pgveil$ SELECT EXISTS (SELECT 1 FROM pgveil.keys WHERE fingerprint = key_fingerprint) $pgveil$;
 GRANT EXECUTE ON FUNCTION pgveil.key_installed(text) TO PUBLIC;
+CREATE OR REPLACE FUNCTION pgveil.key_fingerprints() RETURNS SETOF text
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog
+  AS $pgveil$ SELECT fingerprint FROM pgveil.keys ORDER BY created $pgveil$;
+GRANT EXECUTE ON FUNCTION pgveil.key_fingerprints() TO PUBLIC;
 "
     )
 }

@@ -309,8 +309,7 @@ mod tests;
 
 /// The substitution checker (see `checks::verify`), for tests of both crates.
 #[doc(hidden)]
-pub fn verify_substituted(policy: &SessionPolicy, catalog: &Catalog, user: &str, sql: &str) -> Result<(), String> {
-    let path = vec![user.to_owned(), "public".to_owned()];
-    let mut p = protect::Protection::new(policy, catalog, &path);
+pub fn verify_substituted(policy: &SessionPolicy, catalog: &Catalog, path: &[String], sql: &str) -> Result<(), String> {
+    let mut p = protect::Protection::new(policy, catalog, path);
     checks::verify(sql, &mut p)
 }

@@ -36,12 +36,16 @@ fn decide(roles: &[&str], sql: &str) -> (String, Option<String>) {
         (None, None, None) => format!("allow{limit}"),
     };
     if let Some(text) = &analysis.rewritten {
-        verify_substituted(&session, &catalog, roles[0], text)
+        verify_substituted(&session, &catalog, &path(roles[0]), text)
             .unwrap_or_else(|e| panic!("{e}\nsql: {sql}\nrewritten: {text}"));
     } else if analysis.block.is_none() {
-        verify_substituted(&session, &catalog, roles[0], sql).unwrap_or_else(|e| panic!("{e}\nsql: {sql}"));
+        verify_substituted(&session, &catalog, &path(roles[0]), sql).unwrap_or_else(|e| panic!("{e}\nsql: {sql}"));
     }
     (verdict, analysis.rewritten)
+}
+
+fn path(user: &str) -> Vec<String> {
+    vec![user.to_owned(), "public".to_owned()]
 }
 
 #[track_caller]
@@ -60,14 +64,21 @@ const APP: &[&str] = &["app_user"];
 const ANALYST: &[&str] = &["analyst"];
 
 #[test]
-fn statements_that_cannot_reach_a_masked_column_are_forwarded_as_written() {
-    check(APP, "SELECT id, name FROM customers WHERE id = 1", "allow");
-    check(APP, "SELECT c.id FROM public.customers c JOIN orders o ON o.customer_id = c.id", "allow");
-    check(APP, "SELECT count(*) FROM customers", "allow");
-    check(APP, "SELECT id, name FROM names_v WHERE name LIKE 'C%'", "allow");
+fn statements_without_protected_reads_are_forwarded_as_written() {
+    check(APP, "SELECT id, amount FROM orders WHERE id = 1", "allow");
     check(APP, "DELETE FROM orders WHERE id = 1", "allow");
     check(APP, "UPDATE customers SET name = upper(name) WHERE id = 4", "allow");
     check(APP, "INSERT INTO customers (name, email, ssn) VALUES ('n', 'e@x.y', '1-2-3')", "allow");
+    check(APP, "COPY customers (id, name) TO STDOUT", "allow");
+}
+
+#[test]
+fn every_read_of_a_protected_relation_is_substituted() {
+    // Also when no masked column is named: the subquery's column list is the only way in, so
+    // a stale catalog can only make a statement fail.
+    check(APP, "SELECT id, name FROM customers WHERE id = 1", "rewrite");
+    check(APP, "SELECT c.id FROM public.customers c JOIN orders o ON o.customer_id = c.id", "rewrite");
+    check(APP, "SELECT count(*) FROM customers", "rewrite");
 }
 
 #[test]
@@ -147,6 +158,7 @@ fn dml_targets_see_masked_values_and_keep_their_assignments() {
     assert!(star.contains("RETURNING customers.id, customers.name, CAST("), "{star}");
     check(APP, "INSERT INTO customers AS c (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET notes = c.ssn", "rewrite");
     check(APP, "UPDATE customers c SET name = 'x' WHERE c.email = 'a@b.c'", "allow");
+    check(APP, "UPDATE customers SET name = 'x' WHERE id IN (SELECT id FROM customers WHERE name = 'y')", "rewrite");
     check(APP, "DELETE FROM customers WHERE ssn = 'x'", "block predicate");
     check(APP, "UPDATE customers SET name = 'x' RETURNING customers", "block whole_row");
     check(
@@ -281,7 +293,7 @@ fn ordinary_application_sql_runs() {
     check(
         &["billing_admin", "support"],
         "SELECT lower(ssn), lower(email) FROM customers WHERE ssn = 'x' AND email LIKE 'x%'",
-        "allow",
+        "rewrite",
     );
 }
 
@@ -301,9 +313,9 @@ fn selects_rules() {
     check(ANALYST, "SELECT id FROM (SELECT * FROM customers) s WHERE id = 1", "block no-bulk-customer-export");
     check(ANALYST, "SELECT * FROM names_v WHERE id = 2", "block no-bulk-customer-export");
     check(ANALYST, "SELECT id, name FROM customers", "block no-bulk-customer-export");
-    check(ANALYST, "SELECT id, name FROM customers WHERE id > 10", "allow max_rows=1000");
-    check(ANALYST, "SELECT id, name FROM customers LIMIT 5", "allow max_rows=1000");
-    check(ANALYST, "SELECT count(*) FROM customers", "allow max_rows=1000");
+    check(ANALYST, "SELECT id, name FROM customers WHERE id > 10", "rewrite max_rows=1000");
+    check(ANALYST, "SELECT id, name FROM customers LIMIT 5", "rewrite max_rows=1000");
+    check(ANALYST, "SELECT count(*) FROM customers", "rewrite max_rows=1000");
     check(ANALYST, "SELECT id FROM orders", "allow");
     check(ANALYST, "COPY customers (id) TO STDOUT", "block no-bulk-customer-export");
 }

@@ -56,7 +56,7 @@ async function run(name, modes, fn) {
   });
   await run('blocked statement is an ordinary SQL error', 'simple, extended', async () => {
     if (!masked) return 'exempt: not blocked';
-    for (const q of ['SELECT lower(ssn) FROM customers', { text: 'SELECT id FROM customers WHERE ssn = $1', values: ['x'] }]) {
+    for (const q of ['SELECT id FROM customers ORDER BY ssn', { text: 'SELECT id FROM customers WHERE ssn = $1', values: ['x'] }]) {
       try { await client.query(q); throw new Error('not blocked'); } catch (e) { check(e.code === '42501', e.message); }
     }
     const r = await client.query('SELECT 1 AS one');

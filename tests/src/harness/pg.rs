@@ -186,6 +186,12 @@ fn ensure_running() -> anyhow::Result<Cluster> {
         cluster.psql_admin("postgres", &setup)?;
         cluster.psql_admin("fixture", include_str!("../../fixtures/schema.sql"))?;
         cluster.psql_admin("fixture", include_str!("../../fixtures/auth.sql"))?;
+        // What `pgveil init` installs: the hash mask's function and the tests' key.
+        let key = rules::HashKey::new(super::proxy::HASH_KEY);
+        cluster.psql_admin(
+            "fixture",
+            &format!("{}\n{};\n", rules::sql::mask_sql::init_sql(), rules::sql::mask_sql::key_sql(&key)),
+        )?;
         std::fs::write(base.join("fixture-ready"), "")?;
     }
     drop(lock);

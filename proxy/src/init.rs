@@ -1,0 +1,56 @@
+//! `pgveil init --against URL [--print]`: creates or upgrades, idempotently, the `pgveil`
+//! schema in one database: the SECURITY DEFINER HMAC the `hash` mask is computed with (over
+//! a key table only its owner can read, filled from `PGVEIL_HASH_KEY`, one row per key so
+//! keys can rotate) and the schema version `run` checks. The key itself is never sent: the
+//! table holds HMAC's padded keys, written by this command, never shown by `--print`.
+
+use std::fmt::Write as _;
+
+use rules::sql::mask_sql;
+
+use crate::cli::{EXIT_FINDING, EXIT_OK, EXIT_USAGE};
+
+pub async fn init(url: &str, print: bool) -> (String, u8) {
+    let key =
+        std::env::var("PGVEIL_HASH_KEY").ok().filter(|k| !k.is_empty()).map(|k| rules::HashKey::new(k.as_bytes()));
+    let mut out = String::new();
+    if print {
+        out.push_str(&mask_sql::init_sql());
+        match &key {
+            Some(k) => {
+                let _ = writeln!(
+                    out,
+                    "-- and the key with fingerprint {} (its pads are written by `pgveil init` itself, never printed)",
+                    k.fingerprint()
+                );
+            }
+            None => out.push_str("-- PGVEIL_HASH_KEY is not set: no key would be installed\n"),
+        }
+        return (out, EXIT_OK);
+    }
+    let client = match crate::cli::connect(url).await {
+        Ok(c) => c,
+        Err(e) => {
+            return (format!("pgveil init: cannot connect to {}: {e}\n", crate::cli::redact_url(url)), EXIT_USAGE);
+        }
+    };
+    if let Err(e) = client.batch_execute(&format!("BEGIN;\n{}\nCOMMIT;", mask_sql::init_sql())).await {
+        return (format!("pgveil init: {e}\n"), EXIT_FINDING);
+    }
+    let _ = writeln!(
+        out,
+        "pgveil schema version {} installed in {}",
+        mask_sql::SCHEMA_VERSION,
+        crate::cli::redact_url(url)
+    );
+    match key {
+        Some(k) => match client.batch_execute(&mask_sql::key_sql(&k)).await {
+            Ok(()) => {
+                let _ = writeln!(out, "hash key installed (fingerprint {})", k.fingerprint());
+            }
+            Err(e) => return (format!("pgveil init: installing the key: {e}\n"), EXIT_FINDING),
+        },
+        None => out.push_str("PGVEIL_HASH_KEY is not set: no key installed (the `hash` mask needs one)\n"),
+    }
+    (out, EXIT_OK)
+}
