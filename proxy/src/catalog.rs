@@ -37,7 +37,9 @@ pub struct DbCatalog {
     snapshot: ArcSwap<Catalog>,
     generation: AtomicU64,
     loaded_at: Mutex<Option<Instant>>,
-    stale: AtomicBool,
+    /// Set by DDL this proxy saw, and by the `pgveil_ddl` notification `pgveil init`'s event
+    /// trigger sends on every DDL of any session.
+    stale: Arc<AtomicBool>,
     client: Mutex<Option<tokio_postgres::Client>>,
 }
 
@@ -64,7 +66,7 @@ impl Catalogs {
                         snapshot: ArcSwap::from_pointee(Catalog::default()),
                         generation: AtomicU64::new(0),
                         loaded_at: Mutex::new(None),
-                        stale: AtomicBool::new(true),
+                        stale: Arc::new(AtomicBool::new(true)),
                         client: Mutex::new(None),
                     })
                 })
@@ -147,7 +149,7 @@ impl DbCatalog {
         let client = match guard.as_ref() {
             Some(c) if !c.is_closed() => c,
             _ => {
-                *guard = Some(connect(config, &self.db).await?);
+                *guard = Some(connect(config, &self.db, Some(Arc::clone(&self.stale))).await?);
                 guard.as_ref().ok_or(CatalogError::NotConfigured)?
             }
         };
@@ -171,7 +173,7 @@ impl DbCatalog {
     pub async fn verifier(&self, config: &Config, sql: &str, user: &str) -> Result<Option<String>, CatalogError> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
-            *guard = Some(connect(config, &self.db).await?);
+            *guard = Some(connect(config, &self.db, Some(Arc::clone(&self.stale))).await?);
         }
         let client = guard.as_ref().ok_or(CatalogError::NotConfigured)?;
         match client.query(sql, &[&user]).await {
@@ -187,7 +189,7 @@ impl DbCatalog {
     pub async fn memberships(&self, config: &Config, user: &str) -> Result<Vec<String>, CatalogError> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
-            *guard = Some(connect(config, &self.db).await?);
+            *guard = Some(connect(config, &self.db, Some(Arc::clone(&self.stale))).await?);
         }
         let client = guard.as_ref().ok_or(CatalogError::NotConfigured)?;
         match client.query(MEMBERSHIP_SQL, &[&user]).await {
@@ -263,7 +265,34 @@ pub async fn load(client: &tokio_postgres::Client) -> Result<Catalog, CatalogErr
     Ok(catalog)
 }
 
-async fn connect(config: &Config, db: &str) -> Result<tokio_postgres::Client, CatalogError> {
+/// Drives a catalog connection; a `pgveil_ddl` notification marks the snapshot stale.
+fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>, stale: Option<Arc<AtomicBool>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        use futures_util::StreamExt as _;
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                    if let Some(s) = &stale {
+                        s.store(true, Ordering::Relaxed);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+}
+
+async fn connect(
+    config: &Config,
+    db: &str,
+    stale: Option<Arc<AtomicBool>>,
+) -> Result<tokio_postgres::Client, CatalogError> {
     let user = config.catalog.user.as_deref().ok_or(CatalogError::NotConfigured)?;
     let mut pg = tokio_postgres::Config::new();
     pg.user(user).dbname(db).application_name("pgveil-catalog").connect_timeout(config.upstream.connect_timeout);
@@ -280,7 +309,7 @@ async fn connect(config: &Config, db: &str) -> Result<tokio_postgres::Client, Ca
     let client = match config.upstream.tls {
         UpstreamTls::Disable => {
             let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(fail)?;
-            tokio::spawn(conn);
+            drive(conn, stale);
             client
         }
         mode => {
@@ -291,9 +320,11 @@ async fn connect(config: &Config, db: &str) -> Result<tokio_postgres::Client, Ca
             });
             let tls = crate::tls::upstream_client_config(config).map_err(|e| CatalogError::Connect(e.to_string()))?;
             let (client, conn) = pg.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls)).await.map_err(fail)?;
-            tokio::spawn(conn);
+            drive(conn, stale);
             client
         }
     };
+    // DDL by any session reaches us when `pgveil init` installed its event trigger.
+    client.batch_execute("LISTEN pgveil_ddl").await.map_err(|e| CatalogError::Query(e.to_string()))?;
     Ok(client)
 }

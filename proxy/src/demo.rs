@@ -231,7 +231,14 @@ pub async fn run_demo(port: u16) -> anyhow::Result<()> {
     config.admin.listen = Some(format!("127.0.0.1:{admin_port}"));
     let mut key = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
-    let opts = rules::CompileOptions { hash_key: Some(key.to_vec()) };
+    let key = hex::encode(key).into_bytes();
+    // What `pgveil init` does: the hash mask's function and this run's key.
+    psql(&format!(
+        "{}\n{};",
+        rules::sql::mask_sql::init_sql(),
+        rules::sql::mask_sql::key_sql(&rules::HashKey::new(&key))
+    ))?;
+    let opts = rules::CompileOptions { hash_key: Some(key) };
     let policy = rules::compile(DEMO_RULES, &opts)
         .map_err(|d| anyhow::anyhow!("{}", rules::diagnostic::render_all(&d, "demo", DEMO_RULES)))?;
     let metrics = Arc::new(crate::metrics::Metrics::default());
@@ -250,6 +257,7 @@ pub async fn run_demo(port: u16) -> anyhow::Result<()> {
         "\npgveil demo is running (PostgreSQL {pg_port} ← pgveil {port}, TLS on the client leg).\n\n\
          Connect as each role:\n  analyst        {}\n  support        {}\n  billing_admin  {}\n  dba (exempt)   {}\n  app            {}\n\n\
          Try:\n  masked:   SELECT name, email, ssn, card_number, phone, birth_date, balance FROM customers WHERE id < 5;\n  \
+         computed: SELECT upper(email), left(ssn, 3), balance * 2 FROM customers WHERE id < 5;   -- on masked values\n  \
          blocked:  SELECT * FROM customers;            -- as analyst: SELECT * over a protected table\n            \
          SELECT name FROM customers WHERE ssn LIKE '1%';   -- a predicate on a masked column\n  \
          allowed:  SELECT status, count(*), sum(amount) FROM orders GROUP BY status;\n\n\

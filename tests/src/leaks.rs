@@ -30,7 +30,7 @@ const CANARIES: &[&str] = &[
 
 /// The canaries and their common encodings: without separators, hex, base64, reversed, and
 /// binary wire forms (numeric base-10000 digits, date as days since 2000-01-01).
-fn needles() -> Vec<(String, Vec<u8>)> {
+pub(crate) fn needles() -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     for c in CANARIES {
         out.push((format!("{c} (raw)"), c.as_bytes().to_vec()));
@@ -158,18 +158,142 @@ pub(crate) const CORPUS: &[(&str, &str)] = &[
     ("protocol state", "SELECT ssn FROM customers WHERE id = 1; SELECT email FROM customers WHERE id = 1"),
 ];
 
+/// The classes of issue 14 that leaked through lineage analysis, generated over every
+/// protected column: each must now run on masked values or be refused.
+fn generated_cases() -> Vec<(&'static str, String)> {
+    const COLS: &[&str] = &["ssn", "email", "card_number", "phone", "birth_date", "balance", "notes"];
+    let mut out: Vec<(&'static str, String)> = Vec::new();
+    for c in COLS {
+        // A set-returning function in FROM beside the table; `t.*` over a function first.
+        out.push(("srf beside a table", format!("SELECT {c} FROM generate_series(1, 2) g, customers WHERE id = g")));
+        out.push(("srf beside a table", format!("SELECT f.*, x.{c} FROM generate_series(1, 1) f, customers x")));
+        // Casts whose errors print their input.
+        for cast in ["int", "numeric", "date", "regclass", "regrole", "regproc", "uuid", "json", "inet"] {
+            out.push(("casts that print their input", format!("SELECT {c}::text::{cast} FROM customers WHERE id = 1")));
+        }
+        // Masked columns as arguments of functions in FROM / LATERAL.
+        out.push((
+            "functions in FROM",
+            format!("SELECT x FROM customers c, LATERAL regexp_split_to_table(c.{c}::text, '') x WHERE c.id = 1"),
+        ));
+        out.push((
+            "functions in FROM",
+            format!("SELECT j.* FROM customers c CROSS JOIN LATERAL jsonb_each_text(jsonb_build_object('v', c.{c})) j"),
+        ));
+        // Columns computed where the outer query never names them.
+        out.push((
+            "materialized CTE",
+            format!("WITH m AS MATERIALIZED (SELECT {c}::text::int AS x FROM customers) SELECT count(*) FROM m"),
+        ));
+        out.push(("OFFSET 0", format!("SELECT 1 FROM (SELECT {c}::text::bigint FROM customers OFFSET 0) s LIMIT 1")));
+        // Row counts over a digit of the value.
+        out.push((
+            "row counts",
+            format!(
+                "SELECT count(*) FROM customers c, generate_series(1, ascii(substr(c.{c}::text, 1, 1))) WHERE c.id = 1"
+            ),
+        ));
+        // Writes and their RETURNING.
+        out.push(("dml", format!("UPDATE customers SET name = name WHERE id = 1 RETURNING {c}")));
+        out.push((
+            "dml",
+            format!("WITH u AS (UPDATE customers SET name = name WHERE id = 2 RETURNING {c}) SELECT * FROM u"),
+        ));
+    }
+    for (cat, sql) in [
+        ("joins", "SELECT * FROM customers JOIN orders USING (id) WHERE id < 3"),
+        ("joins", "SELECT * FROM customers NATURAL JOIN orders"),
+        ("joins", "SELECT * FROM orders NATURAL JOIN customers"),
+        ("joins", "SELECT * FROM customers c NATURAL LEFT JOIN (SELECT 1 AS id) one"),
+        ("explain", "EXPLAIN SELECT * FROM customers WHERE card_number = '4000000000000001'"),
+        ("explain", "EXPLAIN (VERBOSE, COSTS OFF) SELECT ssn, email FROM customers WHERE id = 1"),
+        ("explain", "EXPLAIN ANALYZE SELECT ssn FROM customers WHERE id = 1"),
+        (
+            "prepare",
+            "PREPARE s1 AS SELECT id FROM customers; DEALLOCATE s1; PREPARE s1 AS SELECT ssn FROM customers; EXECUTE s1",
+        ),
+        (
+            "prepare",
+            "PREPARE s2 AS SELECT ssn FROM customers; DISCARD ALL; PREPARE s2 AS SELECT email FROM customers; EXECUTE s2",
+        ),
+        ("prepare", "DEALLOCATE ALL; PREPARE s3 AS SELECT card_number FROM customers WHERE id = $1; EXECUTE s3(1)"),
+        ("cte shadow", "WITH RECURSIVE a AS (SELECT * FROM customers), customers AS (SELECT 1) SELECT * FROM a"),
+        ("cte shadow", "WITH customers AS (SELECT 1 AS ssn) SELECT ssn FROM customers"),
+        ("whole row", "SELECT json_populate_record(NULL::customers, to_json(c)) FROM customers c"),
+        ("whole row", "SELECT (SELECT array_agg(x) FROM customers x)"),
+        ("whole row", "SELECT hashtext(c::text) FROM customers c"),
+        ("notify", "LISTEN leakch; SELECT pg_notify('leakch', ssn || email) FROM customers WHERE id <= 3"),
+        ("settings", "SELECT set_config('application_name', (SELECT card_number FROM customers WHERE id = 1), false)"),
+        ("persistence", "CREATE TABLE stolen3 AS SELECT * FROM customers; SELECT * FROM stolen3"),
+        ("persistence", "CREATE VIEW leak_v AS SELECT id, ssn, upper(email) AS e FROM customers; SELECT * FROM leak_v"),
+        ("persistence", "SELECT * INTO TEMP stolen4 FROM customers; SELECT * FROM stolen4"),
+        (
+            "merge",
+            "MERGE INTO orders o USING customers c ON o.customer_id = c.id AND c.id = 1 WHEN MATCHED THEN UPDATE SET status = c.ssn",
+        ),
+        ("merge", "SELECT status FROM orders WHERE customer_id = 1"),
+        (
+            "on conflict",
+            "INSERT INTO customers AS t (id, name) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET name = t.ssn RETURNING name",
+        ),
+        ("errors", "SELECT to_date(ssn, 'YYYY-MM-DD') FROM customers WHERE id = 1"),
+        ("errors", "SELECT ('{' || card_number || '}')::int[] FROM customers WHERE id = 1"),
+        ("errors", "SELECT xmlparse(content '<' || email || '>') FROM customers WHERE id = 1"),
+        ("errors", "SELECT make_date(2000, 1, length(ssn) * 10) FROM customers WHERE id = 1"),
+        ("dynamic", "SELECT table_to_xml('customers', true, true, '')"),
+        ("dynamic", "SELECT cursor_to_xml('c', 10, true, true, '')"),
+        ("dynamic", "SELECT ts_stat('SELECT to_tsvector(ssn) FROM customers')"),
+        ("functions", "SELECT public.nonexistent_udf(ssn) FROM customers"),
+        ("lexing", "SELECT U&\"\\0073sn\" FROM U&\"\\0063ustomers\""),
+        ("lexing", "SELECT \"ssn\" FROM ONLY \"public\".\"customers\" WHERE id = 1"),
+        ("lexing", "SET client_encoding = 'SJIS'"),
+        ("lexing", "SELECT set_config('client_encoding', 'BIG5', false)"),
+        ("lexing", "RESET standard_conforming_strings"),
+        ("ddl", "ALTER TABLE customers ALTER COLUMN ssn TYPE int USING ssn::int"),
+        ("ddl", "CREATE INDEX ON customers ((ssn::int))"),
+        ("ddl", "CREATE TABLE kid2 () INHERITS (customers)"),
+        ("ddl", "ALTER TABLE customers ADD CONSTRAINT c CHECK (ssn::int > 0)"),
+        ("ddl", "CREATE RULE r AS ON SELECT TO customers DO INSTEAD SELECT * FROM orders"),
+    ] {
+        out.push((cat, sql.to_owned()));
+    }
+    out
+}
+
+/// The whole corpus: the cases kept from before substitution and the generated ones.
+pub(crate) fn all_cases() -> Vec<(&'static str, String)> {
+    CORPUS.iter().map(|(c, s)| (*c, (*s).to_owned())).chain(generated_cases()).collect()
+}
+
 async fn run_corpus(port: u16, db: &str) -> (usize, usize) {
     let mut client = connect_plain(&url(port, "app_user", db, "sslmode=disable")).await.expect("connect");
     let (mut blocked, mut ran) = (0, 0);
-    for (_, sql) in CORPUS {
+    let cases = all_cases();
+    for (_, sql) in &cases {
         match client.simple_query(sql).await {
             Ok(_) => ran += 1,
             Err(_) => blocked += 1,
         }
-        // The extended protocol with binary results (single statements only).
-        if !sql.contains(';') {
-            let _ = client.query(*sql, &[]).await;
+        if sql.contains(';') {
+            continue;
         }
+        // The extended protocol with binary results.
+        let _ = client.query(sql.as_str(), &[]).await;
+        if sql.starts_with("SELECT") {
+            // A cursor and COPY over the same query.
+            let _ =
+                client.simple_query(&format!("BEGIN; DECLARE lc CURSOR FOR {sql}; FETCH ALL FROM lc; COMMIT")).await;
+            let _ = client.simple_query("ROLLBACK").await;
+            if let Ok(stream) = client.copy_out(&format!("COPY ({sql}) TO STDOUT")).await {
+                pin_mut!(stream);
+                while let Some(Ok(_)) = stream.next().await {}
+            }
+        }
+    }
+    // Pipelines of three generated statements at a time.
+    for chunk in cases.chunks(3).filter(|c| c.iter().all(|(_, s)| !s.contains(';'))).take(40) {
+        let q = |i: usize| chunk.get(i).map_or("SELECT 1", |(_, s)| s.as_str());
+        let _ = tokio::join!(client.query(q(0), &[]), client.query(q(1), &[]), client.query(q(2), &[]));
     }
     // A prepared statement executed many times, and a portal fetched in pieces.
     if let Ok(stmt) = client.prepare("SELECT ssn, card_number, balance FROM customers WHERE id = $1").await {
@@ -198,7 +322,7 @@ async fn run_corpus(port: u16, db: &str) -> (usize, usize) {
     // COPY TO of an unprotected projection is allowed and streams.
     if let Ok(stream) = client.copy_out("COPY (SELECT id, name FROM customers) TO STDOUT").await {
         pin_mut!(stream);
-        while stream.next().await.is_some() {}
+        while let Some(Ok(_)) = stream.next().await {}
     }
     (blocked, ran)
 }
@@ -206,6 +330,7 @@ async fn run_corpus(port: u16, db: &str) -> (usize, usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_protected_value_reaches_a_masked_session() {
     assert!(CORPUS.len() >= 80, "the corpus has {} cases", CORPUS.len());
+    assert!(generated_cases().len() >= 120, "issue 14 adds {} cases", generated_cases().len());
     let cluster = pg::cluster();
     let db = cluster.fresh_db();
     let p = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
@@ -238,9 +363,9 @@ async fn psql_sees_no_protected_value_either() {
     let recorder = Recorder::start(p.addr).await;
     let conn = url(recorder.port(), "app_user", &db.name, "sslmode=disable");
     let mut blocked = 0;
-    for (_, sql) in CORPUS {
+    for (_, sql) in all_cases() {
         let bin = cluster.psql_bin();
-        let (c, s) = (conn.clone(), (*sql).to_owned());
+        let (c, s) = (conn.clone(), sql.clone());
         let out = tokio::task::spawn_blocking(move || crate::harness::client::psql(&bin, &c, &s)).await.unwrap();
         if !out.status.success() {
             blocked += 1;

@@ -30,3 +30,5 @@ mod masking;
 mod reload;
 #[cfg(test)]
 mod scram;
+#[cfg(test)]
+mod substitution;

@@ -47,6 +47,17 @@ CREATE OR REPLACE FUNCTION pgveil.key_fingerprints() RETURNS SETOF text
   LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog
   AS $pgveil$ SELECT fingerprint FROM pgveil.keys ORDER BY created $pgveil$;
 GRANT EXECUTE ON FUNCTION pgveil.key_fingerprints() TO PUBLIC;
+CREATE OR REPLACE FUNCTION pgveil.notify_ddl() RETURNS event_trigger LANGUAGE plpgsql
+  SET search_path = pg_catalog
+  AS $pgveil$ BEGIN PERFORM pg_notify('pgveil_ddl', current_database()); END $pgveil$;
+DO $pgveil$ BEGIN
+  -- Every DDL of every session tells the proxies to reload their catalog (event triggers
+  -- need a superuser; without one the proxies reload every 30 s and after their own DDL).
+  IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+     AND NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgveil_ddl') THEN
+    CREATE EVENT TRIGGER pgveil_ddl ON ddl_command_end EXECUTE FUNCTION pgveil.notify_ddl();
+  END IF;
+END $pgveil$;
 "
     )
 }

@@ -147,7 +147,12 @@ impl<'a> Protection<'a> {
                     return Some(self.whole_table(rel));
                 }
                 self.depth = self.depth.saturating_add(1);
-                let substituted = super::checks::substitute_definition(def, self);
+                // Only a view that reads a protected relation is protected; one that does not
+                // stays as it is whatever its definition holds.
+                let bases = super::checks::definition_relations(def, self);
+                let reads_protected = bases.iter().any(|b| b.oid != rel.oid && self.protected(b).is_some());
+                let substituted =
+                    if reads_protected { super::checks::substitute_definition(def, self) } else { Ok(None) };
                 self.depth = self.depth.saturating_sub(1);
                 match substituted {
                     Ok(Some(sql)) => Some(Protected::View { sql }),
