@@ -252,12 +252,9 @@ impl<'a> Analyzer<'a> {
         let mut edits = Vec::new();
         for raw in &parsed.protobuf.stmts {
             let Some(stmt) = raw.stmt.as_ref() else { continue };
-            let tree = match serde_json::to_value(stmt) {
-                Ok(v) => v,
-                Err(_) => {
-                    out.block = Some(block(Reason::Unsupported, "pgveil cannot read this statement's tree", ""));
-                    return out;
-                }
+            let Ok(tree) = serde_json::to_value(stmt) else {
+                out.block = Some(block(Reason::Unsupported, "pgveil cannot read this statement's tree", ""));
+                return out;
             };
             let found = walk::walk(&tree);
             out.effects.extend(found.temp_created.iter().cloned().map(Effect::TempRelation));

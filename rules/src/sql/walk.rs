@@ -449,7 +449,7 @@ impl<'v> Walker<'v> {
             return;
         }
         match t {
-            "SelectStmt" => self.select(b, _top),
+            "SelectStmt" => self.select(b),
             "ColumnRef" => {
                 let fields = strings(b.get("fields"));
                 for f in &fields {
@@ -539,7 +539,7 @@ impl<'v> Walker<'v> {
     }
 
     /// A FROM item.
-    fn from_item(&mut self, v: &'v Value) {
+    fn walk_from_item(&mut self, v: &'v Value) {
         match variant(v) {
             Some(("RangeVar", rv)) => self.rangevar(rv, Site::Read),
             Some((t, b)) => self.typed(t, b, false),
@@ -555,11 +555,11 @@ impl<'v> Walker<'v> {
         let outer = self.nullable;
         self.nullable = outer || jt == JOIN_RIGHT || jt == JOIN_FULL;
         if let Some(l) = b.get("larg") {
-            self.from_item(l);
+            self.walk_from_item(l);
         }
         self.nullable = outer || jt == JOIN_LEFT || jt == JOIN_FULL;
         if let Some(r) = b.get("rarg") {
-            self.from_item(r);
+            self.walk_from_item(r);
         }
         self.nullable = outer;
         for name in strings(b.get("using_clause")) {
@@ -601,7 +601,7 @@ impl<'v> Walker<'v> {
         }
     }
 
-    fn select(&mut self, b: &'v Map<String, Value>, top: bool) {
+    fn select(&mut self, b: &'v Map<String, Value>) {
         let scope = self.new_scope();
         self.in_scope(scope, |w| {
             w.ctes(b);
@@ -609,7 +609,7 @@ impl<'v> Walker<'v> {
             if op != pb::SetOperation::SetopNone as i64 {
                 for arm in ["larg", "rarg"] {
                     if let Some(a) = b.get(arm).and_then(Value::as_object) {
-                        w.select(a, top);
+                        w.select(a);
                     }
                 }
                 w.with(Position::Filter("ORDER BY"), |w| w.field(b, "sort_clause", "SelectStmt"));
@@ -632,7 +632,7 @@ impl<'v> Walker<'v> {
             let saved_select = w.select_index.replace(si);
             let saved_nullable = std::mem::replace(&mut w.nullable, false);
             for item in b.get("from_clause").and_then(Value::as_array).into_iter().flatten() {
-                w.from_item(item);
+                w.walk_from_item(item);
             }
             w.nullable = saved_nullable;
             w.select_index = saved_select;
@@ -828,10 +828,10 @@ impl<'v> Walker<'v> {
                 match b.get(k) {
                     Some(Value::Array(items)) => {
                         for i in items {
-                            w.from_item(i);
+                            w.walk_from_item(i);
                         }
                     }
-                    Some(v) => w.from_item(v),
+                    Some(v) => w.walk_from_item(v),
                     None => {}
                 }
             }
