@@ -1,10 +1,12 @@
-//! Cancel keys. Clients get a BackendKeyData issued by the proxy: the backend's own (pid, key)
-//! encrypted with a keyed pseudo-random permutation (a four-round Feistel network over the
-//! whole pid‖key, HMAC-SHA-256 as round function). The result looks random and is as hard to
-//! guess as the backend's own key, yet any pgveil instance holding the same secret can turn a
-//! cancel request back into the backend's key: several instances behind a load balancer need
-//! to share only `PGVEIL_CANCEL_KEY`, no state. A wrong key decrypts to a (pid, key) the server
-//! does not know, and PostgreSQL ignores it, as it ignores any wrong key.
+//! Cancel keys. Clients get a BackendKeyData issued by the proxy: the backend's real pid (so
+//! `PQbackendPID()`, notification pids and `pg_terminate_backend(<pid>)` mean what they mean
+//! without pgveil) and the backend's secret key encrypted with a keyed pseudo-random
+//! permutation tweaked by the pid (a four-round Feistel network over the key, HMAC-SHA-256 as
+//! round function). The sealed key is as hard to guess as the backend's own, yet any pgveil
+//! instance holding the same secret can turn a cancel request back into the backend's key:
+//! several instances behind a load balancer need to share only `PGVEIL_CANCEL_KEY`, no state.
+//! A wrong key decrypts to a key the server does not know, and PostgreSQL ignores it, as it
+//! ignores any wrong key. Keys of every length protocol 3.2 allows keep their length.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -50,29 +52,28 @@ impl CancelKeys {
         CancelKeys { secret }
     }
 
-    /// The (pid, key) to give the client for a backend key: the same sizes as the server's.
+    /// The (pid, key) to give the client for a backend key: the real pid, the key sealed, of
+    /// the server's key length.
     pub fn seal(&self, backend: &BackendKey) -> (u32, Vec<u8>) {
-        let mut block = backend.pid.to_be_bytes().to_vec();
-        block.extend_from_slice(&backend.key);
-        self.permute(&mut block, false);
-        split(&block)
+        let mut key = backend.key.clone();
+        self.permute(backend.pid, &mut key, false);
+        (backend.pid, key)
     }
 
     /// The backend key a client's cancel request names (garbage in, garbage out).
     pub fn open(&self, pid: u32, key: &[u8]) -> BackendKey {
-        let mut block = pid.to_be_bytes().to_vec();
-        block.extend_from_slice(key);
-        self.permute(&mut block, true);
-        let (pid, key) = split(&block);
+        let mut key = key.to_vec();
+        self.permute(pid, &mut key, true);
         BackendKey { pid, key }
     }
 
-    fn round_fn(&self, round: u8, input: &[u8], out_len: usize) -> Vec<u8> {
+    fn round_fn(&self, pid: u32, round: u8, input: &[u8], out_len: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(out_len.saturating_add(32));
         let mut counter = 0u8;
         while out.len() < out_len {
             #[allow(clippy::expect_used, reason = "HMAC accepts keys of any length")]
             let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+            mac.update(&pid.to_be_bytes());
             mac.update(&[round, counter, u8::try_from(input.len()).unwrap_or(u8::MAX)]);
             mac.update(input);
             out.extend_from_slice(&mac.finalize().into_bytes());
@@ -82,29 +83,21 @@ impl CancelKeys {
         out
     }
 
-    /// An unbalanced Feistel network over the whole block (left gets the extra byte).
-    fn permute(&self, block: &mut [u8], inverse: bool) {
+    /// An unbalanced Feistel network over the key, tweaked by the pid (right gets the extra
+    /// byte).
+    fn permute(&self, pid: u32, block: &mut [u8], inverse: bool) {
         let half = block.len() / 2;
         let rounds: Vec<u8> = if inverse { (0..ROUNDS).rev().collect() } else { (0..ROUNDS).collect() };
         for r in rounds {
             // Even rounds change the left part from the right, odd rounds the reverse.
             let (left, right) = block.split_at_mut(half);
             let (from, to): (&[u8], &mut [u8]) = if r % 2 == 0 { (right, left) } else { (left, right) };
-            let f = self.round_fn(r, from, to.len());
+            let f = self.round_fn(pid, r, from, to.len());
             for (t, k) in to.iter_mut().zip(f) {
                 *t ^= k;
             }
         }
     }
-}
-
-fn split(block: &[u8]) -> (u32, Vec<u8>) {
-    let (pid, key) = block.split_at(4.min(block.len()));
-    let mut p = [0u8; 4];
-    if let Some(d) = p.get_mut(..pid.len()) {
-        d.copy_from_slice(pid);
-    }
-    (u32::from_be_bytes(p), key.to_vec())
 }
 
 #[cfg(test)]
@@ -119,7 +112,8 @@ mod tests {
             let backend = BackendKey { pid: 4242, key: (0..len).map(|i| u8::try_from(i % 251).unwrap()).collect() };
             let (pid, key) = keys.seal(&backend);
             assert_eq!(key.len(), len);
-            assert_ne!((pid, key.clone()), (backend.pid, backend.key.clone()));
+            assert_eq!(pid, backend.pid, "the client sees the backend's real pid");
+            assert_ne!(key, backend.key, "but not its key");
             assert_eq!(keys.open(pid, &key), backend, "len {len}");
             // Another instance with the same secret opens it too; with another secret it does not.
             assert_eq!(CancelKeys::new(Some(b"shared secret")).open(pid, &key), backend);

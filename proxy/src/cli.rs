@@ -22,11 +22,21 @@ pub async fn check(path: &Path, against: Option<&str>, opts: &rules::CompileOpti
         Err(e) => return (format!("{}: cannot read: {e}\n", path.display()), EXIT_USAGE),
     };
     let name = path.display().to_string();
-    let policy = match rules::compile(&src, opts) {
+    // A DBA validating rules (in CI, say) does not hold the production secret: without the
+    // key, `check` validates with a stand-in and warns that `run` will need the real one.
+    let without_key = opts.hash_key.as_ref().is_none_or(Vec::is_empty);
+    let stand_in = rules::CompileOptions { hash_key: Some(b"pgveil-check-stand-in".to_vec()) };
+    let policy = match rules::compile(&src, if without_key { &stand_in } else { opts }) {
         Ok(p) => p,
         Err(diags) => return (rules::diagnostic::render_all(&diags, &name, &src), EXIT_FINDING),
     };
     let mut out = String::new();
+    if without_key && policy.uses_hash() {
+        let _ = writeln!(
+            out,
+            "{name}: warning: the `hash` mask needs PGVEIL_HASH_KEY, which is not set here: `pgveil run` will refuse these rules without it"
+        );
+    }
     let Some(url) = against else {
         let _ = writeln!(
             out,

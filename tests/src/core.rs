@@ -377,3 +377,56 @@ fn messages(bytes: &[u8]) -> Vec<Vec<u8>> {
     }
     out
 }
+
+/// BackendKeyData carries the backend's real pid (only the secret key is sealed): what a
+/// client reads as its backend pid is `pg_backend_pid()`, and terminating that pid ends the
+/// session, exactly as direct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_key_data_carries_the_real_backend_pid() {
+    use crate::harness::recorder::Recorder;
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn_with_rules(cluster, crate::masking::RULES, |_| {}).await;
+    for role in ["dba", "app_user"] {
+        let recorder = Recorder::start(p.addr).await;
+        let client = connect_plain(&url(recorder.port(), role, &db.name, "sslmode=disable")).await.unwrap();
+        let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+        let bytes = recorder.captured();
+        let mut rest = bytes.as_slice();
+        let mut announced = None;
+        while rest.len() >= 5 {
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            let (msg, tail) = rest.split_at(1 + len);
+            if msg[0] == b'K' {
+                announced = Some(i32::from_be_bytes([msg[5], msg[6], msg[7], msg[8]]));
+            }
+            rest = tail;
+        }
+        assert_eq!(announced, Some(pid), "{role}: BackendKeyData pid");
+        cluster.psql_admin(&db.name, &format!("SELECT pg_terminate_backend({pid})")).unwrap();
+        let gone = client.query_one("SELECT 1", &[]).await;
+        assert!(gone.is_err(), "{role}: terminating the announced pid ends the session");
+    }
+}
+
+/// An unknown role, a wrong password and an unknown database get PostgreSQL's own answers
+/// through pgveil (memberships are read only after the server accepted the login).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_failures_get_the_servers_answers() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn_with_rules(cluster, crate::masking::RULES, |_| {}).await;
+    for (user, password, dbname) in [
+        ("no_such_role", "x", db.name.as_str()),
+        ("app_user", "wrong", db.name.as_str()),
+        ("app_user", "app_user_pw", "no_such_db"),
+    ] {
+        let conn = |port: u16| {
+            format!("host=127.0.0.1 port={port} user={user} password={password} dbname={dbname} sslmode=disable")
+        };
+        let direct = connect_plain(&conn(cluster.port)).await.expect_err("direct login fails");
+        let via = connect_plain(&conn(p.port())).await.expect_err("login through pgveil fails");
+        let (d, v) = (direct.as_db_error().unwrap(), via.as_db_error().unwrap());
+        assert_eq!((d.code(), d.message()), (v.code(), v.message()), "{user}/{dbname}");
+    }
+}

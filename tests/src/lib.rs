@@ -23,6 +23,8 @@ mod hardening;
 #[cfg(test)]
 mod leaks;
 #[cfg(test)]
+mod mask_sql;
+#[cfg(test)]
 mod mask_types;
 #[cfg(test)]
 mod masking;

@@ -22,8 +22,18 @@ pub type ClientStream = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStr
     reason = "made once per connection; boxing would put the stream behind a pointer for its whole life"
 )]
 pub enum Hello {
-    Startup { stream: ClientStream, startup: Startup, leftover: BytesMut },
-    Cancel { pid: u32, key: bytes::Bytes },
+    Startup {
+        stream: ClientStream,
+        startup: Startup,
+        leftover: BytesMut,
+    },
+    /// A cancel request; `stream` is the connection it came on, closed cleanly (TLS
+    /// close_notify) once the cancel is handled, as libpq 17's cancel API expects.
+    Cancel {
+        pid: u32,
+        key: bytes::Bytes,
+        stream: Option<ClientStream>,
+    },
 }
 
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -34,7 +44,7 @@ pub async fn handshake(tcp: TcpStream, tls: Option<&ServerTls>, mode: ClientTlsM
         Ok(Negotiated::Startup { startup, leftover }) => {
             Ok(Hello::Startup { stream: Either::Left(tcp), startup, leftover })
         }
-        Ok(Negotiated::Cancel { pid, key }) => Ok(Hello::Cancel { pid, key }),
+        Ok(Negotiated::Cancel { pid, key }) => Ok(Hello::Cancel { pid, key, stream: Some(Either::Left(tcp)) }),
         Ok(Negotiated::Tls) => {
             let Some(tls) = tls else { return Err(SessionError::NoAlpn) };
             let stream = tls.acceptor.accept(tcp).await.map_err(SessionError::ClientTls)?;
@@ -132,7 +142,7 @@ async fn read_startup(mut stream: ClientStream) -> Result<Hello, SessionError> {
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
                 stream.write_all(b"N").await.map_err(SessionError::ClientIo)?;
             }
-            StartupPacket::Cancel { pid, key } => return Ok(Hello::Cancel { pid, key }),
+            StartupPacket::Cancel { pid, key } => return Ok(Hello::Cancel { pid, key, stream: Some(stream) }),
             StartupPacket::Startup(startup) => return Ok(Hello::Startup { stream, startup, leftover: buf }),
         }
     }

@@ -287,7 +287,13 @@ impl<'a> Inspector<'a> {
                                 // Same name and parameter types, the rewritten text (I2, I11:
                                 // the server stores the substituted statement).
                                 let rest = messages::parse_rest(&f).unwrap_or_default();
-                                let mut body = BytesMut::with_capacity(rewritten.len().saturating_add(rest.len()).saturating_add(name.len()).saturating_add(2));
+                                let mut body = BytesMut::with_capacity(
+                                    rewritten
+                                        .len()
+                                        .saturating_add(rest.len())
+                                        .saturating_add(name.len())
+                                        .saturating_add(2),
+                                );
                                 body.put_slice(&name);
                                 body.put_u8(0);
                                 body.put_slice(rewritten.as_bytes());

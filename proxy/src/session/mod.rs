@@ -57,8 +57,11 @@ pub async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     .unwrap_or(Err(SessionError::StartupTimeout));
     let (client, startup, leftover) = match hello {
         Ok(Hello::Startup { stream, startup, leftover }) => (stream, startup, leftover),
-        Ok(Hello::Cancel { pid, key }) => {
+        Ok(Hello::Cancel { pid, key, stream }) => {
             cancel(&shared, pid, &key).await;
+            if let Some(mut s) = stream {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut s).await;
+            }
             return;
         }
         Err(e) => {
@@ -93,7 +96,10 @@ async fn serve_session(
     if shared.stop_accepting.is_cancelled() {
         return Err(SessionError::Shutdown);
     }
-    let rules = session_rules(shared, startup).await?;
+    // Whether the session may be inspected is known from the login name alone; who the role
+    // is a member of is read only after the server accepted its authentication, so an unknown
+    // role, a wrong password and an unknown database get exactly the server's answers.
+    let may_inspect = shared.policy.load_full().is_some_and(|p| !p.is_exempt(&rules::Identity::new([startup.user()])));
     let server = upstream::connect(shared).await.inspect_err(|_| shared.metrics.rejected(Rejected::Upstream))?;
     let server_tls = upstream::is_tls(&server);
     let mut server = Conn::new(server, Direction::FromServer, BytesMut::new());
@@ -103,7 +109,7 @@ async fn serve_session(
     let unsupported: Vec<&str> = startup.protocol_options().collect();
     let mut params: Vec<(String, String)> =
         startup.params.iter().filter(|(k, _)| !k.starts_with("_pq_.")).cloned().collect();
-    if rules.is_some() {
+    if may_inspect {
         pin_settings(&mut params)?;
     }
     let mut minor = asked.min(NEWEST_MINOR);
@@ -159,6 +165,7 @@ async fn serve_session(
             return Ok(());
         }
     }
+    let rules = if may_inspect { session_rules(shared, startup).await? } else { None };
     let backend = after_auth(shared, client, &mut server).await?;
     tracing::debug!(inspected = rules.is_some(), "session ready");
     match rules {
@@ -167,8 +174,9 @@ async fn serve_session(
     }
 }
 
-/// Decides, before the server is contacted, whether this session is inspected: it is unless
-/// no rules are loaded or the identity is exempt. Fails closed when memberships cannot be read.
+/// Decides, once the server accepted the login, whether this session is inspected: it is
+/// unless no rules are loaded or the identity is exempt. Fails closed when memberships cannot
+/// be read (57P03).
 async fn session_rules(
     shared: &Arc<Shared>,
     startup: &Startup,
