@@ -289,7 +289,11 @@ impl SessionRules {
         let text_str = text;
         // Statements that differ only in literals (the simple protocol's way of passing
         // values) share one analysis, keyed by the server scanner's tokens.
-        let shape = rules::sql::shape_key(text).map(|k| format!("shape\u{1f}{k}").into_bytes());
+        let scanned = rules::sql::Scanned::new(text_str);
+        let shape = scanned
+            .as_ref()
+            .and_then(|s| rules::sql::shape_key_of(text_str, s))
+            .map(|k| format!("shape\u{1f}{k}").into_bytes());
         let shape_key = shape.as_ref().map(|k| Key { text_hash: text_hash(k), ..key });
         if let (Some(k), Some(text)) = (&shape_key, &shape)
             && let Some(hit) = shared.analysis_cache.get(k, text)
@@ -304,7 +308,7 @@ impl SessionRules {
                 }
                 // The rewrite is in tokens: applied to this text's own literals.
                 Some(rw) => {
-                    if let Some(rewritten) = rw.apply(text_str) {
+                    if let Some(rewritten) = scanned.as_ref().and_then(|s| rw.apply_to(text_str, s)) {
                         shared.metrics.analysis(nanos(started), true);
                         return Arc::new(Analysis { rewritten: Some(rewritten), ..(*hit).clone() });
                     }

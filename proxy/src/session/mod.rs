@@ -165,8 +165,10 @@ async fn serve_session(
             return Ok(());
         }
     }
-    let rules = if may_inspect { session_rules(shared, startup).await? } else { None };
+    // The server may still refuse the login (an unknown database is reported after the
+    // authentication): its answer is relayed first, then memberships are read.
     let backend = after_auth(shared, client, &mut server).await?;
+    let rules = if may_inspect { session_rules(shared, startup).await? } else { None };
     tracing::debug!(inspected = rules.is_some(), "session ready");
     match rules {
         None => crate::forward::pump(shared, client, &mut server).await,

@@ -115,8 +115,14 @@ pub fn expr(mask: &Mask, col: &str, ty: PgType, sql_type: &str, key: Option<&Has
             match ty {
                 PgType::Float4 | PgType::Float8 => cast(&format!("round((({col}) / {st})::numeric) * {st}")),
                 t if t.is_integer() => cast(&format!("round(({col})::numeric / {st}) * {st}")),
-                // `+ (x - x)` keeps the input's scale, as the Rust mask presents it.
-                _ => cast(&format!("round(({col}) / {st}) * {st} + (({col}) - ({col}))")),
+                // The scale of the input and the step, presented with the input's scale where
+                // that loses nothing: as the Rust mask does.
+                _ => {
+                    let r = format!("(round(({col}) / {st}) * {st} + (({col}) - ({col})))");
+                    cast(&format!(
+                        "CASE WHEN {r} = round({r}, scale({col})) THEN round({r}, scale({col})) ELSE {r} END"
+                    ))
+                }
             }
         }
         Mask::Hash { length } => match key {
@@ -130,6 +136,7 @@ pub fn expr(mask: &Mask, col: &str, ty: PgType, sql_type: &str, key: Option<&Has
 /// Characters `partial` may replace: ASCII letters and digits, and every non-ASCII character
 /// (the Rust mask counts the same ones).
 const ALNUM: &str = "0-9A-Za-z\\u0080-\\U0010FFFF";
+const ASCII_ALNUM: &str = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 fn partial(col: &str, first: usize, last: usize, fill: char, cast: &dyn Fn(&str) -> String) -> String {
     let s = format!("({col})::text");
@@ -152,8 +159,16 @@ fn partial(col: &str, first: usize, last: usize, fill: char, cast: &dyn Fn(&str)
     };
     let mid = format!("substr({s}, length({pre}) + 1, length({s}) - length({pre}) - length({suf}))");
     let keep = first.saturating_add(last);
+    // Fast path without regular expressions for values of ASCII letters and digits only
+    // (card numbers, tokens, hex digests): every character is replaceable.
+    let plain = format!("translate({s}, '{ASCII_ALNUM}', '') = ''");
+    let fills = literal(&fill.to_string());
+    let fast = format!(
+        "CASE WHEN length({s}) <= {keep} THEN repeat({fills}, length({s})) \
+         ELSE left({s}, {first}) || repeat({fills}, length({s}) - {keep}) || right({s}, {last}) END"
+    );
     cast(&format!(
-        "CASE WHEN {col} IS NULL THEN NULL WHEN {total} <= {keep} THEN {all} \
+        "CASE WHEN {col} IS NULL THEN NULL WHEN {plain} THEN {fast} WHEN {total} <= {keep} THEN {all} \
          ELSE {pre} || regexp_replace({mid}, '[{ALNUM}]', {fill_lit}, 'g') || {suf} END"
     ))
 }

@@ -33,7 +33,7 @@ use crate::catalog::Catalog;
 use crate::mask::Mask;
 use crate::policy::{Mode, SessionPolicy};
 
-pub use shape::shape_key;
+pub use shape::{Scanned, shape_key, shape_key_of};
 pub use tokens::Rewrite;
 
 /// Why a statement may not run (or, in monitor mode, would not have run).

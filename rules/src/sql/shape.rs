@@ -42,7 +42,23 @@ const SHAPE_SYNTAX: &[(&str, &[&str])] = &[("update", &["set"]), ("insert", &["i
 /// change the analysis: the server's own scanner splits the text, literals become `$`,
 /// everything else is kept as written. `None` when the statement must be analysed as is.
 pub fn shape_key(sql: &str) -> Option<String> {
-    let scanned = pg_query::scan(sql).ok()?;
+    shape_key_of(sql, &Scanned::new(sql)?)
+}
+
+/// One scan of a text by the server's scanner, shared by its shape key and the rewrite of a
+/// cached shape (scanning is most of what a cache hit costs).
+#[derive(Debug)]
+pub struct Scanned(pub(crate) pb::ScanResult);
+
+impl Scanned {
+    pub fn new(sql: &str) -> Option<Scanned> {
+        pg_query::scan(sql).ok().map(Scanned)
+    }
+}
+
+/// [`shape_key`] of an already scanned text.
+pub fn shape_key_of(sql: &str, scanned: &Scanned) -> Option<String> {
+    let scanned = &scanned.0;
     let mut key = String::with_capacity(sql.len());
     // The first word of the statement being scanned (a text may hold several).
     let mut head: Option<&str> = None;

@@ -19,7 +19,10 @@ pub(crate) struct Tokens<'a> {
 
 impl<'a> Tokens<'a> {
     pub(crate) fn new(sql: &'a str) -> Option<Self> {
-        let scanned = pg_query::scan(sql).ok()?;
+        Self::from_scan(sql, &pg_query::scan(sql).ok()?)
+    }
+
+    pub(crate) fn from_scan(sql: &'a str, scanned: &pb::ScanResult) -> Option<Self> {
         let mut toks = Vec::with_capacity(scanned.tokens.len());
         for t in &scanned.tokens {
             if matches!(pb::Token::try_from(t.token), Ok(pb::Token::SqlComment | pb::Token::CComment)) {
@@ -118,7 +121,12 @@ impl Rewrite {
     /// The rewritten text of `sql`, a text of the shape this rewrite was made for; `None` if
     /// its tokens do not fit (the caller analyses it afresh).
     pub fn apply(&self, sql: &str) -> Option<String> {
-        let toks = Tokens::new(sql)?;
+        self.apply_to(sql, &super::shape::Scanned::new(sql)?)
+    }
+
+    /// [`Rewrite::apply`] with the text's scan already made (for its shape key).
+    pub fn apply_to(&self, sql: &str, scanned: &super::shape::Scanned) -> Option<String> {
+        let toks = Tokens::from_scan(sql, &scanned.0)?;
         if toks.len() != self.tokens {
             return None;
         }
