@@ -167,8 +167,10 @@ async fn serve_session(
     }
     // The server may still refuse the login (an unknown database is reported after the
     // authentication): its answer is relayed first, then memberships are read.
-    let backend = after_auth(shared, client, &mut server).await?;
+    let (backend, ready) = after_auth(shared, client, &mut server).await?;
     let rules = if may_inspect { session_rules(shared, startup).await? } else { None };
+    client.write_all(ready.as_bytes()).await?;
+    client.flush().await?;
     tracing::debug!(inspected = rules.is_some(), "session ready");
     match rules {
         None => crate::forward::pump(shared, client, &mut server).await,
@@ -291,12 +293,12 @@ pub(super) async fn cancel_backend(shared: &Shared, pid: u32, key: &[u8]) {
 }
 
 /// Relays ParameterStatus and notices up to the first ReadyForQuery, replacing the server's
-/// BackendKeyData with a synthetic key of our own.
+/// BackendKeyData with a sealed key of our own; returns that ReadyForQuery unsent.
 async fn after_auth(
     shared: &Arc<Shared>,
     client: &mut Conn<ClientStream>,
     server: &mut Conn<ServerStream>,
-) -> Result<(u32, bytes::Bytes), SessionError> {
+) -> Result<((u32, bytes::Bytes), Frame), SessionError> {
     let mut backend = (0, bytes::Bytes::new());
     loop {
         let frame: Frame = server.read_frame().await?.ok_or(SessionError::Truncated(Direction::FromServer))?;
@@ -311,9 +313,8 @@ async fn after_auth(
                 client.write_all(&out).await?;
             }
             b'Z' => {
-                client.write_all(frame.as_bytes()).await?;
-                client.flush().await?;
-                return Ok(backend);
+                // Held back: the caller decides whether the session may start, and sends it.
+                return Ok((backend, frame));
             }
             b'E' => {
                 client.write_all(frame.as_bytes()).await?;
