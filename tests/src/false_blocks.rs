@@ -8,7 +8,7 @@ use crate::harness::{pg, proxy as harness_proxy};
 use crate::masking::RULES;
 
 /// Statements an application runs that touch no masked value; run in order on one session.
-const CORPUS: &[&str] = &[
+pub(crate) const CORPUS: &[&str] = &[
     "SELECT 1",
     "SELECT now() IS NOT NULL, current_user, version() LIKE 'PostgreSQL%'",
     "SELECT id, name FROM customers ORDER BY id LIMIT 10",

@@ -136,7 +136,6 @@ pub fn expr(mask: &Mask, col: &str, ty: PgType, sql_type: &str, key: Option<&Has
 /// Characters `partial` may replace: ASCII letters and digits, and every non-ASCII character
 /// (the Rust mask counts the same ones).
 const ALNUM: &str = "0-9A-Za-z\\u0080-\\U0010FFFF";
-const ASCII_ALNUM: &str = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 fn partial(col: &str, first: usize, last: usize, fill: char, cast: &dyn Fn(&str) -> String) -> String {
     let s = format!("({col})::text");
@@ -161,11 +160,13 @@ fn partial(col: &str, first: usize, last: usize, fill: char, cast: &dyn Fn(&str)
     let keep = first.saturating_add(last);
     // Fast path without regular expressions for values of ASCII letters and digits only
     // (card numbers, tokens, hex digests): every character is replaceable.
-    let plain = format!("translate({s}, '{ASCII_ALNUM}', '') = ''");
+    let plain = format!("{s} ~ '^[0-9A-Za-z]*$'");
     let fills = literal(&fill.to_string());
+    let head = if first == 0 { String::new() } else { format!("left({s}, {first}) || ") };
+    let tail = if last == 0 { String::new() } else { format!(" || right({s}, {last})") };
     let fast = format!(
         "CASE WHEN length({s}) <= {keep} THEN repeat({fills}, length({s})) \
-         ELSE left({s}, {first}) || repeat({fills}, length({s}) - {keep}) || right({s}, {last}) END"
+         ELSE {head}repeat({fills}, length({s}) - {keep}){tail} END"
     );
     cast(&format!(
         "CASE WHEN {col} IS NULL THEN NULL WHEN {plain} THEN {fast} WHEN {total} <= {keep} THEN {all} \
