@@ -167,7 +167,7 @@ async fn serve_session(
     }
     // The server may still refuse the login (an unknown database is reported after the
     // authentication): its answer is relayed first, then memberships are read.
-    let (backend, ready) = after_auth(shared, client, &mut server).await?;
+    let (backend, ready) = after_auth(shared, client, &mut server, may_inspect).await?;
     let rules = if may_inspect { session_rules(shared, startup).await? } else { None };
     client.write_all(ready.as_bytes()).await?;
     client.flush().await?;
@@ -298,6 +298,7 @@ async fn after_auth(
     shared: &Arc<Shared>,
     client: &mut Conn<ClientStream>,
     server: &mut Conn<ServerStream>,
+    may_inspect: bool,
 ) -> Result<((u32, bytes::Bytes), Frame), SessionError> {
     let mut backend = (0, bytes::Bytes::new());
     loop {
@@ -321,7 +322,26 @@ async fn after_auth(
                 client.flush().await?;
                 return Err(SessionError::ServerRefusedStartup);
             }
-            b'S' | b'N' => client.write_all(frame.as_bytes()).await?,
+            b'S' => {
+                // A role or database default can set a lexer setting the pins do not cover
+                // (client_encoding): a session that may be masked does not start with it (I9).
+                if may_inspect
+                    && let Some((name, value)) = messages::parameter_status(&frame)
+                    && ((name == b"client_encoding" && inspect::is_unsafe_encoding(value))
+                        || (name == b"standard_conforming_strings" && value != b"on"))
+                {
+                    return Err(SessionError::Refused(Box::new(messages::ErrorResponse::fatal(
+                        messages::sqlstate::FEATURE_NOT_SUPPORTED,
+                        format!(
+                            "pgveil: {} {} (a role or database default) is not supported for sessions with masked columns",
+                            String::from_utf8_lossy(name),
+                            String::from_utf8_lossy(value)
+                        ),
+                    ))));
+                }
+                client.write_all(frame.as_bytes()).await?;
+            }
+            b'N' => client.write_all(frame.as_bytes()).await?,
             other => return Err(SessionError::UnexpectedServerMessage(other)),
         }
     }

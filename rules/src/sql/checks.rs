@@ -313,6 +313,13 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
     let mut prot: Vec<Option<Arc<Protected>>> = Vec::with_capacity(found.rels.len());
     for r in &found.rels {
         let schema = r.schema();
+        if schema == Some(super::mask_sql::SCHEMA) {
+            return Err(block(
+                Reason::Function,
+                "the pgveil schema belongs to the proxy",
+                "masked values come from the proxy itself",
+            ));
+        }
         let is_cte = schema.is_none() && found.ctes.iter().any(|c| c == r.relname());
         let rel = if is_cte { None } else { protect.resolve(schema, r.relname()) };
         let is_temp = schema.is_none_or(|s| s.starts_with("pg_temp")) && protect.temp.iter().any(|t| t == r.relname());

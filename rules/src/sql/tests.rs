@@ -217,6 +217,7 @@ fn what_cannot_be_substituted_is_blocked() {
         ("SELECT app.secret_fn(1)", "function"),
         ("SELECT my_udf(ssn) FROM customers", "function"),
         ("SELECT pgveil.hmac_hex('x', 'y')", "function"),
+        ("SELECT * FROM pgveil.keys", "function"),
         ("SELECT most_common_vals FROM pg_stats", "catalog"),
         ("SET ROLE dba", "identity_change"),
         ("SET SESSION AUTHORIZATION dba", "identity_change"),
@@ -371,4 +372,13 @@ fn shape_keys_ignore_literals_only_where_they_cannot_matter() {
     assert_eq!(shape_key("ALTER ROLE app SET search_path = 'evil'"), None);
     assert_eq!(shape_key("SELECT a INTO new_t FROM t"), None);
     assert_eq!(shape_key("UPDATE t SET a = 1 WHERE id = 2 RETURNING ssn"), None);
+}
+
+#[test]
+fn the_hash_key_never_reaches_the_server() {
+    let text = rewritten(&["support_lead"], "SELECT email FROM customers WHERE id = 1");
+    let key = crate::HashKey::new(b"k");
+    assert!(text.contains(&format!("pgveil.hmac_hex((email)::text, '{}')", key.fingerprint())), "{text}");
+    let (ipad, opad) = key.pads();
+    assert!(!text.contains(&hex::encode(ipad)) && !text.contains(&hex::encode(opad)), "{text}");
 }
