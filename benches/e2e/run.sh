@@ -45,12 +45,38 @@ as_pg pgbouncer -d "$WORK/pgbouncer.ini"
 sleep 1
 BOUNCER_PID=$(cat "$WORK/pgbouncer.pid"); PIDS+=("$BOUNCER_PID")
 
+# HAProxy in `mode tcp`: the protocol-blind floor (issue 18). Optional: skipped with a note
+# when it is not installed (apt-get install -y haproxy).
+HAPROXY_ROW=()
+if command -v haproxy >/dev/null; then
+  HAPROXY_PORT=$(free_port)
+  cat > "$WORK/haproxy.cfg" <<CFG
+global
+  maxconn 2000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+listen pg
+  bind 127.0.0.1:$HAPROXY_PORT
+  server pg 127.0.0.1:$PG_PORT
+CFG
+  haproxy -D -f "$WORK/haproxy.cfg" -p "$WORK/haproxy.pid"
+  sleep 0.5
+  HAPROXY_PID=$(cat "$WORK/haproxy.pid"); PIDS+=("$HAPROXY_PID")
+  HAPROXY_ROW=("haproxy|$HAPROXY_PORT|postgres|$HAPROXY_PID|disable")
+else
+  echo "haproxy not installed: its floor row is skipped (apt-get install -y haproxy)" >&2
+fi
+
 # name | port | user | pid whose CPU is counted | client sslmode. Every target offers TLS; the
 # plaintext runs say sslmode=disable (libpq's default, prefer, would pick TLS at the proxies and
 # not at a server without ssl, comparing unlike things).
 TARGETS=(
   "direct|$PG_PORT|postgres||disable"
   "pgbouncer|$BOUNCER_PORT|postgres|$BOUNCER_PID|disable"
+  "${HAPROXY_ROW[@]}"
   "pgveil-exempt|$VEIL_PORT|bench_exempt|$VEIL_PID|disable"
   "pgveil-nomask|$VEIL_PORT|bench_nomask|$VEIL_PID|disable"
   "pgveil-masked|$VEIL_PORT|bench_masked|$VEIL_PID|disable"
