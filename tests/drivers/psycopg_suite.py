@@ -184,6 +184,66 @@ def _():
     engine.dispose()
 
 
+@case("DateStyle and IntervalStyle set by the session", "simple")
+def _():
+    with psycopg.connect(conninfo) as c:
+        c.execute("SET DateStyle = 'German'")
+        c.execute("SET IntervalStyle = 'postgres_verbose'")
+        row = c.execute("SELECT birth_date::text, (interval '1 day')::text FROM customers WHERE id = 1", prepare=False).fetchone()
+        check(row[0] == ("01.01.1980" if masked else "15.07.1980"), row)
+        c.execute("RESET DateStyle")
+
+
+@case("client encodings (LATIN1 allowed, SJIS refused for masked roles)", "simple")
+def _():
+    with psycopg.connect(conninfo) as c:
+        c.execute("SET client_encoding = 'LATIN1'")
+        row = c.execute("SELECT name FROM customers WHERE id = 1").fetchone()
+        check(row[0] == "Canary One", row)
+        c.execute("RESET client_encoding")
+        try:
+            c.execute("SET client_encoding = 'SJIS'")
+            check(not masked, "SJIS was allowed for a masked role")
+        except errors.InsufficientPrivilege:
+            check(masked, "SJIS refused for an exempt role")
+
+
+@case("search_path to an unprotected table of the same name", "simple")
+def _():
+    with psycopg.connect(conninfo, autocommit=True) as c:
+        c.execute("SET search_path = crm")
+        row = c.execute("SELECT ssn FROM customers WHERE id = 1", prepare=False).fetchone()
+        check(row[0] == "not-protected", row)
+        c.execute("RESET search_path")
+        row = c.execute("SELECT ssn FROM customers WHERE id = 1", prepare=False).fetchone()
+        check(row[0] == SSN, row)
+
+
+@case("temporary tables", "simple, extended")
+def _():
+    with psycopg.connect(conninfo) as c:
+        c.execute("CREATE TEMP TABLE scratch AS SELECT id, ssn FROM customers WHERE id <= 3")
+        row = c.execute("SELECT ssn FROM scratch WHERE id = %s", (1,)).fetchone()
+        check(row[0] == SSN, row)
+        c.execute("DROP TABLE scratch")
+
+
+@case("server-side cursor closed after an error", "extended, named portal")
+def _():
+    with psycopg.connect(conninfo) as c:
+        cur = c.cursor(name="broken")
+        try:
+            cur.execute("SELECT 1/0 FROM customers")
+            cur.fetchall()
+            check(False, "division by zero did not fail")
+        except errors.DivisionByZero:
+            pass
+        cur.close()
+        c.rollback()
+        row = c.execute("SELECT ssn FROM customers WHERE id = 1").fetchone()
+        check(row[0] == SSN, row)
+
+
 for r in results:
     r.update(driver="psycopg", version=psycopg.__version__, role=role)
     print(json.dumps(r))

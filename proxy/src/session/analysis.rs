@@ -189,19 +189,22 @@ impl SessionRules {
         if let Some(v) = value {
             let path = parse_path(&v, &self.user);
             self.default_path = path.clone();
-            self.set_path(Some(path));
+            self.set_path(Some(path), true);
         }
     }
 
-    /// Follows a `SET search_path` (`None`: RESET / DISCARD back to the default). The path
-    /// left behind stays uncertain for the rest of the session: a rollback may restore it.
-    pub fn set_path(&mut self, path: Option<Vec<String>>) {
+    /// Follows a `SET search_path` (`None`: RESET / DISCARD back to the default). Unless the
+    /// change is `settled` (no rollback can undo it), the path left behind stays uncertain for
+    /// the rest of the session: a rollback may restore it.
+    pub fn set_path(&mut self, path: Option<Vec<String>>, settled: bool) {
         let new = path
             .map(|p| p.iter().map(|s| expand_user(s, &self.user)).collect())
             .unwrap_or_else(|| self.default_path.clone());
-        for s in self.search_path.iter().chain(&self.default_path) {
-            if !new.contains(s) && !self.uncertain.contains(s) {
-                self.uncertain.push(s.clone());
+        if !settled {
+            for s in self.search_path.iter().chain(&self.default_path) {
+                if !new.contains(s) && !self.uncertain.contains(s) {
+                    self.uncertain.push(s.clone());
+                }
             }
         }
         self.uncertain.retain(|s| !new.contains(s));

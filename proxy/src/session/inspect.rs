@@ -63,11 +63,13 @@ struct QueryState {
     rows: u64,
     cut: bool,
     source: Option<Source>,
+    /// A search_path to follow once the server completed this Query (see `verdict`).
+    pending_path: Option<Option<Vec<String>>>,
 }
 
 impl QueryState {
     fn new(analysis: Arc<Analysis>, blocked: Option<Box<ErrorResponse>>) -> Self {
-        QueryState { analysis, idx: 0, row_plan: None, blocked, rows: 0, cut: false, source: None }
+        QueryState { analysis, idx: 0, row_plan: None, blocked, rows: 0, cut: false, source: None, pending_path: None }
     }
 
     fn plan(&self) -> Option<&StatementPlan> {
@@ -137,6 +139,10 @@ pub(super) struct Inspector<'a> {
     next_id: u64,
     /// A backstop event was written for the current statement batch.
     backstop_reported: bool,
+    /// The last ReadyForQuery said the session is outside a transaction block.
+    idle: bool,
+    /// A search_path change to apply when the Query being sent completes.
+    deferred_path: Option<Option<Vec<String>>>,
 }
 
 impl<'a> Inspector<'a> {
@@ -163,6 +169,8 @@ impl<'a> Inspector<'a> {
             ready_seen: false,
             next_id: 0,
             backstop_reported: false,
+            idle: true,
+            deferred_path: None,
         }
     }
 
@@ -240,10 +248,11 @@ impl<'a> Inspector<'a> {
                 self.statements.remove(&Bytes::new());
                 self.portal_names.remove(&Bytes::new());
                 let analysis = self.rules.analyze(self.shared, text).await;
-                match self.verdict(&analysis, text).await {
+                match self.verdict(&analysis, text, true).await {
                     Some(err) => self.push_blocked_query(err),
                     None => {
                         let mut q = QueryState::new(Arc::clone(&analysis), None);
+                        q.pending_path = self.deferred_path.take();
                         match &analysis.rewritten {
                             Some(rewritten) => {
                                 // The statement PostgreSQL runs for this session (I2).
@@ -261,7 +270,7 @@ impl<'a> Inspector<'a> {
                 let name = Bytes::copy_from_slice(name);
                 self.shared.metrics.statement(crate::metrics::StatementKind::Parse);
                 let analysis = self.rules.analyze(self.shared, sql).await;
-                match self.verdict(&analysis, sql).await {
+                match self.verdict(&analysis, sql, false).await {
                     Some(err) => {
                         let mut body = BytesMut::new();
                         body.put_slice(&name);
@@ -417,7 +426,11 @@ impl<'a> Inspector<'a> {
     }
 
     /// Applies an analysis: `Some(error)` when the statement must not run.
-    async fn verdict(&mut self, analysis: &Analysis, text: &[u8]) -> Option<Box<ErrorResponse>> {
+    async fn verdict(&mut self, analysis: &Analysis, text: &[u8], simple: bool) -> Option<Box<ErrorResponse>> {
+        // A SET that no rollback can undo: a Query of that one statement, sent outside a
+        // transaction block with nothing else in flight.
+        let settled = simple && analysis.statements.len() == 1 && self.idle && self.expect.is_empty();
+        self.deferred_path = None;
         let text = std::str::from_utf8(text).ok();
         for f in &analysis.flagged {
             self.audit_block(EventKind::QueryFlagged, f, text, Some("monitor")).await;
@@ -435,7 +448,11 @@ impl<'a> Inspector<'a> {
                     self.sql_prepared.remove(name);
                 }
                 Effect::Deallocate(None) => self.sql_prepared.clear(),
-                Effect::SearchPath(path) => self.rules.set_path(path.clone()),
+                // A lone SET outside a transaction is applied when the server confirms it,
+                // and nothing can undo it then; any other is applied now, and the path it
+                // leaves stays uncertain (a rollback may restore it).
+                Effect::SearchPath(path) if settled => self.deferred_path = Some(path.clone()),
+                Effect::SearchPath(path) => self.rules.set_path(path.clone(), false),
                 Effect::TempRelation(name) => self.rules.add_temp(name),
             }
         }
@@ -515,6 +532,7 @@ impl<'a> Inspector<'a> {
             b'E' => self.error(&f)?,
             b'Z' => {
                 self.pop(|e| matches!(e, Expect::Sync | Expect::Query(_) | Expect::FunctionCall))?;
+                self.idle = f.body_ref().first() == Some(&b'I');
                 self.suppress = false;
                 self.ready_seen = true;
                 self.backstop_reported = false;
@@ -746,6 +764,9 @@ impl<'a> Inspector<'a> {
             }
             Some(Expect::Query(q)) => {
                 let limit = q.cut.then(|| q.plan().and_then(|p| p.max_rows.clone())).flatten();
+                if let Some(path) = q.pending_path.take() {
+                    self.rules.set_path(path, true);
+                }
                 q.idx = q.idx.saturating_add(1);
                 q.row_plan = None;
                 q.rows = 0;
