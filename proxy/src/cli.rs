@@ -84,6 +84,32 @@ pub async fn check(path: &Path, against: Option<&str>, opts: &rules::CompileOpti
             }
         }
     }
+    for f in policy.functions() {
+        // `functions.allow` naming a function the database lacks: likely a typo.
+        let exists = match crate::cli::connect(url).await {
+            Ok(c) => c
+                .query_opt(
+                    "SELECT 1 FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+                     WHERE n.nspname = $1 AND p.proname = $2 LIMIT 1",
+                    &[&f.schema, &f.table],
+                )
+                .await
+                .is_ok_and(|r| r.is_some()),
+            Err(_) => true,
+        };
+        if !exists {
+            let _ = writeln!(out, "{name}: warning: functions.allow names {f}, which does not exist in the database");
+        }
+    }
+    if policy.uses_hash() {
+        let key = if without_key { None } else { policy.hash_key() };
+        if let Some(problem) = rules::catalog::Installed::problem(catalog.pgveil.as_ref(), key) {
+            let _ = writeln!(
+                out,
+                "{name}: warning: the `hash` mask cannot be served from this database yet: {problem} (run `pgveil init --against …`)"
+            );
+        }
+    }
     if diags.is_empty() {
         let _ = writeln!(out, "{name}: ok against {} ({} relations checked)", redact_url(url), catalog.len());
         (out, EXIT_OK)

@@ -878,24 +878,10 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     to.flush().await
 }
 
-/// Client encodings whose multi-byte characters can contain quote or backslash bytes.
+/// Client encodings whose multi-byte characters can contain quote or backslash bytes (the
+/// same list the statement checks use).
 pub(super) fn is_unsafe_encoding(value: &[u8]) -> bool {
-    let v = String::from_utf8_lossy(value).to_ascii_uppercase().replace(['-', '_'], "");
-    matches!(
-        v.as_str(),
-        "SJIS"
-            | "SHIFTJIS"
-            | "BIG5"
-            | "GBK"
-            | "UHC"
-            | "GB18030"
-            | "JOHAB"
-            | "SHIFTJIS2004"
-            | "WIN932"
-            | "WIN936"
-            | "WIN949"
-            | "WIN950"
-    )
+    rules::sql::unsafe_encoding(&String::from_utf8_lossy(value))
 }
 
 fn is_ddl_tag(tag: &[u8]) -> bool {

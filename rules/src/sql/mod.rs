@@ -33,6 +33,7 @@ use crate::catalog::Catalog;
 use crate::mask::Mask;
 use crate::policy::{Mode, SessionPolicy};
 
+pub use checks::unsafe_encoding;
 pub use shape::{Scanned, shape_key, shape_key_of};
 pub use tokens::Rewrite;
 
