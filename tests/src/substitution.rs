@@ -308,3 +308,31 @@ async fn another_sessions_ddl_never_opens_a_window_on_raw_values() {
     }
     crate::leaks::assert_layers_held(&p.shared);
 }
+
+/// RowDescription reports the table OID and attnum of masked columns as PostgreSQL does
+/// without pgveil (the server itself reports 0 for the masked expression).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_descriptions_report_the_origins_direct_reports() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
+    let via = connect_plain(&url(p.port(), "app_user", &db.name, "sslmode=disable")).await.unwrap();
+    let direct = connect_plain(&url(cluster.port, "app_user", &db.name, "sslmode=disable")).await.unwrap();
+    for sql in [
+        "SELECT id, ssn, email AS e, balance FROM customers WHERE id = 1",
+        "SELECT * FROM customers WHERE id = 1",
+        "SELECT c.card_number, o.amount FROM customers c JOIN orders o ON o.customer_id = c.id LIMIT 1",
+    ] {
+        let origins = |s: &tokio_postgres::Statement| {
+            s.columns().iter().map(|c| (c.name().to_owned(), c.table_oid(), c.column_id())).collect::<Vec<_>>()
+        };
+        let (d, v) = (direct.prepare(sql).await.unwrap(), via.prepare(sql).await.unwrap());
+        assert_eq!(origins(&d), origins(&v), "{sql}");
+        // And the values are still masked.
+        let row = via.query_one(sql, &[]).await.unwrap();
+        if let Ok(ssn) = row.try_get::<_, String>("ssn") {
+            assert!(ssn.starts_with("***"), "{ssn}");
+        }
+    }
+    crate::leaks::assert_layers_held(&p.shared);
+}

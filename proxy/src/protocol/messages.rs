@@ -241,6 +241,41 @@ pub fn row_description(frame: &Frame) -> Option<Vec<FieldDesc>> {
     r.is_empty().then_some(out)
 }
 
+/// A RowDescription with the origin (table OID, attnum) of fields that report none set from
+/// `origin` by field name; `None` when nothing changes (forward the frame as it is).
+pub fn row_description_with_origins(frame: &Frame, origin: impl Fn(&[u8]) -> Option<(u32, i16)>) -> Option<BytesMut> {
+    let mut r = Reader::new(frame.body_ref());
+    let n = r.u16()?;
+    let mut body = BytesMut::with_capacity(frame.body_ref().len());
+    body.put_u16(n);
+    let mut changed = false;
+    for _ in 0..n {
+        let name = r.cstr()?;
+        let (table_oid, attnum) = (r.u32()?, r.i16()?);
+        let (table_oid, attnum) = match origin(name) {
+            Some(o) if table_oid == 0 && attnum == 0 => {
+                changed = true;
+                o
+            }
+            _ => (table_oid, attnum),
+        };
+        body.put_slice(name);
+        body.put_u8(0);
+        body.put_u32(table_oid);
+        body.put_i16(attnum);
+        body.put_u32(r.u32()?);
+        body.put_i16(r.i16()?);
+        body.put_i32(r.i32()?);
+        body.put_i16(r.i16()?);
+    }
+    if !r.is_empty() || !changed {
+        return None;
+    }
+    let mut out = BytesMut::with_capacity(body.len().saturating_add(5));
+    tagged(&mut out, b'T', &body);
+    Some(out)
+}
+
 /// `Q`: the query text up to its NUL (PostgreSQL rejects trailing bytes itself).
 pub fn query_text(frame: &Frame) -> Option<&[u8]> {
     Reader::new(frame.body_ref()).cstr()

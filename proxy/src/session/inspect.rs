@@ -600,36 +600,59 @@ impl<'a> Inspector<'a> {
             Some(Expect::DescribeStatement(name)) => {
                 let name = name.clone();
                 self.expect.pop_front();
+                let mut plan = None;
                 if let Some(p) = self.statements.get_mut(&name) {
                     p.desc = Some(fields);
+                    plan = Some(Arc::clone(&p.plan));
                 }
-                self.forward(f);
+                self.forward_described(f, plan.as_deref());
             }
             Some(Expect::DescribePortal { portal, swallow }) => {
                 let (portal, swallow) = (*portal, *swallow);
                 self.expect.pop_front();
+                let mut plan = None;
                 if let Some(p) = self.portals.get_mut(&portal) {
                     p.desc = Some(fields);
                     p.row_plan = None;
+                    plan = Some(Arc::clone(&p.plan));
                 }
                 if !swallow {
-                    self.forward(f);
+                    self.forward_described(f, plan.as_deref());
                 }
             }
             Some(Expect::Query(q)) => {
                 let analysis = Arc::clone(&q.analysis);
-                let analysed = analysis.statements.get(q.idx).map_or(&[][..], |p| &p.outputs[..]);
+                let idx = q.idx;
+                let analysed = analysis.statements.get(idx).map_or(&[][..], |p| &p.outputs[..]);
                 let formats: Vec<i16> = fields.iter().map(|fd| fd.format).collect();
                 let plan = self.origin_plan(&fields, |i| rows::format_at(&formats, i), analysed);
                 if let Some(Expect::Query(q)) = self.expect.front_mut() {
                     q.row_plan = Some(Arc::new(plan));
                     q.rows = 0;
                 }
-                self.forward(f);
+                self.forward_described(f, analysis.statements.get(idx));
             }
             _ => return Err(SessionError::UnexpectedServerMessage(b'T')),
         }
         Ok(())
+    }
+
+    /// Forwards a RowDescription, reporting for substituted masked columns the origin (table
+    /// OID, attnum) PostgreSQL reports without pgveil. The row plan was built from the
+    /// server's own description, so the result-column layer is not fooled by it.
+    fn forward_described(&mut self, f: &Frame, plan: Option<&StatementPlan>) {
+        let Some(origins) = plan.map(|p| &p.origins).filter(|o| !o.is_empty()) else {
+            self.forward(f);
+            return;
+        };
+        let patched = messages::row_description_with_origins(f, |name| {
+            origins.iter().find(|(n, ..)| n.as_bytes() == name).map(|(_, oid, attnum)| (*oid, *attnum))
+        });
+        match patched {
+            Some(bytes) if !self.suppress => self.to_client.put_slice(&bytes),
+            Some(_) => {}
+            None => self.forward(f),
+        }
     }
 
     fn data_row(&mut self, f: &Frame) -> Result<(), SessionError> {

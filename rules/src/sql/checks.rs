@@ -58,6 +58,7 @@ pub(crate) struct Decided {
     pub read_protected: Vec<String>,
     pub substituted: Vec<String>,
     pub unknown_relation: bool,
+    pub origins: Vec<(String, u32, i16)>,
 }
 
 /// Session effects of a statement of a session without masked columns.
@@ -487,7 +488,65 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
             }
         }
     }
+    out.origins = origins(found, &resolved, &prot);
     Ok(out)
+}
+
+/// The outputs of the statement's own SELECT that are a masked column of a substituted table
+/// (a plain reference, or `*`), with the column's origin; names claimed twice are left out.
+fn origins(
+    found: &Found<'_>,
+    resolved: &[Option<Arc<Relation>>],
+    prot: &[Option<Arc<Protected>>],
+) -> Vec<(String, u32, i16)> {
+    let mut out: Vec<(String, u32, i16)> = Vec::new();
+    let mut ambiguous: Vec<String> = Vec::new();
+    let Some(s) = found.selects.iter().find(|s| found.scopes.get(s.scope).and_then(|sc| sc.parent) == Some(0)) else {
+        return out;
+    };
+    let masked_column = |i: usize, name: &str| -> Option<(u32, i16)> {
+        let rel = resolved.get(i).cloned().flatten()?;
+        let p = prot.get(i).cloned().flatten()?;
+        if !matches!(*p, Protected::Table { .. }) || !p.is_masked(name) {
+            return None;
+        }
+        rel.column(name).map(|c| (rel.oid, c.attnum))
+    };
+    let mut add = |name: &str, origin: (u32, i16)| {
+        if ambiguous.iter().any(|a| a == name) {
+            return;
+        }
+        if let Some(pos) = out.iter().position(|(n, ..)| n == name) {
+            if out.get(pos).is_some_and(|(_, o, a)| (*o, *a) != origin) {
+                out.remove(pos);
+                ambiguous.push(name.to_owned());
+            }
+            return;
+        }
+        out.push((name.to_owned(), origin.0, origin.1));
+    };
+    for (name, plain) in &s.outputs {
+        let Some(col) = plain else { continue };
+        let hits: Vec<(u32, i16)> = s.from_rels.iter().filter_map(|&i| masked_column(i, col)).collect();
+        if let [origin] = hits.as_slice() {
+            add(name, *origin);
+        }
+    }
+    for star in &s.stars {
+        for &i in &s.from_rels {
+            let Some(r) = found.rels.get(i) else { continue };
+            if star.as_deref().is_some_and(|a| a != r.alias().unwrap_or(r.relname())) {
+                continue;
+            }
+            let Some(rel) = resolved.get(i).cloned().flatten() else { continue };
+            for c in &rel.columns {
+                if let Some(origin) = masked_column(i, &c.name) {
+                    add(&c.name, origin);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Whether a statement can read a protected column of this relation site: by `*`, whole-row

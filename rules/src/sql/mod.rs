@@ -137,6 +137,10 @@ pub struct StatementPlan {
     pub tables: Vec<String>,
     /// Protected relations replaced by their masked subquery.
     pub substituted: Vec<String>,
+    /// Output columns that are a masked column of a substituted table, by output name, with
+    /// that column's origin (table OID, attnum): the server reports 0 for the masked
+    /// expression, the proxy reports what PostgreSQL would without pgveil.
+    pub origins: Vec<(String, u32, i16)>,
 }
 
 /// Session-level effects a statement has that the proxy must follow.
@@ -266,6 +270,7 @@ impl<'a> Analyzer<'a> {
                         out.unknown_relation |= e.unknown_relation;
                         plan.tables = e.read_protected;
                         plan.substituted = e.substituted;
+                        plan.origins = e.origins;
                         edits.extend(e.edits);
                     }
                     Err(b) => {

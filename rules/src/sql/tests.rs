@@ -382,3 +382,19 @@ fn the_hash_key_never_reaches_the_server() {
     let (ipad, opad) = key.pads();
     assert!(!text.contains(&hex::encode(ipad)) && !text.contains(&hex::encode(opad)), "{text}");
 }
+
+#[test]
+fn masked_outputs_keep_their_origin() {
+    let session = policy().for_identity(&Identity::new(APP.iter().copied()));
+    let catalog = crate::catalog::example();
+    let origins = |sql: &str| Analyzer::new(&session, &catalog, "app_user").analyze(sql).statements[0].origins.clone();
+    assert_eq!(origins("SELECT id, ssn AS s FROM customers WHERE id = 1"), vec![("s".to_owned(), 16_384, 4)]);
+    assert_eq!(origins("SELECT upper(ssn) AS ssn FROM customers"), vec![], "an expression has no origin");
+    let star = origins("SELECT * FROM customers c");
+    assert!(star.contains(&("email".to_owned(), 16_384, 3)) && !star.iter().any(|(n, ..)| n == "id"), "{star:?}");
+    assert_eq!(
+        origins("SELECT a.ssn, b.ssn FROM customers a, customers_eu b"),
+        vec![],
+        "a name claimed by two relations is left alone"
+    );
+}
