@@ -36,6 +36,8 @@ const HARMLESS_SITES: &[(&str, &str)] = &[
     ("IntoClause", "rel"),
     ("CreateStmt", "relation"),
     ("CommentStmt", "object"),
+    // `FOR UPDATE OF t` names FROM entries (substituted subqueries), not relations.
+    ("LockingClause", "locked_rels"),
 ];
 
 /// Statement types that make the server call a user-defined function later (operators,

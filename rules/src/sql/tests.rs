@@ -96,6 +96,7 @@ fn every_reach_of_a_masked_column_is_substituted() {
         "SELECT ssn FROM ONLY customers",
         "SELECT ssn FROM ONLY (customers)",
         "SELECT ssn FROM customers *",
+        "SELECT id FROM customers c WHERE c.id = 1 FOR UPDATE OF c",
         "SELECT x.ssn FROM \"customers\" AS x(i, n, e, ssn)",
         "SELECT ssn FROM U&\"\\0063ustomers\"",
         "TABLE customers",
