@@ -254,6 +254,29 @@ fn generated_cases() -> Vec<(&'static str, String)> {
         ("ddl", "CREATE TABLE kid2 () INHERITS (customers)"),
         ("ddl", "ALTER TABLE customers ADD CONSTRAINT c CHECK (ssn::int > 0)"),
         ("ddl", "CREATE RULE r AS ON SELECT TO customers DO INSTEAD SELECT * FROM orders"),
+        (
+            "dml",
+            "UPDATE customers SET name = (SELECT ssn FROM customers c2 WHERE c2.id = customers.id) WHERE id = 3 RETURNING name",
+        ),
+        (
+            "dml",
+            "INSERT INTO orders (customer_id, amount, status) VALUES (1, 1, (SELECT card_number FROM customers LIMIT 1)) RETURNING status",
+        ),
+        (
+            "dml",
+            "MERGE INTO customers t USING (VALUES (2)) v(id) ON t.id = v.id WHEN MATCHED THEN UPDATE SET notes = t.ssn || t.email",
+        ),
+        ("dml", "SELECT notes FROM customers WHERE id = 2"),
+        (
+            "dml",
+            "MERGE INTO customers t USING (VALUES (2)) v(id) ON t.id = v.id WHEN MATCHED AND t.ssn = '900-00-0002' THEN DELETE",
+        ),
+        ("dml", "DELETE FROM customers WHERE id = 3 RETURNING *"),
+        (
+            "dml",
+            "INSERT INTO customers SELECT * FROM customers WHERE id = 1 ON CONFLICT (id) DO UPDATE SET notes = EXCLUDED.ssn RETURNING notes, ssn",
+        ),
+        ("locking", "SELECT ssn FROM customers c WHERE c.id = 1 FOR UPDATE OF c"),
     ] {
         out.push((cat, sql.to_owned()));
     }
