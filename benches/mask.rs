@@ -103,6 +103,7 @@ fn analysis(c: &mut Criterion) {
             .collect(),
         ancestors: Vec::new(),
         view_sql: None,
+        definition_unavailable: false,
     }]);
     let sql = "SELECT id, name, email, ssn FROM customers WHERE id = $1 AND name LIKE $2 ORDER BY id LIMIT 10";
     c.bench_function("parse_only_pg_query", |b| {

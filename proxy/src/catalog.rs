@@ -87,14 +87,21 @@ SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text,
        coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
        coalesce(array_agg(a.attnum::int4 ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
        coalesce(array_agg(a.atttypid::int8 ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
-       coalesce(array_agg(pg_catalog.format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
-       CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END
+       coalesce(array_agg(pg_catalog.format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}')
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND NOT a.attisdropped
 WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f')
   AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
 GROUP BY c.oid, n.nspname, c.relname, c.relkind";
+
+/// View definitions: `pg_get_viewdef` locks each view, so this runs under a short
+/// lock_timeout (a view being dropped or redefined in an open transaction must not stall the
+/// catalog, nor the session waiting for it: that session may be the one holding the lock).
+const VIEWDEFS_SQL: &str = "
+SELECT c.oid::int8, pg_catalog.pg_get_viewdef(c.oid)
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('v', 'm') AND n.nspname NOT LIKE 'pg_temp%'";
 
 const ANCESTORS_SQL: &str = "
 WITH RECURSIVE up(child, parent, depth) AS (
@@ -232,7 +239,21 @@ pub async fn load(client: &tokio_postgres::Client) -> Result<Catalog, CatalogErr
                 sql_type,
             })
             .collect();
-        relations.push(Relation { oid, name, kind, columns, ancestors: Vec::new(), view_sql: row.get(8) });
+        relations.push(Relation {
+            oid,
+            name,
+            kind,
+            columns,
+            ancestors: Vec::new(),
+            view_sql: None,
+            definition_unavailable: matches!(kind, RelKind::View | RelKind::MaterializedView),
+        });
+    }
+    for (oid, def) in view_definitions(client, &relations).await? {
+        if let Some(r) = relations.iter_mut().find(|r| r.oid == oid) {
+            r.view_sql = Some(def);
+            r.definition_unavailable = false;
+        }
     }
     let mut parents: HashMap<u32, Vec<TableName>> = HashMap::new();
     for row in &ancestors {
@@ -286,6 +307,45 @@ where
             }
         }
     });
+}
+
+/// Every view's definition that can be read now: all at once, else view by view (a view
+/// locked by another session's open DDL transaction is left unavailable, hence redacted).
+async fn view_definitions(
+    client: &tokio_postgres::Client,
+    relations: &[Relation],
+) -> Result<Vec<(u32, String)>, CatalogError> {
+    let q = |e: tokio_postgres::Error| CatalogError::Query(e.to_string());
+    client.batch_execute("SET lock_timeout = '100ms'").await.map_err(q)?;
+    let locked = |e: &tokio_postgres::Error| e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
+    match client.query(VIEWDEFS_SQL, &[]).await {
+        Ok(rows) => Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let def: Option<String> = r.get(1);
+                Some((u32::try_from(r.get::<_, i64>(0)).ok()?, def?))
+            })
+            .collect()),
+        Err(e) if locked(&e) => {
+            let mut out = Vec::new();
+            for r in relations.iter().filter(|r| matches!(r.kind, RelKind::View | RelKind::MaterializedView)) {
+                match client.query_opt("SELECT pg_catalog.pg_get_viewdef($1::int8::oid)", &[&i64::from(r.oid)]).await {
+                    Ok(Some(row)) => {
+                        if let Some(def) = row.get::<_, Option<String>>(0) {
+                            out.push((r.oid, def));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) if locked(&e) => {
+                        tracing::warn!(view = %r.name, "view definition locked; redacted until it can be read")
+                    }
+                    Err(e) => return Err(q(e)),
+                }
+            }
+            Ok(out)
+        }
+        Err(e) => Err(q(e)),
+    }
 }
 
 async fn connect(

@@ -251,6 +251,7 @@ fn catalog_from_rules(policy: &rules::Policy, sql: &str) -> Catalog {
                 .collect(),
             ancestors: Vec::new(),
             view_sql: None,
+            definition_unavailable: false,
         }
     }))
 }

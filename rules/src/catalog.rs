@@ -50,6 +50,9 @@ pub struct Relation {
     pub ancestors: Vec<TableName>,
     /// The defining query of a view or materialized view.
     pub view_sql: Option<String>,
+    /// A view whose definition could not be read (locked by another session's DDL): it is
+    /// treated as protected, every column redacted, until it can be read (fail closed).
+    pub definition_unavailable: bool,
 }
 
 impl Relation {
@@ -159,6 +162,7 @@ fn rel(oid: u32, schema: &str, name: &str, kind: RelKind, cols: &[(&str, u32)], 
             .collect(),
         ancestors: Vec::new(),
         view_sql: view.map(str::to_owned),
+        definition_unavailable: false,
     }
 }
 

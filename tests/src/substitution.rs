@@ -337,3 +337,28 @@ async fn row_descriptions_report_the_origins_direct_reports() {
     }
     crate::leaks::assert_layers_held(&p.shared);
 }
+
+/// A masked session's own open DDL transaction holds locks the catalog reload would wait for
+/// (`pg_get_viewdef` of a view it is dropping): the reload must not wait on them, or the
+/// session waits on the proxy that waits on the session. Found by SQLAlchemy's reflection
+/// tests through a masked role (tests/suites/run.sh).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_own_ddl_locks_do_not_stall_its_catalog() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
+    let client = connect_plain(&url(p.port(), "app_user", &db.name, "sslmode=disable")).await.unwrap();
+    client.batch_execute("CREATE MATERIALIZED VIEW mv_lock AS SELECT id, ssn FROM customers").await.unwrap();
+    client.batch_execute("CREATE VIEW v_lock AS SELECT id FROM orders").await.unwrap();
+    client.batch_execute("BEGIN; DROP MATERIALIZED VIEW mv_lock; DROP VIEW v_lock").await.unwrap();
+    let next = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        client.query_one("SELECT ssn FROM customers WHERE id = 1", &[]),
+    )
+    .await
+    .expect("the statement after the session's own DDL is answered, not stalled")
+    .unwrap();
+    assert_eq!(next.get::<_, String>(0), "***-**-0001");
+    client.batch_execute("ROLLBACK").await.unwrap();
+    crate::leaks::assert_layers_held(&p.shared);
+}

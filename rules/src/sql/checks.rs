@@ -44,7 +44,6 @@ const HARMLESS_SITES: &[(&str, &str)] = &[
 /// casts, aggregates, …) without a function call in the text.
 const CALLS_LATER: &[&str] = &[
     "CreateCastStmt",
-    "DefineStmt",
     "CreateOpClassStmt",
     "CreateTransformStmt",
     "CreateEventTrigStmt",
@@ -155,6 +154,19 @@ fn statement(found: &Found<'_>, protect: &mut Protection<'_>, effects: &mut Vec<
                         return Err(protected_ddl(&r));
                     }
                 }
+            }
+        }
+        StmtKind::Define(kind) => {
+            use pg_query::protobuf::ObjectType as O;
+            // Aggregates, operators, base types and text-search parsers/templates name
+            // functions the server calls later; collations and dictionaries do not.
+            let calls = [O::ObjectAggregate, O::ObjectOperator, O::ObjectType, O::ObjectTsparser, O::ObjectTstemplate];
+            if calls.iter().any(|o| *o as i64 == *kind) {
+                return Err(block(
+                    Reason::Function,
+                    "this statement makes the server call a user-defined function later, which masked sessions may not",
+                    "ask a DBA to run it",
+                ));
             }
         }
         StmtKind::Other(kind) if CALLS_LATER.contains(&kind.as_str()) => {

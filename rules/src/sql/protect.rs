@@ -140,7 +140,9 @@ impl<'a> Protection<'a> {
         }
         match rel.kind {
             RelKind::View | RelKind::MaterializedView => {
-                let def = rel.view_sql.as_deref()?;
+                let Some(def) = rel.view_sql.as_deref() else {
+                    return rel.definition_unavailable.then(|| self.whole_table(rel));
+                };
                 let def = def.trim().trim_end_matches(';').trim();
                 if self.depth >= MAX_VIEW_DEPTH {
                     // Too deep to follow: every column redacted rather than a raw one.

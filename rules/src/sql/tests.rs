@@ -255,6 +255,7 @@ fn ordinary_application_sql_runs() {
         "CREATE TABLE IF NOT EXISTS t2 (a int, b text)",
         "CREATE INDEX ON orders (status)",
         "CREATE TYPE mood AS ENUM ('a', 'b')",
+        "CREATE COLLATION mycoll (provider = icu, locale = 'und')",
         "CREATE SCHEMA s",
         "DROP TABLE orders",
         "SELECT pg_notify('ch', 'x')",

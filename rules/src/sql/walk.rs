@@ -145,6 +145,8 @@ pub(crate) enum StmtKind {
         has_sql_body: bool,
     },
     Call,
+    /// CREATE AGGREGATE / OPERATOR / TYPE / COLLATION / TEXT SEARCH …: the object kind.
+    Define(i64),
     Drop {
         remove_type: i64,
         objects: Vec<Vec<String>>,
@@ -341,6 +343,7 @@ fn kind(t: &str, b: &Map<String, Value>) -> StmtKind {
             StmtKind::CreateFunction { language, string_body, has_sql_body }
         }
         "CallStmt" => StmtKind::Call,
+        "DefineStmt" => StmtKind::Define(b.get("kind").and_then(Value::as_i64).unwrap_or(0)),
         "DropStmt" => {
             let remove_type = b.get("remove_type").and_then(Value::as_i64).unwrap_or(0);
             let objects = b
