@@ -337,7 +337,7 @@ async fn view_definitions(
                     }
                     Ok(None) => {}
                     Err(e) if locked(&e) => {
-                        tracing::warn!(view = %r.name, "view definition locked; redacted until it can be read")
+                        tracing::warn!(view = %r.name, "view definition locked; redacted until it can be read");
                     }
                     Err(e) => return Err(q(e)),
                 }
