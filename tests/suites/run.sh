@@ -68,7 +68,7 @@ rules: $WORK/rules.yaml
 limits: { max_connections: 500 }
 YAML
 echo pgveil > "$WORK/catalog-pw"
-[ -x target/release/pgveil ] || cargo build --release -q -p proxy
+cargo build --release -q -p proxy   # a no-op when current
 PGVEIL_LOG=warn target/release/pgveil run --config "$WORK/pgveil.yaml" 2>"$WORK/pgveil.log" &
 VEIL_PID=$!
 for _ in $(seq 100); do "$BIN/pg_isready" -q -h 127.0.0.1 -p "$VEIL_PORT" && break; sleep 0.1; done
