@@ -131,27 +131,43 @@ impl DbCatalog {
     /// The snapshot, reloaded first if it is stale or old. Fails closed: an error here means
     /// masked sessions must not run statements.
     pub async fn current(&self, config: &Config, metrics: &Metrics) -> Result<Arc<Catalog>, CatalogError> {
-        let needs = {
-            let at = self.loaded_at.lock().await;
-            at.is_none() || self.stale.load(Ordering::Relaxed) || at.is_some_and(|t| t.elapsed() > REFRESH_EVERY)
-        };
-        if needs {
-            self.refresh(config, metrics, false).await?;
-        }
+        self.refresh(config, metrics, None).await?;
         Ok(self.snapshot())
     }
 
-    /// Reloads now (`forced`: because a name was unknown; rate-limited).
-    pub async fn refresh(&self, config: &Config, metrics: &Metrics, forced: bool) -> Result<(), CatalogError> {
-        let mut at = self.loaded_at.lock().await;
-        if forced && let Some(t) = *at {
-            // Forced refreshes are spaced out by waiting, never by skipping: a statement that
-            // names a relation the snapshot lacks is decided on a snapshot taken after it came.
-            let since = t.elapsed();
-            if since < MIN_FORCED_GAP {
-                tokio::time::sleep(MIN_FORCED_GAP.saturating_sub(since)).await;
+    /// Reloads if needed: with `after: None`, when the snapshot is stale, old or missing; with
+    /// `after: Some(t)` (a statement that arrived at `t` names a relation the snapshot lacks),
+    /// unless a reload already started after `t`. Forced reloads are spaced out by waiting,
+    /// never by skipping, and the wait holds no lock, so other sessions are not held up by it;
+    /// callers that need a reload at the same time share one.
+    pub async fn refresh(
+        &self,
+        config: &Config,
+        metrics: &Metrics,
+        after: Option<Instant>,
+    ) -> Result<(), CatalogError> {
+        let mut at = loop {
+            let at = self.loaded_at.lock().await;
+            let needed = match (after, *at) {
+                (_, None) => true,
+                (None, Some(t)) => self.stale.load(Ordering::Relaxed) || t.elapsed() > REFRESH_EVERY,
+                (Some(arrived), Some(t)) => t < arrived,
+            };
+            if !needed {
+                return Ok(());
             }
-        }
+            let wait = match (after, *at) {
+                (Some(_), Some(t)) => MIN_FORCED_GAP.saturating_sub(t.elapsed()),
+                _ => Duration::ZERO,
+            };
+            if wait.is_zero() {
+                break at;
+            }
+            drop(at);
+            tokio::time::sleep(wait).await;
+        };
+        // Taken when the reload starts: what changed before it is in the snapshot.
+        let started = Instant::now();
         let mut guard = self.client.lock().await;
         let client = match guard.as_ref() {
             Some(c) if !c.is_closed() => c,
@@ -160,18 +176,20 @@ impl DbCatalog {
                 guard.as_ref().ok_or(CatalogError::NotConfigured)?
             }
         };
+        // Cleared before the load, so a DDL notified while it runs marks the snapshot stale again.
+        self.stale.store(false, Ordering::Relaxed);
         let loaded = load(client).await;
         let catalog = match loaded {
             Ok(c) => c,
             Err(e) => {
                 *guard = None;
+                self.stale.store(true, Ordering::Relaxed);
                 return Err(e);
             }
         };
         self.snapshot.store(Arc::new(catalog));
         self.generation.fetch_add(1, Ordering::Relaxed);
-        self.stale.store(false, Ordering::Relaxed);
-        *at = Some(Instant::now());
+        *at = Some(started);
         metrics.catalog_refreshes_total.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

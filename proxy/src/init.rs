@@ -10,9 +10,8 @@ use rules::sql::mask_sql;
 
 use crate::cli::{EXIT_FINDING, EXIT_OK, EXIT_USAGE};
 
-pub async fn init(url: &str, print: bool) -> (String, u8) {
-    let key =
-        std::env::var("PGVEIL_HASH_KEY").ok().filter(|k| !k.is_empty()).map(|k| rules::HashKey::new(k.as_bytes()));
+/// `key`: from `PGVEIL_HASH_KEY` (`main` reads it).
+pub async fn init(url: &str, print: bool, key: Option<rules::HashKey>) -> (String, u8) {
     let mut out = String::new();
     if print {
         out.push_str(&mask_sql::init_sql());
@@ -44,7 +43,7 @@ pub async fn init(url: &str, print: bool) -> (String, u8) {
         crate::cli::redact_url(url)
     );
     match key {
-        Some(k) => match client.batch_execute(&mask_sql::key_sql(&k)).await {
+        Some(k) => match install_key(&client, &k).await {
             Ok(()) => {
                 let _ = writeln!(out, "hash key installed (fingerprint {})", k.fingerprint());
             }
@@ -53,4 +52,17 @@ pub async fn init(url: &str, print: bool) -> (String, u8) {
         None => out.push_str("PGVEIL_HASH_KEY is not set: no key installed (the `hash` mask needs one)\n"),
     }
     (out, EXIT_OK)
+}
+
+/// Writes the key's row with its pads as bind values, with statement logging off for this
+/// connection where the role may turn it off, so the pads reach no server log.
+async fn install_key(client: &tokio_postgres::Client, key: &rules::HashKey) -> Result<(), tokio_postgres::Error> {
+    for quiet in
+        ["SET log_statement = 'none'", "SET log_min_duration_statement = -1", "SET log_parameter_max_length = 0"]
+    {
+        // Superuser-only settings: a role that may not change them gets the server's own.
+        let _ = client.batch_execute(quiet).await;
+    }
+    let (fingerprint, ipad, opad) = mask_sql::key_sql_params(key);
+    client.execute(mask_sql::KEY_INSERT, &[&fingerprint, &ipad, &opad]).await.map(|_| ())
 }

@@ -193,7 +193,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Init { against, print } => {
-            let (report, code) = runtime.block_on(proxy::init::init(&against, print));
+            let key = std::env::var("PGVEIL_HASH_KEY")
+                .ok()
+                .filter(|k| !k.is_empty())
+                .map(|k| rules::HashKey::new(k.as_bytes()));
+            let (report, code) = runtime.block_on(proxy::init::init(&against, print, key));
             print!("{report}");
             ExitCode::from(code)
         }

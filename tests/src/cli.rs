@@ -79,3 +79,49 @@ async fn explain_shows_the_decision_and_each_columns_mask() {
     }
     insta::assert_snapshot!(all);
 }
+
+/// `pgveil init` installs, idempotently, the schema and a key the installed function then
+/// hashes with; `--print` shows the SQL and never the key's pads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_installs_the_hash_function_and_key_idempotently() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let url = format!("postgres://dba:dba_pw@127.0.0.1:{}/{}", cluster.port, db.name);
+    let key = rules::HashKey::new(b"a fresh key for init");
+    let (printed, code) = proxy::init::init(&url, true, Some(key.clone())).await;
+    assert_eq!(code, 0, "{printed}");
+    assert!(
+        printed.contains("CREATE SCHEMA IF NOT EXISTS pgveil") && printed.contains(&key.fingerprint()),
+        "{printed}"
+    );
+    assert!(!printed.contains(&hex::encode(key.pads().0)), "--print never shows the pads");
+    // The fixture's owner may create schemas in its own copy; install twice.
+    let owner =
+        format!("postgres://postgres@127.0.0.1:{}/{}?host={}", cluster.port, db.name, cluster.socket_dir.display());
+    for _ in 0..2 {
+        let (text, code) = proxy::init::init(&owner, false, Some(key.clone())).await;
+        assert_eq!(code, 0, "{text}");
+        assert!(text.contains(&key.fingerprint()), "{text}");
+    }
+    let out = cluster
+        .psql_admin(
+            &db.name,
+            &format!(
+                "SELECT pgveil.key_installed('{}'), pgveil.hmac_hex('x', '{}')",
+                key.fingerprint(),
+                key.fingerprint()
+            ),
+        )
+        .unwrap();
+    // The same HMAC the Rust mask computes.
+    let rules::mask::Masked::Value(expected) = rules::mask::apply(
+        &rules::Mask::Hash { length: 64 },
+        rules::types::PgType::Text,
+        rules::types::Format::Text,
+        b"x",
+        Some(&key),
+    ) else {
+        panic!("hash gives a value")
+    };
+    assert_eq!(out.trim(), format!("t|{}", String::from_utf8_lossy(&expected)));
+}

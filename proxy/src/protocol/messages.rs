@@ -128,6 +128,15 @@ pub fn authentication(out: &mut BytesMut, code: u32, data: &[u8]) {
 }
 
 /// A frontend message with a tag and an arbitrary body (used for upstream authentication).
+/// A message whose body is `parts` in order, written straight into `out`.
+pub fn tagged_parts(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
+    let at = begin(out, tag);
+    for p in parts {
+        out.put_slice(p);
+    }
+    finish(out, at);
+}
+
 pub fn tagged(out: &mut BytesMut, tag: u8, body: &[u8]) {
     let at = begin(out, tag);
     out.put_slice(body);
@@ -274,6 +283,16 @@ pub fn row_description_with_origins(frame: &Frame, origin: impl Fn(&[u8]) -> Opt
     let mut out = BytesMut::with_capacity(body.len().saturating_add(5));
     tagged(&mut out, b'T', &body);
     Some(out)
+}
+
+/// `D`: the first cell of a DataRow (`None` for NULL or a malformed row).
+pub fn first_cell(frame: &Frame) -> Option<&[u8]> {
+    let mut r = Reader::new(frame.body_ref());
+    if r.u16()? == 0 {
+        return None;
+    }
+    let len = usize::try_from(r.i32()?).ok()?;
+    r.bytes(len)
 }
 
 /// `Q`: the query text up to its NUL (PostgreSQL rejects trailing bytes itself).

@@ -130,6 +130,27 @@ impl Default for Cache {
     }
 }
 
+/// A statement's decision as the session uses it: the (shared, cached) analysis, and the
+/// text to send when a cached shape's rewrite was applied to this text's own literals.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    pub analysis: Arc<Analysis>,
+    text: Option<Arc<str>>,
+}
+
+impl Decided {
+    /// The statement PostgreSQL runs in place of the client's, if it is rewritten.
+    pub fn rewritten(&self) -> Option<&str> {
+        self.text.as_deref().or(self.analysis.rewritten.as_deref())
+    }
+}
+
+impl From<Arc<Analysis>> for Decided {
+    fn from(analysis: Arc<Analysis>) -> Self {
+        Decided { analysis, text: None }
+    }
+}
+
 /// The session's view of the rules, kept current across reloads.
 #[derive(Debug)]
 pub struct SessionRules {
@@ -176,21 +197,11 @@ impl SessionRules {
         rules
     }
 
-    /// Starts from the search_path the client asked for at startup (a top-level key or
-    /// `-c search_path=` in options); every schema named is kept as uncertain as well.
-    pub fn set_startup_path(&mut self, params: &[(String, String)]) {
-        let mut value = params.iter().find(|(k, _)| k.eq_ignore_ascii_case("search_path")).map(|(_, v)| v.clone());
-        if let Some((_, opts)) = params.iter().find(|(k, _)| k == "options")
-            && let Some(i) = opts.find("search_path=")
-        {
-            let rest = opts.get(i.saturating_add("search_path=".len())..).unwrap_or_default();
-            value = Some(rest.split_whitespace().next().unwrap_or_default().to_owned());
-        }
-        if let Some(v) = value {
-            let path = parse_path(&v, &self.user);
-            self.default_path = path.clone();
-            self.set_path(Some(path), true);
-        }
+    /// The search_path the server started the session with (`SHOW search_path`'s text).
+    pub fn set_default_path(&mut self, value: &str) {
+        let path = parse_path(value, &self.user);
+        self.default_path = path.clone();
+        self.set_path(Some(path), true);
     }
 
     /// Follows a `SET search_path` (`None`: RESET / DISCARD back to the default). Unless the
@@ -224,8 +235,10 @@ impl SessionRules {
         }
     }
 
+    /// The cache key's identity part: who the session is and how its names resolve.
     fn rekey(&mut self) {
         let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.identity_key.hash(&mut h);
         self.search_path.hash(&mut h);
         self.uncertain.hash(&mut h);
         self.temp.hash(&mut h);
@@ -255,14 +268,15 @@ impl SessionRules {
 
     /// Analyses statement text, from the cache when possible. `None` text (not UTF-8) and
     /// catalog failures come back as blocking analyses: fail closed.
-    pub async fn analyze(&mut self, shared: &Shared, sql: &[u8]) -> Arc<Analysis> {
+    pub async fn analyze(&mut self, shared: &Shared, sql: &[u8]) -> Decided {
         self.refresh(shared);
         if shared.audit.is_failing() && shared.config.audit.on_failure == crate::config::AuditFailure::Refuse {
             return Arc::new(blocked(
                 AUDIT_UNAVAILABLE,
                 "the audit log cannot be written, and statements of audited sessions do not run unaudited",
                 "retry shortly; the operator should check the audit log's disk (audit.on_failure)",
-            ));
+            ))
+            .into();
         }
         let started = Instant::now();
         let catalog = match self.catalog.current(&shared.config, &shared.metrics).await {
@@ -273,33 +287,34 @@ impl SessionRules {
                     "catalog_unavailable",
                     "pgveil cannot read the database catalog right now",
                     "retry shortly",
-                ));
+                ))
+                .into();
             }
         };
         let key = Key {
-            identity: self.identity_key ^ self.path_key,
+            identity: self.path_key,
             policy_generation: self.generation,
             catalog_generation: self.catalog.generation(),
             text_hash: text_hash(sql),
         };
         if let Some(hit) = shared.analysis_cache.get(&key, sql) {
             shared.metrics.analysis(nanos(started), true);
-            return hit;
+            return hit.into();
         }
         let Ok(text) = std::str::from_utf8(sql) else {
-            return Arc::new(blocked("unanalysable", "the statement is not valid UTF-8", "send statements in UTF-8"));
+            return Arc::new(blocked("unanalysable", "the statement is not valid UTF-8", "send statements in UTF-8"))
+                .into();
         };
-        let text_str = text;
         // Statements that differ only in literals (the simple protocol's way of passing
         // values) share one analysis, keyed by the server scanner's tokens.
-        let scanned = rules::sql::Scanned::new(text_str);
+        let scanned = rules::sql::Scanned::new(text);
         let shape = scanned
             .as_ref()
-            .and_then(|s| rules::sql::shape_key_of(text_str, s))
+            .and_then(|s| rules::sql::shape_key_of(text, s))
             .map(|k| format!("shape\u{1f}{k}").into_bytes());
         let shape_key = shape.as_ref().map(|k| Key { text_hash: text_hash(k), ..key });
-        if let (Some(k), Some(text)) = (&shape_key, &shape)
-            && let Some(hit) = shared.analysis_cache.get(k, text)
+        if let (Some(k), Some(shape_text)) = (&shape_key, &shape)
+            && let Some(hit) = shared.analysis_cache.get(k, shape_text)
         {
             // Not stored again under its exact text: texts that differ only in literals are
             // mostly one-offs, and storing each filled the cache (and pgveil's memory) with
@@ -307,13 +322,13 @@ impl SessionRules {
             match &hit.rewrite {
                 None => {
                     shared.metrics.analysis(nanos(started), true);
-                    return hit;
+                    return hit.into();
                 }
                 // The rewrite is in tokens: applied to this text's own literals.
                 Some(rw) => {
-                    if let Some(rewritten) = scanned.as_ref().and_then(|s| rw.apply_to(text_str, s)) {
+                    if let Some(rewritten) = scanned.as_ref().and_then(|s| rw.apply_to(text, s)) {
                         shared.metrics.analysis(nanos(started), true);
-                        return Arc::new(Analysis { rewritten: Some(rewritten), ..(*hit).clone() });
+                        return Decided { analysis: hit, text: Some(Arc::from(rewritten)) };
                     }
                 }
             }
@@ -323,7 +338,7 @@ impl SessionRules {
             // A relation the snapshot does not know: maybe created since. Reload once (waiting
             // out the refresh rate limit rather than skipping it) and decide again; if it is
             // still unknown, the server answers for it (42P01).
-            match self.catalog.refresh(&shared.config, &shared.metrics, true).await {
+            match self.catalog.refresh(&shared.config, &shared.metrics, Some(started)).await {
                 Ok(()) => {
                     let fresh = self.catalog.snapshot();
                     analysis = self.run(&fresh, text);
@@ -334,7 +349,8 @@ impl SessionRules {
                         "catalog_unavailable",
                         "pgveil cannot read the database catalog right now",
                         "retry shortly",
-                    ));
+                    ))
+                    .into();
                 }
             }
         }
@@ -357,7 +373,7 @@ impl SessionRules {
         // even the scan. The cache is scan-resistant, so one-off texts are evicted first.
         shared.analysis_cache.put(Key { catalog_generation: generation, ..key }, sql, &analysis);
         shared.metrics.analysis(nanos(started), false);
-        analysis
+        analysis.into()
     }
 
     fn run(&self, catalog: &Catalog, text: &str) -> Analysis {

@@ -15,7 +15,7 @@ use rules::Mode;
 use rules::sql::{Analysis, Block, Effect, RowLimit, StatementPlan};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::analysis::SessionRules;
+use super::analysis::{Decided, SessionRules};
 use super::conn::Conn;
 use super::rows::{self, RowPlan};
 use super::{SessionError, SessionInfo};
@@ -80,15 +80,25 @@ impl QueryState {
 /// The client's text of a statement the server runs rewritten, to map error positions back.
 #[derive(Debug, Clone)]
 struct Source {
-    analysis: Arc<Analysis>,
+    decided: Decided,
+    /// A slice of the client's frame (no copy).
     original: Bytes,
 }
 
 impl Source {
     fn map(&self, position: usize) -> Option<usize> {
-        let rw = self.analysis.rewrite.as_ref()?;
-        let text = self.analysis.rewritten.as_deref()?;
-        rw.map_position(std::str::from_utf8(&self.original).ok()?, text, position)
+        let rw = self.decided.analysis.rewrite.as_ref()?;
+        rw.map_position(std::str::from_utf8(&self.original).ok()?, self.decided.rewritten()?, position)
+    }
+}
+
+/// `part` (a slice of `frame`'s bytes) as a shared slice of them, without copying.
+fn slice_of(frame: &Frame, part: &[u8]) -> Bytes {
+    let whole = frame.as_bytes();
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize);
+    match start.and_then(|s| Some((s, s.checked_add(part.len())?))) {
+        Some((s, e)) if e <= whole.len() => whole.slice(s..e),
+        _ => Bytes::copy_from_slice(part),
     }
 }
 
@@ -247,17 +257,17 @@ impl<'a> Inspector<'a> {
                 self.shared.metrics.statement(crate::metrics::StatementKind::Simple);
                 self.statements.remove(&Bytes::new());
                 self.portal_names.remove(&Bytes::new());
-                let analysis = self.rules.analyze(self.shared, text).await;
-                match self.verdict(&analysis, text, true).await {
+                let decided = self.rules.analyze(self.shared, text).await;
+                match self.verdict(&decided.analysis, text, true).await {
                     Some(err) => self.push_blocked_query(err),
                     None => {
-                        let mut q = QueryState::new(Arc::clone(&analysis), None);
+                        let mut q = QueryState::new(Arc::clone(&decided.analysis), None);
                         q.pending_path = self.deferred_path.take();
-                        match &analysis.rewritten {
+                        match decided.rewritten() {
                             Some(rewritten) => {
                                 // The statement PostgreSQL runs for this session (I2).
-                                messages::tagged(&mut self.to_server, b'Q', &[rewritten.as_bytes(), b"\0"].concat());
-                                q.source = Some(Source { analysis, original: Bytes::copy_from_slice(text) });
+                                messages::tagged_parts(&mut self.to_server, b'Q', &[rewritten.as_bytes(), b"\0"]);
+                                q.source = Some(Source { original: slice_of(&f, text), decided: decided.clone() });
                             }
                             None => self.to_server.put_slice(f.as_bytes()),
                         }
@@ -269,8 +279,9 @@ impl<'a> Inspector<'a> {
                 let (name, sql) = messages::parse_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'P'))?;
                 let name = Bytes::copy_from_slice(name);
                 self.shared.metrics.statement(crate::metrics::StatementKind::Parse);
-                let analysis = self.rules.analyze(self.shared, sql).await;
-                match self.verdict(&analysis, sql, false).await {
+                let decided = self.rules.analyze(self.shared, sql).await;
+                let analysis = &decided.analysis;
+                match self.verdict(analysis, sql, false).await {
                     Some(err) => {
                         let mut body = BytesMut::new();
                         body.put_slice(&name);
@@ -291,25 +302,17 @@ impl<'a> Inspector<'a> {
                             self.next_id = self.next_id.wrapping_add(1);
                             self.statements.insert(name.clone(), Prepared { id: self.next_id, plan, desc: None });
                         }
-                        let source = match &analysis.rewritten {
+                        let source = match decided.rewritten() {
                             Some(rewritten) => {
                                 // Same name and parameter types, the rewritten text (I2, I11:
                                 // the server stores the substituted statement).
                                 let rest = messages::parse_rest(&f).unwrap_or_default();
-                                let mut body = BytesMut::with_capacity(
-                                    rewritten
-                                        .len()
-                                        .saturating_add(rest.len())
-                                        .saturating_add(name.len())
-                                        .saturating_add(2),
+                                messages::tagged_parts(
+                                    &mut self.to_server,
+                                    b'P',
+                                    &[&name, b"\0", rewritten.as_bytes(), b"\0", rest],
                                 );
-                                body.put_slice(&name);
-                                body.put_u8(0);
-                                body.put_slice(rewritten.as_bytes());
-                                body.put_u8(0);
-                                body.put_slice(rest);
-                                messages::tagged(&mut self.to_server, b'P', &body);
-                                Some(Source { analysis: Arc::clone(&analysis), original: Bytes::copy_from_slice(sql) })
+                                Some(Source { original: slice_of(&f, sql), decided: decided.clone() })
                             }
                             None => {
                                 self.to_server.put_slice(f.as_bytes());
@@ -451,8 +454,8 @@ impl<'a> Inspector<'a> {
                 // A lone SET outside a transaction is applied when the server confirms it,
                 // and nothing can undo it then; any other is applied now, and the path it
                 // leaves stays uncertain (a rollback may restore it).
-                Effect::SearchPath(path) if settled => self.deferred_path = Some(path.clone()),
-                Effect::SearchPath(path) => self.rules.set_path(path.clone(), false),
+                Effect::SearchPath { path, local: false } if settled => self.deferred_path = Some(path.clone()),
+                Effect::SearchPath { path, .. } => self.rules.set_path(path.clone(), false),
                 Effect::TempRelation(name) => self.rules.add_temp(name),
             }
         }

@@ -168,7 +168,14 @@ async fn serve_session(
     // The server may still refuse the login (an unknown database is reported after the
     // authentication): its answer is relayed first, then memberships are read.
     let (backend, ready) = after_auth(shared, client, &mut server, may_inspect).await?;
-    let rules = if may_inspect { session_rules(shared, startup).await? } else { None };
+    let mut rules = if may_inspect { session_rules(shared, startup).await? } else { None };
+    if let Some(r) = rules.as_mut() {
+        // The search_path the server actually starts the session with (startup options,
+        // role, database and server defaults), asked of the server rather than guessed: names
+        // must resolve as the server resolves them (I12).
+        let path = server_search_path(&mut server).await?;
+        r.set_default_path(&path);
+    }
     client.write_all(ready.as_bytes()).await?;
     client.flush().await?;
     tracing::debug!(inspected = rules.is_some(), "session ready");
@@ -209,8 +216,7 @@ async fn session_rules(
     if policy.is_exempt(&identity) {
         return Ok(None);
     }
-    let mut rules = analysis::SessionRules::new(shared, policy, identity, user, startup.database());
-    rules.set_startup_path(&startup.params);
+    let rules = analysis::SessionRules::new(shared, policy, identity, user, startup.database());
     if rules.view.masked.values().any(|v| matches!(v.mask, rules::Mask::Hash { .. })) {
         // `hash` is computed by the function `pgveil init` installs, under a key whose
         // fingerprint must match this proxy's: without it the session cannot be served.
@@ -290,6 +296,25 @@ pub(super) async fn cancel_backend(shared: &Shared, pid: u32, key: &[u8]) {
     let _ =
         tokio::time::timeout(std::time::Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut server, &mut sink))
             .await;
+}
+
+/// Asks the server for the session's search_path before the client's first statement (the
+/// client has not seen ReadyForQuery yet, so nothing of its own is in flight).
+async fn server_search_path(server: &mut Conn<ServerStream>) -> Result<String, SessionError> {
+    let mut out = BytesMut::new();
+    messages::tagged_parts(&mut out, b'Q', &[b"SELECT pg_catalog.current_setting('search_path')\0"]);
+    server.write_all(&out).await?;
+    server.flush().await?;
+    let mut value = None;
+    loop {
+        let frame: Frame = server.read_frame().await?.ok_or(SessionError::Truncated(Direction::FromServer))?;
+        match frame.tag() {
+            b'D' => value = messages::first_cell(&frame).map(|v| String::from_utf8_lossy(v).into_owned()),
+            b'T' | b'C' | b'N' | b'S' => {}
+            b'Z' => return value.ok_or(SessionError::UnexpectedServerMessage(b'Z')),
+            other => return Err(SessionError::UnexpectedServerMessage(other)),
+        }
+    }
 }
 
 /// Relays ParameterStatus and notices up to the first ReadyForQuery, replacing the server's

@@ -146,12 +146,16 @@ impl RowPlan {
 /// values (threat model I7 / B14): detail, hint, context and internal query are dropped; the
 /// message of classes that quote data is replaced with a generic text.
 pub fn scrub_error(frame: &Frame, out: &mut BytesMut) -> bool {
-    scrub_error_mapped(frame, out, &|p| Some(p))
+    scrub(frame, out, None)
 }
 
 /// As [`scrub_error`], with the error position (`P`) mapped back to the client's text when
 /// the server ran a rewritten statement.
 pub fn scrub_error_mapped(frame: &Frame, out: &mut BytesMut, position: &dyn Fn(usize) -> Option<usize>) -> bool {
+    scrub(frame, out, Some(position))
+}
+
+fn scrub(frame: &Frame, out: &mut BytesMut, position: Option<&dyn Fn(usize) -> Option<usize>>) -> bool {
     let Some(fields) = crate::protocol::messages::error_fields(frame) else { return false };
     let code = fields.iter().find(|(c, _)| *c == b'C').map(|(_, v)| *v).unwrap_or_default();
     let generic: Option<&[u8]> = match code.get(..2) {
@@ -161,19 +165,22 @@ pub fn scrub_error_mapped(frame: &Frame, out: &mut BytesMut, position: &dyn Fn(u
         Some(b"XX") => Some(b"internal error (details hidden by pgveil)"),
         _ => None,
     };
-    let mapped: Option<String> = fields
-        .iter()
-        .find(|(c, _)| *c == b'P')
-        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<usize>().ok())
-        .and_then(position)
-        .map(|p| p.to_string());
+    // Only a rewritten statement's position is mapped; one that cannot be is left out.
+    let mapped: Option<Option<String>> = position.map(|map| {
+        fields
+            .iter()
+            .find(|(c, _)| *c == b'P')
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<usize>().ok())
+            .and_then(map)
+            .map(|p| p.to_string())
+    });
     let kept: Vec<(u8, &[u8])> = fields
         .iter()
         .filter(|(c, _)| !matches!(c, b'D' | b'H' | b'W' | b'q' | b'p' | b'F' | b'L' | b'R'))
-        .filter(|(c, _)| *c != b'P' || mapped.is_some())
+        .filter(|(c, _)| *c != b'P' || !matches!(mapped, Some(None)))
         .map(|(c, v)| match c {
             b'M' => (*c, generic.unwrap_or(v)),
-            b'P' => (*c, mapped.as_deref().map_or(*v, str::as_bytes)),
+            b'P' => (*c, mapped.as_ref().and_then(Option::as_deref).map_or(*v, str::as_bytes)),
             _ => (*c, *v),
         })
         .collect();

@@ -62,25 +62,21 @@ pub(crate) struct Decided {
     pub origins: Vec<(String, u32, i16)>,
 }
 
-/// Session effects of a statement of a session without masked columns.
-pub(crate) fn effects_only(found: &Found<'_>, effects: &mut Vec<Effect>) {
+/// The session effects of a statement (the proxy follows them; checks decide apart).
+pub(crate) fn effects(found: &Found<'_>, effects: &mut Vec<Effect>) {
+    effects.extend(found.temp_created.iter().cloned().map(Effect::TempRelation));
     match &found.kind {
         StmtKind::Deallocate(n) => effects.push(Effect::Deallocate(n.clone())),
-        StmtKind::Set { name, values, .. } if name == "search_path" => {
-            effects.push(Effect::SearchPath(values.clone()));
+        StmtKind::Set { name, values, local } if name == "search_path" => {
+            effects.push(Effect::SearchPath { path: values.clone(), local: *local });
         }
-        StmtKind::ResetAll | StmtKind::Discard => effects.push(Effect::SearchPath(None)),
+        StmtKind::ResetAll | StmtKind::Discard => effects.push(Effect::SearchPath { path: None, local: false }),
         _ => {}
     }
 }
 
-pub(crate) fn check(
-    found: &Found<'_>,
-    protect: &mut Protection<'_>,
-    toks: &Tokens<'_>,
-    effects: &mut Vec<Effect>,
-) -> Result<Decided, Block> {
-    statement(found, protect, effects)?;
+pub(crate) fn check(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>) -> Result<Decided, Block> {
+    statement(found, protect)?;
     for f in &found.funcs {
         function(f, protect)?;
     }
@@ -101,7 +97,7 @@ pub(crate) fn check(
     relations(found, protect, toks)
 }
 
-fn statement(found: &Found<'_>, protect: &mut Protection<'_>, effects: &mut Vec<Effect>) -> Result<(), Block> {
+fn statement(found: &Found<'_>, protect: &mut Protection<'_>) -> Result<(), Block> {
     match &found.kind {
         StmtKind::Do => {
             return Err(block(
@@ -128,14 +124,7 @@ fn statement(found: &Found<'_>, protect: &mut Protection<'_>, effects: &mut Vec<
                 ));
             }
         }
-        StmtKind::Set { name, values, .. } => {
-            set(name, values.as_deref())?;
-            if name == "search_path" {
-                effects.push(Effect::SearchPath(values.clone()));
-            }
-        }
-        StmtKind::ResetAll | StmtKind::Discard => effects.push(Effect::SearchPath(None)),
-        StmtKind::Deallocate(n) => effects.push(Effect::Deallocate(n.clone())),
+        StmtKind::Set { name, values, .. } => set(name, values.as_deref())?,
         StmtKind::Drop { remove_type, objects } => {
             use pg_query::protobuf::ObjectType as O;
             let relation_types =
@@ -371,7 +360,7 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
         prot.push(rel.as_ref().and_then(|x| protect.protected(x)));
         resolved.push(rel);
     }
-    let resolve_col = |c: &ColSite| -> Col { resolve_column(found, &resolved, &prot, c) };
+    let resolve_col = |c: &ColSite| -> Col { resolve_column(found, &resolved, c) };
 
     // Comparisons of masked columns, and what raw-predicate grants let through.
     let mut pushdowns: Vec<(usize, Vec<Piece>, usize, usize)> = Vec::new(); // site, filter, conj tokens
@@ -493,7 +482,7 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
                 ));
             }
             Site::Target => {
-                target(found, i, &rel, &p, protect, toks, &raw_ok, &resolved, &prot, &mut out.edits)?;
+                target(found, i, &rel, &p, protect, toks, &raw_ok, &resolved, &mut out.edits)?;
             }
             Site::Other(parent, key) => {
                 if !HARMLESS_SITES.iter().any(|(p, k)| p == parent && k == key) {
@@ -635,7 +624,6 @@ fn target(
     toks: &Tokens<'_>,
     raw_ok: &HashSet<i32>,
     resolved: &[Option<Arc<Relation>>],
-    prot: &[Option<Arc<Protected>>],
     edits: &mut Vec<Edit>,
 ) -> Result<(), Block> {
     let Some(r) = found.rels.get(site) else { return Ok(()) };
@@ -682,8 +670,9 @@ fn target(
             edits.push(Edit { from: at, to: end.saturating_add(1), pieces: vec![Piece::Text(list.join(", "))] });
             continue;
         }
-        let (s, name) = match resolve_column(found, resolved, prot, c) {
-            Col::Site(s, n) | Col::Ambiguous(s, n) if s == site => (s, n),
+        let (name, ambiguous) = match resolve_column(found, resolved, c) {
+            Col::Site(s, n) if s == site => (n, false),
+            Col::Ambiguous(s, n) if s == site => (n, true),
             _ => {
                 // A whole-row reference to the target.
                 if c.fields.len() == 1
@@ -700,11 +689,10 @@ fn target(
                 continue;
             }
         };
-        let _ = s;
         if !p.is_masked(&name) || raw_ok.contains(&c.location) {
             continue;
         }
-        if let Col::Ambiguous(..) = resolve_column(found, resolved, prot, c) {
+        if ambiguous {
             return Err(block(
                 Reason::Unsupported,
                 format!("pgveil cannot tell whether {name} here is the protected column of the target"),
@@ -720,12 +708,7 @@ fn target(
 }
 
 /// Resolves a column reference through its scopes, as the server would by name.
-fn resolve_column(
-    found: &Found<'_>,
-    resolved: &[Option<Arc<Relation>>],
-    prot: &[Option<Arc<Protected>>],
-    c: &ColSite,
-) -> Col {
+fn resolve_column(found: &Found<'_>, resolved: &[Option<Arc<Relation>>], c: &ColSite) -> Col {
     let fields: Vec<&str> = c.fields.iter().map(String::as_str).filter(|f| *f != "*").collect();
     let (qualifier, column) = match fields.as_slice() {
         [col] => (None, *col),
@@ -768,7 +751,6 @@ fn resolve_column(
         }
         scope = s.parent;
     }
-    let _ = prot;
     Col::Other
 }
 
@@ -783,8 +765,10 @@ pub(crate) fn substitute_definition(sql: &str, protect: &mut Protection<'_>) -> 
         let Some(stmt) = raw.stmt.as_ref() else { continue };
         let tree = serde_json::to_value(stmt).map_err(|e| block(Reason::Unsupported, e.to_string(), ""))?;
         let found = walk::walk(&tree);
-        let mut scratch = Vec::new();
-        edits.extend(check(&found, protect, &toks, &mut scratch)?.edits);
+        if found.too_deep {
+            return Err(block(Reason::Unsupported, "a view definition nests too deeply", ""));
+        }
+        edits.extend(check(&found, protect, &toks)?.edits);
     }
     if edits.is_empty() {
         return Ok(None);
@@ -795,14 +779,18 @@ pub(crate) fn substitute_definition(sql: &str, protect: &mut Protection<'_>) -> 
         .ok_or_else(|| block(Reason::Unsupported, "view not rewritable", ""))
 }
 
-/// The relations a definition reads (for lineage).
-pub(crate) fn definition_relations(sql: &str, protect: &mut Protection<'_>) -> Vec<Arc<Relation>> {
-    let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else { return Vec::new() };
+/// The relations a definition reads; `None` when the definition cannot be read whole (does
+/// not parse, nests too deeply): callers then fail closed.
+pub(crate) fn definition_relations(sql: &str, protect: &mut Protection<'_>) -> Option<Vec<Arc<Relation>>> {
+    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).ok()?;
     let mut out = Vec::new();
     for raw in &parsed.protobuf.stmts {
         let Some(stmt) = raw.stmt.as_ref() else { continue };
-        let Ok(tree) = serde_json::to_value(stmt) else { continue };
+        let tree = serde_json::to_value(stmt).ok()?;
         let found = walk::walk(&tree);
+        if found.too_deep {
+            return None;
+        }
         for r in &found.rels {
             if matches!(r.site, Site::Read | Site::Tablesample | Site::CopyTo)
                 && let Some(rel) = protect.resolve(r.schema(), r.relname())
@@ -811,7 +799,7 @@ pub(crate) fn definition_relations(sql: &str, protect: &mut Protection<'_>) -> V
             }
         }
     }
-    out
+    Some(out)
 }
 
 /// The protected relations a function body names anywhere; a body that does not parse counts
@@ -825,6 +813,9 @@ fn definition_relations_all(sql: &str, protect: &mut Protection<'_>) -> Vec<Stri
         let Some(stmt) = raw.stmt.as_ref() else { continue };
         let Ok(tree) = serde_json::to_value(stmt) else { return vec!["(unreadable body)".to_owned()] };
         let found = walk::walk(&tree);
+        if found.too_deep {
+            return vec!["(body nests too deeply)".to_owned()];
+        }
         for r in &found.rels {
             if let Some(rel) = protect.resolve(r.schema(), r.relname())
                 && protect.protected(&rel).is_some()
@@ -851,6 +842,9 @@ pub fn verify(sql: &str, protect: &mut Protection<'_>) -> Result<(), String> {
         let Some(stmt) = raw.stmt.as_ref() else { continue };
         let tree = serde_json::to_value(stmt).map_err(|e| e.to_string())?;
         let found = walk::walk(&tree);
+        if found.too_deep {
+            return Err("nests too deeply to check".to_owned());
+        }
         for (i, r) in found.rels.iter().enumerate() {
             if !matches!(r.site, Site::Read | Site::CopyTo | Site::Tablesample) {
                 continue;

@@ -67,8 +67,3 @@ const DENIED: &[(&str, &str)] = &[
 pub fn denied(name: &str) -> Option<&'static str> {
     DENIED.iter().find(|(n, _)| if n.ends_with('_') { name.starts_with(n) } else { name == *n }).map(|(_, why)| *why)
 }
-
-/// The denied families, for `pgveil explain` and the docs.
-pub fn denied_families() -> impl Iterator<Item = (&'static str, &'static str)> {
-    DENIED.iter().copied()
-}

@@ -64,6 +64,18 @@ END $pgveil$;
 
 /// The statement that installs `key` (its HMAC pads, never the key itself, and never in a
 /// statement a masked session's server log shows next to data). Idempotent.
+/// The same, as a statement with parameters (fingerprint, ipad, opad) for
+/// [`key_sql_params`]: the pads then travel as bind values, not in the statement's text.
+pub const KEY_INSERT: &str =
+    "INSERT INTO pgveil.keys (fingerprint, ipad, opad) VALUES ($1, $2, $3) ON CONFLICT (fingerprint) DO NOTHING";
+
+/// The bind values of [`KEY_INSERT`].
+pub fn key_sql_params(key: &HashKey) -> (String, Vec<u8>, Vec<u8>) {
+    let (ipad, opad) = key.pads();
+    (key.fingerprint(), ipad.to_vec(), opad.to_vec())
+}
+
+/// The key row as one statement's text (throwaway clusters: the demo, the tests).
 pub fn key_sql(key: &HashKey) -> String {
     let (ipad, opad) = key.pads();
     format!(

@@ -150,9 +150,10 @@ pub enum Effect {
     Prepare(String, Box<StatementPlan>),
     /// SQL `DEALLOCATE name` (`None`: ALL).
     Deallocate(Option<String>),
-    /// `SET search_path`: names resolve through it from the next statement on (`None`: back
-    /// to the session's default).
-    SearchPath(Option<Vec<String>>),
+    /// `SET search_path`: names resolve through it from the next statement on (`path: None`:
+    /// back to the session's default). `local`: `SET LOCAL`, undone at the transaction's end
+    /// (and without effect outside one), so never taken as settled.
+    SearchPath { path: Option<Vec<String>>, local: bool },
     /// A temporary relation was created: its name, unknown to the shared catalog, is not a
     /// reason to reload it.
     TempRelation(String),
@@ -262,10 +263,15 @@ impl<'a> Analyzer<'a> {
                 return out;
             };
             let found = walk::walk(&tree);
-            out.effects.extend(found.temp_created.iter().cloned().map(Effect::TempRelation));
+            if found.too_deep {
+                out.block =
+                    Some(block(Reason::Unsupported, "the statement nests too deeply for pgveil", "simplify it"));
+                return out;
+            }
+            checks::effects(&found, &mut out.effects);
             let mut plan = StatementPlan::default();
             if strict {
-                match checks::check(&found, &mut protect, &toks, &mut out.effects) {
+                match checks::check(&found, &mut protect, &toks) {
                     Ok(e) => {
                         out.unknown_relation |= e.unknown_relation;
                         plan.tables = e.read_protected;
@@ -278,8 +284,6 @@ impl<'a> Analyzer<'a> {
                         return out;
                     }
                 }
-            } else {
-                checks::effects_only(&found, &mut out.effects);
             }
             if let Err(b) = selects::apply(self.policy, &found, &mut protect, &mut plan, &mut out.flagged) {
                 out.block = Some(b);
@@ -292,7 +296,7 @@ impl<'a> Analyzer<'a> {
         }
         if !edits.is_empty() {
             let rewrite = Rewrite::new(edits, toks.len());
-            out.rewritten = rewrite.apply(sql);
+            out.rewritten = rewrite.apply_with(sql, &toks);
             if out.rewritten.is_none() {
                 out.block = Some(block(Reason::Unsupported, "pgveil cannot rewrite this statement", ""));
                 return out;

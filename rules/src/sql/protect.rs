@@ -151,10 +151,14 @@ impl<'a> Protection<'a> {
                 self.depth = self.depth.saturating_add(1);
                 // Only a view that reads a protected relation is protected; one that does not
                 // stays as it is whatever its definition holds.
-                let bases = super::checks::definition_relations(def, self);
-                let reads_protected = bases.iter().any(|b| b.oid != rel.oid && self.protected(b).is_some());
-                let substituted =
-                    if reads_protected { super::checks::substitute_definition(def, self) } else { Ok(None) };
+                let substituted = match super::checks::definition_relations(def, self) {
+                    // A definition pgveil cannot read whole: every column redacted.
+                    None => Err(()),
+                    Some(bases) if bases.iter().any(|b| b.oid != rel.oid && self.protected(b).is_some()) => {
+                        super::checks::substitute_definition(def, self).map_err(|_| ())
+                    }
+                    Some(_) => Ok(None),
+                };
                 self.depth = self.depth.saturating_sub(1);
                 match substituted {
                     Ok(Some(sql)) => Some(Protected::View { sql }),
@@ -202,7 +206,7 @@ impl<'a> Protection<'a> {
             && self.depth < MAX_VIEW_DEPTH
         {
             self.depth = self.depth.saturating_add(1);
-            for base in super::checks::definition_relations(def, self) {
+            for base in super::checks::definition_relations(def, self).into_iter().flatten() {
                 for t in self.lineage(&base).iter() {
                     if !out.contains(t) {
                         out.push(t.clone());

@@ -10,6 +10,9 @@ use super::protect::Protection;
 use super::walk::{Found, Site};
 use super::{Block, RowLimit, StatementPlan};
 
+/// One `deny:` check: what it denies, the tables it found, why (given the table), the hint.
+type Check<'a> = (Deny, &'a BTreeSet<TableName>, fn(&TableName) -> String, &'static str);
+
 pub(crate) fn apply(
     policy: &SessionPolicy,
     found: &Found<'_>,
@@ -71,34 +74,25 @@ pub(crate) fn apply(
     }
     for rule in &policy.selects {
         let hit = |set: &BTreeSet<TableName>| rule.tables.iter().find(|t| set.contains(*t)).cloned();
+        let checks: [Check<'_>; 2] = [
+            (Deny::SelectStar, &star, |t| format!("SELECT * over {t} is not allowed"), "list the columns you need"),
+            (
+                Deny::Unfiltered,
+                &unfiltered,
+                |t| format!("reading {t} without a WHERE clause or a LIMIT is not allowed"),
+                "add a WHERE clause that restricts the rows, or a LIMIT",
+            ),
+        ];
         let mut findings = Vec::new();
-        if rule.deny.contains(&Deny::SelectStar)
-            && let Some(t) = hit(&star)
-        {
-            findings.push(Block {
-                tables: vec![t.to_string()],
-                check: Some(Deny::SelectStar.as_str()),
-                rule: rule.name.clone(),
-                ..super::block(
-                    super::Reason::Unsupported,
-                    format!("SELECT * over {t} is not allowed"),
-                    "list the columns you need",
-                )
-            });
-        }
-        if rule.deny.contains(&Deny::Unfiltered)
-            && let Some(t) = hit(&unfiltered)
-        {
-            findings.push(Block {
-                tables: vec![t.to_string()],
-                check: Some(Deny::Unfiltered.as_str()),
-                rule: rule.name.clone(),
-                ..super::block(
-                    super::Reason::Unsupported,
-                    format!("reading {t} without a WHERE clause or a LIMIT is not allowed"),
-                    "add a WHERE clause that restricts the rows, or a LIMIT",
-                )
-            });
+        for (deny, tables, why, hint) in checks {
+            if let Some(t) = rule.deny.contains(&deny).then(|| hit(tables)).flatten() {
+                findings.push(Block {
+                    tables: vec![t.to_string()],
+                    check: Some(deny.as_str()),
+                    rule: rule.name.clone(),
+                    ..super::block(super::Reason::Unsupported, why(&t), hint)
+                });
+            }
         }
         for f in findings {
             match rule.mode {

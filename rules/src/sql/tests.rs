@@ -568,3 +568,33 @@ const WRAPS: &[&str] = &[
     "PREPARE p AS {q}",
     "{q} UNION ALL {q}",
 ];
+
+/// Deeply nested statements (a long UNION chain, nested parentheses) on a session thread's
+/// stack: refused or decided, never a stack overflow, never walked only in part.
+#[test]
+fn deep_statements_are_refused_not_half_walked() {
+    let run = |sql: String| {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let session = policy().for_identity(&Identity::new(APP.iter().copied()));
+                let catalog = crate::catalog::example();
+                Analyzer::new(&session, &catalog, "app_user").analyze(&sql)
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow")
+    };
+    for n in [300, 3000] {
+        let unions = vec!["SELECT ssn FROM customers"; n].join(" UNION ALL ");
+        let a = run(unions.clone());
+        if a.block.is_none() {
+            let text = a.rewritten.expect("read protected relations: rewritten");
+            let session = policy().for_identity(&Identity::new(APP.iter().copied()));
+            verify_substituted(&session, &crate::catalog::example(), &path("app_user"), &text).unwrap();
+        }
+        let parens = format!("SELECT {}ssn{} FROM customers", "(".repeat(n), ")".repeat(n));
+        let a = run(parens);
+        assert!(a.block.is_some() || a.rewritten.is_some(), "{n}: decided");
+    }
+}

@@ -126,7 +126,11 @@ impl Rewrite {
 
     /// [`Rewrite::apply`] with the text's scan already made (for its shape key).
     pub fn apply_to(&self, sql: &str, scanned: &super::shape::Scanned) -> Option<String> {
-        let toks = Tokens::from_scan(sql, &scanned.0)?;
+        self.apply_with(sql, &Tokens::from_scan(sql, &scanned.0)?)
+    }
+
+    /// [`Rewrite::apply`] with the text's tokens at hand.
+    pub(crate) fn apply_with(&self, sql: &str, toks: &Tokens<'_>) -> Option<String> {
         if toks.len() != self.tokens {
             return None;
         }

@@ -171,10 +171,14 @@ pub(crate) struct Found<'v> {
     /// NATURAL join) cannot have them read.
     pub names: std::collections::HashSet<String>,
     pub natural_join: bool,
-    pub copy_stmt: bool,
     /// Temporary relations this statement creates.
     pub temp_created: Vec<String>,
+    /// The tree nests deeper than the walker follows: nothing about it can be relied on.
+    pub too_deep: bool,
 }
+
+/// How many nodes deep the walker follows a tree (each level is a few stack frames).
+const MAX_DEPTH: usize = 400;
 
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SelectFacts {
@@ -204,8 +208,8 @@ pub(crate) fn walk(stmt: &Value) -> Found<'_> {
             selects: Vec::new(),
             names: std::collections::HashSet::new(),
             natural_join: false,
-            copy_stmt: false,
             temp_created: Vec::new(),
+            too_deep: false,
         },
         scope: 0,
         position: Position::Other,
@@ -447,10 +451,12 @@ impl<'v> Walker<'v> {
     }
 
     fn typed(&mut self, t: &str, b: &'v Map<String, Value>, _top: bool) {
-        self.depth = self.depth.saturating_add(1);
-        if self.depth > 1000 {
+        if self.depth >= MAX_DEPTH {
+            // Not walked, so not decided: the statement is refused (fail closed).
+            self.found.too_deep = true;
             return;
         }
+        self.depth = self.depth.saturating_add(1);
         match t {
             "SelectStmt" => self.select(b),
             "ColumnRef" => {
@@ -612,7 +618,8 @@ impl<'v> Walker<'v> {
             if op != pb::SetOperation::SetopNone as i64 {
                 for arm in ["larg", "rarg"] {
                     if let Some(a) = b.get(arm).and_then(Value::as_object) {
-                        w.select(a);
+                        // Set-operation arms nest as deep as the chain is long: counted too.
+                        w.typed("SelectStmt", a, false);
                     }
                 }
                 w.with(Position::Filter("ORDER BY"), |w| w.field(b, "sort_clause", "SelectStmt"));
@@ -900,7 +907,6 @@ impl<'v> Walker<'v> {
     }
 
     fn copy(&mut self, b: &'v Map<String, Value>) {
-        self.found.copy_stmt = true;
         let is_from = b.get("is_from").and_then(Value::as_bool).unwrap_or(false);
         if let Some(rv) = b.get("relation").and_then(Value::as_object) {
             let site = if is_from { Site::Target } else { Site::CopyTo };
