@@ -21,6 +21,7 @@ use crate::session::SessionInfo;
 pub enum EventKind {
     QueryBlocked,
     RowLimit,
+    /// A statement returned a protected column's raw value (`audit.raw_access`).
     RawAccess,
     RulesReloaded,
     RulesRejected,
@@ -32,6 +33,9 @@ pub enum EventKind {
     /// The result-column layer masked a raw protected value: substitution missed a
     /// reference (a bug to report; the client still got the masked value).
     Backstop,
+    SessionTerminated,
+    RoleQuarantined,
+    RoleReleased,
 }
 
 /// One audit line. Optional fields are omitted when empty.
@@ -60,6 +64,9 @@ pub struct Event {
     /// Always present (possibly empty) in statement events, for a stable schema.
     pub tables: Vec<String>,
     pub columns: Vec<String>,
+    /// Statement events: how each protected column was used (audit.md `usage`), by column.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<std::collections::BTreeMap<String, Vec<&'static str>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rows: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -91,6 +98,7 @@ impl Event {
             fingerprint: None,
             tables: Vec::new(),
             columns: Vec::new(),
+            usage: None,
             rows: None,
             mode: None,
             prev: None,
@@ -111,6 +119,26 @@ impl Event {
     #[must_use]
     pub fn reason(mut self, reason: &str) -> Self {
         self.reason = Some(reason.to_owned());
+        self
+    }
+
+    /// Sets `usage` (and adds its columns to `columns`, its tables to `tables`).
+    #[must_use]
+    pub fn usage(mut self, uses: &[rules::sql::ColumnUse]) -> Self {
+        let mut map: std::collections::BTreeMap<String, Vec<&'static str>> = std::collections::BTreeMap::new();
+        for u in uses {
+            let hows = map.entry(u.column.clone()).or_default();
+            if !hows.contains(&u.how.as_str()) {
+                hows.push(u.how.as_str());
+            }
+            if !self.columns.contains(&u.column) {
+                self.columns.push(u.column.clone());
+            }
+            if !self.tables.contains(&u.table) {
+                self.tables.push(u.table.clone());
+            }
+        }
+        self.usage = Some(map);
         self
     }
 

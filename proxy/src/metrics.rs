@@ -76,6 +76,15 @@ pub struct Metrics {
     pub tls_handshake_failures_total: AtomicU64,
     pub auth_failures_total: AtomicU64,
     pub cancel_requests_total: AtomicU64,
+    /// `raw_access` events: statements that returned raw protected values.
+    pub raw_access_total: AtomicU64,
+    /// Containment (spec/audit.md): sessions ended, roles quarantined and released, and
+    /// sessions refused for a quarantine.
+    pub sessions_terminated_budget: AtomicU64,
+    pub sessions_terminated_operator: AtomicU64,
+    pub roles_quarantined_total: AtomicU64,
+    pub roles_released_total: AtomicU64,
+    pub quarantine_refusals_total: AtomicU64,
 }
 
 fn bump<K: std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>, key: K) {
@@ -282,6 +291,48 @@ impl Metrics {
             "counter",
             "Cancel requests received.",
             n(&self.cancel_requests_total),
+        );
+        g(
+            &mut out,
+            "pgveil_raw_access_total",
+            "counter",
+            "Statements that returned raw values of protected columns (audit.raw_access).",
+            n(&self.raw_access_total),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP pgveil_sessions_terminated_total Sessions ended by containment, by cause.\n# TYPE pgveil_sessions_terminated_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "pgveil_sessions_terminated_total{{cause=\"probe_budget\"}} {}",
+            n(&self.sessions_terminated_budget)
+        );
+        let _ = writeln!(
+            out,
+            "pgveil_sessions_terminated_total{{cause=\"operator\"}} {}",
+            n(&self.sessions_terminated_operator)
+        );
+        g(
+            &mut out,
+            "pgveil_roles_quarantined_total",
+            "counter",
+            "Roles quarantined (probe budget or operator).",
+            n(&self.roles_quarantined_total),
+        );
+        g(
+            &mut out,
+            "pgveil_roles_released_total",
+            "counter",
+            "Quarantined roles released by an operator.",
+            n(&self.roles_released_total),
+        );
+        g(
+            &mut out,
+            "pgveil_quarantine_refusals_total",
+            "counter",
+            "New sessions refused because their role is quarantined.",
+            n(&self.quarantine_refusals_total),
         );
         out
     }

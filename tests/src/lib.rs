@@ -5,6 +5,8 @@
 pub mod harness;
 
 #[cfg(test)]
+mod access;
+#[cfg(test)]
 mod blocking;
 #[cfg(test)]
 mod cli;

@@ -295,6 +295,14 @@ pub fn first_cell(frame: &Frame) -> Option<&[u8]> {
     r.bytes(len)
 }
 
+/// `C`: the row count a CommandComplete tag ends with (`SELECT 5`, `INSERT 0 5`, `COPY 5`);
+/// `None` for tags without one (`CREATE TABLE`).
+pub fn command_rows(frame: &Frame) -> Option<u64> {
+    let tag = Reader::new(frame.body_ref()).cstr()?;
+    let last = tag.rsplit(|b| *b == b' ').next()?;
+    std::str::from_utf8(last).ok()?.parse().ok()
+}
+
 /// `Q`: the query text up to its NUL (PostgreSQL rejects trailing bytes itself).
 pub fn query_text(frame: &Frame) -> Option<&[u8]> {
     Reader::new(frame.body_ref()).cstr()

@@ -160,6 +160,11 @@ pub struct SessionRules {
     generation: u64,
     policy: Arc<rules::Policy>,
     pub view: SessionPolicy,
+    /// Every ruled column as protected: column usage (audit `usage`) is computed against it.
+    all: SessionPolicy,
+    /// An exempt session inspected only to audit its raw reads (`audit.raw_access`): nothing
+    /// it sends is blocked or rewritten, and its results pass as the server sent them.
+    pub observe: bool,
     pub catalog: Arc<DbCatalog>,
     /// The session's search_path as tracked (`$user` expanded), and the schemas of paths it
     /// may be using instead (a SET a rollback may have undone): see `Analyzer`.
@@ -178,6 +183,8 @@ impl SessionRules {
             r.hash(&mut h);
         }
         let view = policy.for_identity(&identity);
+        let all = policy.universal();
+        let observe = view.exempt;
         let default_path = vec![user.to_owned(), "public".to_owned()];
         let mut rules = SessionRules {
             identity,
@@ -186,6 +193,8 @@ impl SessionRules {
             generation: shared.policy_generation.load(Ordering::Relaxed),
             policy,
             view,
+            all,
+            observe,
             catalog: shared.catalogs.for_db(db),
             search_path: default_path.clone(),
             default_path,
@@ -252,7 +261,13 @@ impl SessionRules {
             return;
         }
         if let Some(policy) = shared.policy.load_full() {
-            self.view = policy.for_identity(&self.identity);
+            // An observed session stays as it started, like a byte pump: it was not started
+            // with the pins a masked session needs (rules changing who is exempt apply to
+            // new sessions).
+            if !self.observe {
+                self.view = policy.for_identity(&self.identity);
+            }
+            self.all = policy.universal();
             self.policy = policy;
         }
         self.generation = generation;
@@ -378,6 +393,7 @@ impl SessionRules {
 
     fn run(&self, catalog: &Catalog, text: &str) -> Analysis {
         Analyzer::new(&self.view, catalog, &self.user)
+            .with_usage(&self.all)
             .with_search_path(self.search_path.clone())
             .with_uncertain_schemas(self.uncertain.clone())
             .with_temp_relations(self.temp.clone())

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rules::Mode;
-use rules::sql::{Analysis, Block, Effect, RowLimit, StatementPlan};
+use rules::sql::{Analysis, Block, ColumnUse, Effect, RowLimit, StatementPlan};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::analysis::{Decided, SessionRules};
@@ -405,7 +405,7 @@ impl<'a> Inspector<'a> {
                         check: None,
                         sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
                     };
-                    let err = self.record_block(&b, None).await;
+                    let err = self.record_block(&b, None, &[]).await;
                     self.push_blocked_query(err);
                 } else {
                     self.to_server.put_slice(f.as_bytes());
@@ -435,11 +435,14 @@ impl<'a> Inspector<'a> {
         let settled = simple && analysis.statements.len() == 1 && self.idle && self.expect.is_empty();
         self.deferred_path = None;
         let text = std::str::from_utf8(text).ok();
-        for f in &analysis.flagged {
-            self.audit_block(EventKind::QueryFlagged, f, text, Some("monitor")).await;
-        }
-        if let Some(b) = &analysis.block {
-            return Some(self.record_block(b, text).await);
+        // An observed (exempt) session is never blocked: only its raw reads are audited.
+        if !self.rules.observe {
+            for f in &analysis.flagged {
+                self.audit_block(EventKind::QueryFlagged, f, text, Some("monitor"), &analysis.usage).await;
+            }
+            if let Some(b) = &analysis.block {
+                return Some(self.record_block(b, text, &analysis.usage).await);
+            }
         }
         for e in &analysis.effects {
             match e {
@@ -462,17 +465,24 @@ impl<'a> Inspector<'a> {
         None
     }
 
-    async fn record_block(&mut self, b: &Block, text: Option<&str>) -> Box<ErrorResponse> {
+    async fn record_block(&mut self, b: &Block, text: Option<&str>, usage: &[ColumnUse]) -> Box<ErrorResponse> {
         if b.sqlstate != sqlstate::INSUFFICIENT_PRIVILEGE {
             // Not a policy decision: the server's own answer (a syntax error), not audited.
             return Box::new(block_error(b));
         }
         self.shared.metrics.blocked(&b.rule, b.check.unwrap_or(&b.rule));
-        self.audit_block(EventKind::QueryBlocked, b, text, None).await;
+        self.audit_block(EventKind::QueryBlocked, b, text, None, usage).await;
         Box::new(block_error(b))
     }
 
-    async fn audit_block(&self, kind: EventKind, b: &Block, text: Option<&str>, mode: Option<&'static str>) {
+    async fn audit_block(
+        &self,
+        kind: EventKind,
+        b: &Block,
+        text: Option<&str>,
+        mode: Option<&'static str>,
+        usage: &[ColumnUse],
+    ) {
         if b.rule == super::analysis::AUDIT_UNAVAILABLE {
             tracing::warn!(user = %self.info.user, "statement refused: the audit log is failing");
             return;
@@ -486,7 +496,7 @@ impl<'a> Inspector<'a> {
         ev.tables.clone_from(&b.tables);
         ev.columns.clone_from(&b.columns);
         ev.mode = mode;
-        self.shared.audit.send(ev).await;
+        self.shared.audit.send(ev.usage(usage)).await;
     }
 
     // ---- server → client -------------------------------------------------------------
@@ -779,6 +789,11 @@ impl<'a> Inspector<'a> {
             Some(Expect::Execute(portal)) => {
                 let portal = *portal;
                 self.expect.pop_front();
+                if let Some(p) = self.portals.get(&portal)
+                    && p.plan.reads_raw()
+                {
+                    self.raw_access(&Arc::clone(&p.plan), f);
+                }
                 let cut = self.portals.get(&portal).filter(|p| p.cut).and_then(|p| p.plan.max_rows.clone());
                 if let Some(limit) = cut {
                     self.send_error(&Self::limit_error(limit.rows, &limit.rule));
@@ -790,6 +805,7 @@ impl<'a> Inspector<'a> {
             }
             Some(Expect::Query(q)) => {
                 let limit = q.cut.then(|| q.plan().and_then(|p| p.max_rows.clone())).flatten();
+                let raw = q.plan().is_some_and(StatementPlan::reads_raw).then(|| (Arc::clone(&q.analysis), q.idx));
                 if let Some(path) = q.pending_path.take() {
                     self.rules.set_path(path, true);
                 }
@@ -797,6 +813,11 @@ impl<'a> Inspector<'a> {
                 q.row_plan = None;
                 q.rows = 0;
                 q.cut = false;
+                if let Some((analysis, idx)) = raw
+                    && let Some(plan) = analysis.statements.get(idx)
+                {
+                    self.raw_access(plan, f);
+                }
                 if let Some(limit) = limit {
                     self.send_error(&Self::limit_error(limit.rows, &limit.rule));
                     self.suppress = true;
@@ -807,6 +828,24 @@ impl<'a> Inspector<'a> {
             _ => return Err(SessionError::UnexpectedServerMessage(f.tag())),
         }
         Ok(())
+    }
+
+    /// A `raw_access` event for a statement that returned raw protected values, with the
+    /// rows its CommandComplete counts (audit.md; `audit.raw_access`).
+    fn raw_access(&self, plan: &StatementPlan, f: &Frame) {
+        if !self.shared.config.audit.raw_access {
+            return;
+        }
+        let mut ev = Event::session(EventKind::RawAccess, self.info).usage(&plan.usage);
+        let raw: Vec<&str> = plan.usage.iter().filter(|u| u.how.is_raw()).map(|u| u.column.as_str()).collect();
+        ev.reason = Some(format!("returned raw values of {}", raw.join(", ")));
+        if let Some(n) = &plan.normalized {
+            ev.statement = Some(n.0.clone());
+            ev.fingerprint = Some(n.1.clone()).filter(|f| !f.is_empty());
+        }
+        ev.rows = Some(if f.tag() == b'C' { messages::command_rows(f).unwrap_or(0) } else { 0 });
+        self.shared.metrics.raw_access_total.fetch_add(1, Relaxed);
+        self.shared.audit.log(ev);
     }
 
     fn send_error(&mut self, e: &ErrorResponse) {

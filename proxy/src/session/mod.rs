@@ -168,7 +168,10 @@ async fn serve_session(
     // The server may still refuse the login (an unknown database is reported after the
     // authentication): its answer is relayed first, then memberships are read.
     let (backend, ready) = after_auth(shared, client, &mut server, may_inspect).await?;
-    let mut rules = if may_inspect { session_rules(shared, startup).await? } else { None };
+    // With `audit.raw_access`, exempt sessions are inspected too, parse-only, to log their
+    // reads of protected columns.
+    let observe = shared.config.audit.raw_access && shared.policy.load_full().is_some_and(|p| !p.columns().is_empty());
+    let mut rules = if may_inspect || observe { session_rules(shared, startup).await? } else { None };
     if let Some(r) = rules.as_mut() {
         // The search_path the server actually starts the session with (startup options,
         // role, database and server defaults), asked of the server rather than guessed: names
@@ -194,8 +197,10 @@ async fn session_rules(
 ) -> Result<Option<analysis::SessionRules>, SessionError> {
     let Some(policy) = shared.policy.load_full() else { return Ok(None) };
     let user = startup.user();
+    let observe = shared.config.audit.raw_access && !policy.columns().is_empty();
     if policy.is_exempt(&rules::Identity::new([user])) {
-        return Ok(None);
+        let identity = rules::Identity::new([user]);
+        return Ok(observe.then(|| analysis::SessionRules::new(shared, policy, identity, user, startup.database())));
     }
     let catalog = shared.catalogs.for_db(startup.database());
     let roles = match catalog.memberships(&shared.config, user).await {
@@ -214,7 +219,7 @@ async fn session_rules(
     };
     let identity = rules::Identity::new(roles.iter().map(String::as_str).chain([user]));
     if policy.is_exempt(&identity) {
-        return Ok(None);
+        return Ok(observe.then(|| analysis::SessionRules::new(shared, policy, identity, user, startup.database())));
     }
     let rules = analysis::SessionRules::new(shared, policy, identity, user, startup.database());
     if rules.view.masked.values().any(|v| matches!(v.mask, rules::Mask::Hash { .. })) {

@@ -301,7 +301,7 @@ fn function(f: &walk::FuncSite, protect: &Protection<'_>) -> Result<(), Block> {
 }
 
 /// How a column reference resolves.
-enum Col {
+pub(crate) enum Col {
     /// To this relation site's column.
     Site(usize, String),
     /// To something else (an unprotected or unknown relation, a subquery, …).
@@ -708,7 +708,7 @@ fn target(
 }
 
 /// Resolves a column reference through its scopes, as the server would by name.
-fn resolve_column(found: &Found<'_>, resolved: &[Option<Arc<Relation>>], c: &ColSite) -> Col {
+pub(crate) fn resolve_column(found: &Found<'_>, resolved: &[Option<Arc<Relation>>], c: &ColSite) -> Col {
     let fields: Vec<&str> = c.fields.iter().map(String::as_str).filter(|f| *f != "*").collect();
     let (qualifier, column) = match fields.as_slice() {
         [col] => (None, *col),

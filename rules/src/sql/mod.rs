@@ -25,6 +25,7 @@ mod protect;
 mod selects;
 mod shape;
 mod tokens;
+pub mod usage;
 mod walk;
 
 use std::fmt;
@@ -36,6 +37,7 @@ use crate::policy::{Mode, SessionPolicy};
 pub use checks::unsafe_encoding;
 pub use shape::{Scanned, shape_key, shape_key_of};
 pub use tokens::Rewrite;
+pub use usage::{ColumnUse, Use};
 
 /// Why a statement may not run (or, in monitor mode, would not have run).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +143,19 @@ pub struct StatementPlan {
     /// that column's origin (table OID, attnum): the server reports 0 for the masked
     /// expression, the proxy reports what PostgreSQL would without pgveil.
     pub origins: Vec<(String, u32, i16)>,
+    /// How this statement uses protected columns (audit `usage`); empty unless the analyzer
+    /// was given the rules' universal view ([`Analyzer::with_usage`]).
+    pub usage: Vec<ColumnUse>,
+    /// For a statement that reads a raw protected value: its normalized text and fingerprint,
+    /// computed once per analysis for the `raw_access` events of every execution.
+    pub normalized: Option<Box<(String, String)>>,
+}
+
+impl StatementPlan {
+    /// Whether the statement reads a protected column's raw value (audit `raw_access`).
+    pub fn reads_raw(&self) -> bool {
+        self.usage.iter().any(|u| u.how.is_raw())
+    }
 }
 
 /// Session-level effects a statement has that the proxy must follow.
@@ -175,6 +190,8 @@ pub struct Analysis {
     /// A relation the catalog snapshot does not know was named (the proxy refreshes the
     /// snapshot once and decides again; then the server answers for it).
     pub unknown_relation: bool,
+    /// The column usage of every statement of the text, also when it is blocked.
+    pub usage: Vec<ColumnUse>,
 }
 
 /// Normalizes a statement for the audit log: every literal becomes `$n`.
@@ -202,6 +219,7 @@ pub struct Analyzer<'a> {
     search_path: Vec<String>,
     uncertain: Vec<String>,
     temp: Vec<String>,
+    all: Option<&'a SessionPolicy>,
 }
 
 impl<'a> Analyzer<'a> {
@@ -213,7 +231,15 @@ impl<'a> Analyzer<'a> {
             search_path: vec![user.to_owned(), "public".to_owned()],
             uncertain: Vec::new(),
             temp: Vec::new(),
+            all: None,
         }
+    }
+
+    /// Computes column usage (audit `usage`) against the rules' universal view
+    /// ([`crate::Policy::universal`]): every ruled column counts as protected.
+    pub fn with_usage(mut self, all: &'a SessionPolicy) -> Self {
+        self.all = Some(all);
+        self
     }
 
     /// Schemas of search_paths the session may be using instead (a SET that a rollback may
@@ -255,6 +281,7 @@ impl<'a> Analyzer<'a> {
         let mut protect = protect::Protection::new(self.policy, self.catalog, &self.search_path)
             .with_uncertain(&self.uncertain)
             .with_temp(&self.temp);
+        let mut all = self.all.map(|a| protect::Protection::new(a, self.catalog, &self.search_path));
         let mut edits = Vec::new();
         for raw in &parsed.protobuf.stmts {
             let Some(stmt) = raw.stmt.as_ref() else { continue };
@@ -270,6 +297,21 @@ impl<'a> Analyzer<'a> {
             }
             checks::effects(&found, &mut out.effects);
             let mut plan = StatementPlan::default();
+            if let Some(all) = all.as_mut() {
+                plan.usage = usage::of(&found, all, &mut protect);
+                for u in &plan.usage {
+                    if !out.usage.contains(u) {
+                        out.usage.push(u.clone());
+                    }
+                }
+                if plan.reads_raw() {
+                    let text = statement_text(sql, raw.stmt_location, raw.stmt_len);
+                    plan.normalized = Some(Box::new((
+                        normalize(text).unwrap_or_else(|| text.to_owned()),
+                        fingerprint(text).unwrap_or_default(),
+                    )));
+                }
+            }
             if strict {
                 match checks::check(&found, &mut protect, &toks) {
                     Ok(e) => {
@@ -305,6 +347,16 @@ impl<'a> Analyzer<'a> {
         }
         out
     }
+}
+
+/// One statement of a text, by the parser's byte location and length (0: to the end).
+fn statement_text(sql: &str, location: i32, len: i32) -> &str {
+    let start = usize::try_from(location).unwrap_or(0);
+    let end = match usize::try_from(len) {
+        Ok(0) | Err(_) => sql.len(),
+        Ok(n) => start.saturating_add(n).min(sql.len()),
+    };
+    sql.get(start..end).map_or(sql, str::trim)
 }
 
 fn first_words(s: &str) -> String {

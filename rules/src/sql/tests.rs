@@ -598,3 +598,89 @@ fn deep_statements_are_refused_not_half_walked() {
         assert!(a.block.is_some() || a.rewritten.is_some(), "{n}: decided");
     }
 }
+
+/// `column how` lines of a statement's usage, as the audit log would list them.
+fn usage(roles: &[&str], sql: &str) -> Vec<String> {
+    let p = policy();
+    let session = p.for_identity(&Identity::new(roles.iter().copied()));
+    let all = p.universal();
+    let catalog = crate::catalog::example();
+    let analysis = Analyzer::new(&session, &catalog, roles[0]).with_usage(&all).analyze(sql);
+    analysis.usage.iter().map(|u| format!("{} {}", u.column.trim_start_matches("public."), u.how.as_str())).collect()
+}
+
+#[test]
+fn column_usage_says_how_each_protected_column_was_used() {
+    let cases: &[(&[&str], &str, &[&str])] = &[
+        (APP, "SELECT id, name FROM customers WHERE id = 1", &[]),
+        (APP, "SELECT ssn FROM customers WHERE id = 1", &["customers.ssn masked"]),
+        (&["billing_admin"], "SELECT ssn FROM customers WHERE id = 1", &["customers.ssn raw"]),
+        (
+            &["billing_admin"],
+            "SELECT upper(c.ssn), c.email FROM customers c",
+            &["customers.email masked", "customers.ssn raw"],
+        ),
+        (&["dba"], "SELECT ssn, email FROM public.customers", &["customers.email raw", "customers.ssn raw"]),
+        (APP, "SELECT id FROM customers WHERE email = 'a@b.c'", &["customers.email predicate_raw"]),
+        (
+            APP,
+            "SELECT email FROM customers WHERE email = $1",
+            &["customers.email masked", "customers.email predicate_raw"],
+        ),
+        (&["support"], "SELECT id FROM customers WHERE email = 'a@b.c'", &["customers.email raw"]),
+        (APP, "SELECT count(*) FROM customers", &[]),
+        (APP, "SELECT o.id FROM orders o JOIN customers c ON c.id = o.customer_id", &[]),
+        (
+            &["billing_admin"],
+            "SELECT * FROM customers WHERE id = 1",
+            &[
+                "customers.balance masked",
+                "customers.birth_date masked",
+                "customers.card_number masked",
+                "customers.email masked",
+                "customers.notes masked",
+                "customers.phone masked",
+                "customers.ssn raw",
+            ],
+        ),
+        (
+            &["billing_admin"],
+            "SELECT c FROM customers c WHERE id = 1",
+            &[
+                "customers.balance masked",
+                "customers.birth_date masked",
+                "customers.card_number masked",
+                "customers.email masked",
+                "customers.notes masked",
+                "customers.phone masked",
+                "customers.ssn raw",
+            ],
+        ),
+        (&["billing_admin"], "SELECT id, ssn FROM customers_v", &["customers.email masked", "customers.ssn raw"]),
+        (&["billing_admin"], "SELECT ssn FROM customers_eu WHERE id = 2", &["customers_eu.ssn raw"]),
+        (&["billing_admin"], "COPY customers (id, ssn) TO STDOUT", &["customers.ssn raw"]),
+        (&["billing_admin"], "COPY customers (id, name) TO STDOUT", &[]),
+        (&["billing_admin"], "WITH x AS (SELECT ssn FROM customers) SELECT * FROM x", &["customers.ssn raw"]),
+        (&["billing_admin"], "UPDATE customers SET name = 'x' WHERE ssn = '1' RETURNING id", &["customers.ssn raw"]),
+        (&["billing_admin"], "INSERT INTO customers (id, ssn) VALUES (1, '2')", &[]),
+        (&["billing_admin"], "SELECT ssn FROM orders", &[]),
+    ];
+    for (roles, sql, want) in cases {
+        assert_eq!(usage(roles, sql), *want, "\nroles: {roles:?}\nsql: {sql}");
+    }
+}
+
+#[test]
+fn raw_reads_carry_their_normalized_statement() {
+    let p = policy();
+    let session = p.for_identity(&Identity::new(["billing_admin"]));
+    let all = p.universal();
+    let catalog = crate::catalog::example();
+    let a = Analyzer::new(&session, &catalog, "billing_admin")
+        .with_usage(&all)
+        .analyze("SELECT 1; SELECT ssn FROM customers WHERE id = 42");
+    assert!(a.statements[0].normalized.is_none());
+    let (text, fp) = &**a.statements[1].normalized.as_ref().unwrap();
+    assert_eq!(text, "SELECT ssn FROM customers WHERE id = $1");
+    assert_eq!(fp.len(), 16);
+}
