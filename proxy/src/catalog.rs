@@ -304,8 +304,8 @@ pub async fn load(client: &tokio_postgres::Client) -> Result<Catalog, CatalogErr
     Ok(catalog)
 }
 
-/// Drives a catalog connection; a `pgveil_ddl` notification marks the snapshot stale.
-fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>, stale: Option<Arc<AtomicBool>>)
+/// Drives a connection; each notification's channel goes to `on_notify`.
+fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>, on_notify: Box<dyn Fn(&str) + Send>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     T: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
@@ -315,11 +315,7 @@ where
         let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
         while let Some(m) = messages.next().await {
             match m {
-                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
-                    if let Some(s) = &stale {
-                        s.store(true, Ordering::Relaxed);
-                    }
-                }
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => on_notify(n.channel()),
                 Ok(_) => {}
                 Err(_) => break,
             }
@@ -371,6 +367,23 @@ async fn connect(
     db: &str,
     stale: Option<Arc<AtomicBool>>,
 ) -> Result<tokio_postgres::Client, CatalogError> {
+    // DDL by any session reaches us when `pgveil init` installed its event trigger: a
+    // `pgveil_ddl` notification marks the snapshot stale.
+    connect_listening(config, db, &["pgveil_ddl"], move |_| {
+        if let Some(s) = &stale {
+            s.store(true, Ordering::Relaxed);
+        }
+    })
+    .await
+}
+
+/// A connection as the catalog user to `db`, LISTENing on `channels`.
+pub(crate) async fn connect_listening(
+    config: &Config,
+    db: &str,
+    channels: &[&str],
+    on_notify: impl Fn(&str) + Send + 'static,
+) -> Result<tokio_postgres::Client, CatalogError> {
     let user = config.catalog.user.as_deref().ok_or(CatalogError::NotConfigured)?;
     let mut pg = tokio_postgres::Config::new();
     pg.user(user).dbname(db).application_name("pgveil-catalog").connect_timeout(config.upstream.connect_timeout);
@@ -384,10 +397,11 @@ async fn connect(
     }
     pg.port(config.upstream.port);
     let fail = |e: tokio_postgres::Error| CatalogError::Connect(e.to_string());
+    let on_notify: Box<dyn Fn(&str) + Send> = Box::new(on_notify);
     let client = match config.upstream.tls {
         UpstreamTls::Disable => {
             let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(fail)?;
-            drive(conn, stale);
+            drive(conn, on_notify);
             client
         }
         mode => {
@@ -398,11 +412,15 @@ async fn connect(
             });
             let tls = crate::tls::upstream_client_config(config).map_err(|e| CatalogError::Connect(e.to_string()))?;
             let (client, conn) = pg.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls)).await.map_err(fail)?;
-            drive(conn, stale);
+            drive(conn, on_notify);
             client
         }
     };
-    // DDL by any session reaches us when `pgveil init` installed its event trigger.
-    client.batch_execute("LISTEN pgveil_ddl").await.map_err(|e| CatalogError::Query(e.to_string()))?;
+    for ch in channels {
+        client
+            .batch_execute(&format!("LISTEN {}", rules::names::quote_ident(ch)))
+            .await
+            .map_err(|e| CatalogError::Query(e.to_string()))?;
+    }
     Ok(client)
 }

@@ -120,14 +120,23 @@ pub enum AuthMode {
     Scram,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Catalog {
     pub user: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// The database whose `pgveil` schema (`pgveil init`) holds what every instance shares:
+    /// the quarantined roles.
+    pub state_database: String,
     /// Read from `password_file` or `PGVEIL_CATALOG_PASSWORD` at load; never from the file.
     #[serde(skip)]
     pub password: Option<String>,
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Catalog { user: None, password_file: None, state_database: "postgres".to_owned(), password: None }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,6 +169,86 @@ impl Default for Audit {
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     pub listen: Option<String>,
+    /// A file holding the bearer token of the admin actions (`PGVEIL_ADMIN_TOKEN` otherwise).
+    /// Without one the actions are refused; `/metrics`, `/healthz` and `/readyz` stay open.
+    pub token_file: Option<PathBuf>,
+    /// Read from `token_file` or `PGVEIL_ADMIN_TOKEN` at load; never from the file.
+    #[serde(skip)]
+    pub token: Option<String>,
+}
+
+/// A rate: `20/1m` (20 per minute); a bare number is per minute; `0` or `off`: no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub max: u32,
+    pub per: Duration,
+}
+
+impl Budget {
+    pub fn parse(s: &str) -> Option<Option<Budget>> {
+        let s = s.trim();
+        if s == "off" || s == "0" {
+            return Some(None);
+        }
+        let (n, per) = match s.split_once('/') {
+            Some((n, per)) => (n.trim(), duration::parse(per.trim())?),
+            None => (s, Duration::from_secs(60)),
+        };
+        let max: u32 = n.parse().ok()?;
+        if per.is_zero() {
+            return None;
+        }
+        Some((max > 0).then_some(Budget { max, per }))
+    }
+}
+
+mod budget {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Budget;
+
+    #[allow(clippy::ref_option, reason = "serde's `with` signature")]
+    pub fn serialize<S: Serializer>(b: &Option<Budget>, s: S) -> Result<S::Ok, S::Error> {
+        match b {
+            Some(b) => s.serialize_str(&format!("{}/{}s", b.max, b.per.as_secs())),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Budget>, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        let text = match &v {
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            _ => return Err(serde::de::Error::custom("expected a rate such as 20/1m")),
+        };
+        Budget::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not a rate such as 20/1m (or off)")))
+    }
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[allow(clippy::ref_option, reason = "serde's `with` signature")]
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format!("{}s", d.as_secs())),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let v: Option<String> = Option::deserialize(d)?;
+        match v.as_deref() {
+            None | Some("off" | "0") => Ok(None),
+            Some(t) => super::duration::parse(t)
+                .map(Some)
+                .ok_or_else(|| serde::de::Error::custom(format!("{t:?} is not a duration such as 15m"))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -171,6 +260,14 @@ pub struct Limits {
     /// How long SIGTERM waits for sessions to finish before closing them.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// The probe budget: policy blocks a masked session may hit within the window before it
+    /// is terminated (`off`: no limit).
+    #[serde(with = "budget")]
+    pub blocks_per_session: Option<Budget>,
+    /// With the budget spent, also quarantine the role for this long: its new sessions are
+    /// refused on every instance sharing `catalog.state_database`.
+    #[serde(with = "opt_duration")]
+    pub quarantine: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -179,6 +276,8 @@ impl Default for Limits {
             max_connections: 2000,
             startup_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
+            blocks_per_session: Some(Budget { max: 20, per: Duration::from_secs(60) }),
+            quarantine: None,
         }
     }
 }
@@ -192,7 +291,7 @@ pub enum ConfigError {
 }
 
 /// `PGVEIL_CATALOG_PASSWORD` is a secret read directly, not a configuration key.
-const NOT_KEYS: &[&str] = &["catalog_password", "hash_key", "cancel_key", "config", "log"];
+const NOT_KEYS: &[&str] = &["catalog_password", "hash_key", "cancel_key", "admin_token", "config", "log"];
 const SECTIONS: &[&str] = &["upstream", "tls", "auth", "catalog", "audit", "admin", "limits"];
 const TOP_LEVEL: &[&str] = &["listen", "rules"];
 
@@ -217,6 +316,16 @@ impl Config {
             None => std::env::var("PGVEIL_CATALOG_PASSWORD").ok(),
         };
         config.cancel_secret = std::env::var("PGVEIL_CANCEL_KEY").ok();
+        config.admin.token = match &config.admin.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.clone(), source })?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => std::env::var("PGVEIL_ADMIN_TOKEN").ok(),
+        }
+        .filter(|t| !t.is_empty());
         Ok(config)
     }
 

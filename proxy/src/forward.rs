@@ -12,7 +12,12 @@ use crate::session::conn::Conn;
 /// Buffer size per direction: large enough that a big result moves in few syscalls.
 const PUMP_BUFFER: usize = 64 * 1024;
 
-pub async fn pump<C, S>(shared: &Arc<Shared>, client: &mut Conn<C>, server: &mut Conn<S>) -> Result<(), SessionError>
+pub async fn pump<C, S>(
+    shared: &Arc<Shared>,
+    client: &mut Conn<C>,
+    server: &mut Conn<S>,
+    killed: &tokio_util::sync::CancellationToken,
+) -> Result<(), SessionError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
@@ -31,6 +36,7 @@ where
     let copied = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut client.io, &mut server.io, PUMP_BUFFER, PUMP_BUFFER) => r,
         () = shared.hard_stop.cancelled() => return Err(SessionError::Shutdown),
+        () = killed.cancelled() => return Err(SessionError::Terminated),
     };
     match copied {
         Ok((to_server, to_client)) => {

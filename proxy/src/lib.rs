@@ -17,13 +17,16 @@
     clippy::arithmetic_side_effects
 )]
 
+pub mod access_review;
 pub mod admin;
+pub mod admin_cli;
 pub mod audit;
 pub mod audit_cli;
 pub mod cancel;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod containment;
 pub mod demo;
 pub mod forward;
 #[doc(hidden)]
@@ -71,6 +74,8 @@ pub struct Shared {
     pub verifiers: dashmap::DashMap<(String, String), (Option<session::scram::Verifier>, std::time::Instant)>,
     /// Recent failed logins by client address (slowing down guessing).
     pub auth_failures: dashmap::DashMap<std::net::IpAddr, (u32, std::time::Instant)>,
+    /// Live sessions, the probe budget's quarantines, operator actions.
+    pub containment: containment::Containment,
     mock_secret: [u8; 32],
 }
 
@@ -128,6 +133,7 @@ impl Shared {
             analysis_cache: session::analysis::Cache::new(),
             verifiers: dashmap::DashMap::new(),
             auth_failures: dashmap::DashMap::new(),
+            containment: containment::Containment::default(),
             mock_secret: rand::random(),
         })
     }

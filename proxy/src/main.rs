@@ -80,6 +80,17 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
+    /// Operator actions on a running instance (admin listener, bearer token).
+    Admin {
+        #[command(subcommand)]
+        action: AdminCommand,
+        /// The instance's admin listener (admin.listen).
+        #[arg(long, default_value = "127.0.0.1:9930", env = "PGVEIL_ADMIN_LISTEN")]
+        url: String,
+        /// A file holding the admin token (else PGVEIL_ADMIN_TOKEN).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// Show what the rules decide for a statement run by a role.
     Explain {
         #[arg(long)]
@@ -98,6 +109,43 @@ enum Command {
 enum AuditCommand {
     /// Check the hash chain of an audit log (exit 1 if it is broken).
     Verify { file: PathBuf },
+    /// The access review: per role and protected column, raw and masked reads, statements,
+    /// rows, the largest statement, first and last seen. Reads rotated and gzipped logs.
+    Access {
+        /// Logs to read (default: audit.path of PGVEIL_CONFIG and its rotations).
+        files: Vec<PathBuf>,
+        /// Only reads newer than this (e.g. 30d).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        role: Option<String>,
+        /// `schema.table.column`, or a column name.
+        #[arg(long)]
+        column: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// List live sessions.
+    Sessions,
+    /// End a session (its id is in `sessions`).
+    Terminate { session: String },
+    /// List quarantined roles.
+    Quarantines,
+    /// Refuse a role's new sessions (and end its live ones) on every instance.
+    Quarantine {
+        role: String,
+        /// How long (e.g. 15m, 2h, 7d).
+        #[arg(long = "for", default_value = "15m")]
+        how_long: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a role's quarantine.
+    Release { role: String },
 }
 
 fn main() -> ExitCode {
@@ -191,6 +239,66 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::Audit { verify: Some(AuditCommand::Access { files, since, role, column, json }), .. } => {
+            let files = if files.is_empty() {
+                let base = proxy::config::Config::load(std::env::var_os("PGVEIL_CONFIG").map(PathBuf::from).as_deref())
+                    .ok()
+                    .and_then(|c| c.audit.path)
+                    .map_or_else(|| PathBuf::from("audit.jsonl"), PathBuf::from);
+                proxy::access_review::with_rotations(&base)
+            } else {
+                files
+            };
+            let since = match since.as_deref().map(proxy::audit_cli::since) {
+                Some(None) => {
+                    eprintln!("pgveil: --since takes a duration such as 30d");
+                    return ExitCode::from(2);
+                }
+                Some(s) => s,
+                None => None,
+            };
+            let filter = proxy::access_review::Filter { since, role, column };
+            let mut review = proxy::access_review::Review::default();
+            if files.is_empty() {
+                eprintln!("pgveil: no audit log found (give files, or set audit.path through PGVEIL_CONFIG)");
+                return ExitCode::from(2);
+            }
+            for f in &files {
+                match proxy::access_review::read_log(f) {
+                    Ok(text) => review.add_text(&text, &filter),
+                    Err(e) => {
+                        eprintln!("pgveil: cannot read {}: {e}", f.display());
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            print!("{}", if json { review.json() } else { review.table() });
+            ExitCode::SUCCESS
+        }
+        Command::Admin { action, url, token_file } => {
+            let token = match token_file {
+                Some(f) => match std::fs::read_to_string(&f) {
+                    Ok(t) => Some(t.trim().to_owned()),
+                    Err(e) => {
+                        eprintln!("pgveil admin: cannot read {}: {e}", f.display());
+                        return ExitCode::from(2);
+                    }
+                },
+                None => std::env::var("PGVEIL_ADMIN_TOKEN").ok(),
+            };
+            let action = match action {
+                AdminCommand::Sessions => proxy::admin_cli::Action::Sessions,
+                AdminCommand::Terminate { session } => proxy::admin_cli::Action::Terminate(session),
+                AdminCommand::Quarantines => proxy::admin_cli::Action::Quarantines,
+                AdminCommand::Quarantine { role, how_long, reason } => {
+                    proxy::admin_cli::Action::Quarantine { role, how_long, reason }
+                }
+                AdminCommand::Release { role } => proxy::admin_cli::Action::Release(role),
+            };
+            let (report, code) = runtime.block_on(proxy::admin_cli::run(&url, token.as_deref(), &action));
+            print!("{report}");
+            ExitCode::from(code)
         }
         Command::Init { against, print } => {
             let key = std::env::var("PGVEIL_HASH_KEY")

@@ -85,6 +85,8 @@ pub struct Metrics {
     pub roles_quarantined_total: AtomicU64,
     pub roles_released_total: AtomicU64,
     pub quarantine_refusals_total: AtomicU64,
+    /// Admin requests refused for a missing or wrong token.
+    pub admin_denied_total: AtomicU64,
 }
 
 fn bump<K: std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>, key: K) {
@@ -333,6 +335,13 @@ impl Metrics {
             "counter",
             "New sessions refused because their role is quarantined.",
             n(&self.quarantine_refusals_total),
+        );
+        g(
+            &mut out,
+            "pgveil_admin_denied_total",
+            "counter",
+            "Admin requests refused for a missing or wrong bearer token.",
+            n(&self.admin_denied_total),
         );
         out
     }

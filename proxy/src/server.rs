@@ -19,6 +19,8 @@ use crate::protocol::messages::{ErrorResponse, sqlstate};
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
     let limit = Arc::new(Semaphore::new(shared.config.limits.max_connections));
     let tracker = TaskTracker::new();
+    // Quarantines shared with other instances (ends when the proxy stops accepting).
+    tokio::spawn(crate::containment::watch(Arc::clone(&shared)));
     shared.ready.store(true, Ordering::Relaxed);
     tokio::pin!(shutdown);
     loop {

@@ -127,3 +127,142 @@ async fn blocked_statements_carry_their_column_usage() {
     );
     assert!(!log.contains("raw_access"), "nothing raw was read, and raw_access is off");
 }
+
+async fn can_log_in(port: u16, role: &str, db: &str) -> Result<(), tokio_postgres::Error> {
+    let c = connect_plain(&url(port, role, db, "sslmode=disable")).await?;
+    c.simple_query("SELECT 1").await.map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_drill_budget_quarantine_on_every_instance_and_release() {
+    use std::time::{Duration, Instant};
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let dir = tempdir();
+    let (log1, log2) = (dir.join("one.jsonl"), dir.join("two.jsonl"));
+    let token = "drill-token-7f3a";
+    let adjust = |log: &std::path::Path| {
+        let (log, state) = (log.display().to_string(), db.name.clone());
+        move |c: &mut proxy::config::Config| {
+            c.audit.path = Some(log);
+            c.limits.blocks_per_session = Some(proxy::config::Budget { max: 5, per: Duration::from_secs(60) });
+            c.limits.quarantine = Some(Duration::from_secs(15 * 60));
+            c.catalog.state_database = state;
+            c.admin.token = Some(token.to_owned());
+        }
+    };
+    let one = harness_proxy::spawn_with_rules(cluster, RULES, adjust(&log1)).await;
+    let two = harness_proxy::spawn_with_rules(cluster, RULES, adjust(&log2)).await;
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap().to_string();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(proxy::admin::serve(admin, std::sync::Arc::clone(&one.shared), stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(one.shared.containment.is_shared() && two.shared.containment.is_shared()) {
+        assert!(Instant::now() < deadline, "both instances read pgveil.quarantine");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Bystanders on both instances, and the prober's own second session on instance two.
+    let analyst = connect_plain(&url(one.port(), "analyst", &db.name, "sslmode=disable")).await.unwrap();
+    let billing = connect_plain(&url(two.port(), "billing_admin", &db.name, "sslmode=disable")).await.unwrap();
+    let prober_elsewhere = connect_plain(&url(two.port(), "app_user", &db.name, "sslmode=disable")).await.unwrap();
+    prober_elsewhere.simple_query("SELECT 1").await.unwrap();
+
+    // The probe: five blocks are within the budget, the sixth ends the session.
+    let prober = connect_plain(&url(one.port(), "app_user", &db.name, "sslmode=disable")).await.unwrap();
+    for i in 0..5 {
+        let e = prober.simple_query(&format!("SELECT id FROM customers WHERE ssn = '{i}'")).await.unwrap_err();
+        assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{e}");
+    }
+    let e = prober.simple_query("SELECT id FROM customers WHERE ssn = 'x'").await.unwrap_err();
+    let db_error = e.as_db_error().unwrap_or_else(|| panic!("a FATAL that says why, got {e}"));
+    assert_eq!(db_error.severity(), "FATAL");
+    assert!(db_error.message().contains("blocks_per_session"), "{}", db_error.message());
+    assert!(prober.simple_query("SELECT 1").await.is_err(), "the session is gone");
+    let quarantined_at = Instant::now();
+
+    // Instance two refuses the role, and its live session there is ended.
+    let refused = loop {
+        match can_log_in(two.port(), "app_user", &db.name).await {
+            Err(e) => break e,
+            Ok(()) => {
+                assert!(quarantined_at.elapsed() < Duration::from_secs(10), "instance two never refused the role");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    println!("instance two refused the quarantined role {:?} after the budget was spent", quarantined_at.elapsed());
+    let d = refused.as_db_error().expect("a FATAL");
+    assert_eq!(d.code(), &tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION);
+    assert!(d.message().contains("quarantined"), "{}", d.message());
+    assert!(prober_elsewhere.simple_query("SELECT 1").await.is_err(), "its session on instance two ended");
+    assert!(can_log_in(one.port(), "app_user", &db.name).await.is_err(), "instance one refuses it too");
+
+    // Everyone else carries on, on both instances.
+    analyst.simple_query("SELECT id FROM customers WHERE id = 1").await.unwrap();
+    billing.simple_query("SELECT ssn FROM customers WHERE id = 1").await.unwrap();
+    can_log_in(two.port(), "analyst", &db.name).await.unwrap();
+
+    // The admin API: a missing or wrong token is 401 and does nothing.
+    let release = proxy::admin_cli::Action::Release("app_user".to_owned());
+    for bad in [None, Some("wrong-token")] {
+        let (out, code) = proxy::admin_cli::run(&admin_addr, bad, &release).await;
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("401"), "{out}");
+    }
+    assert!(one.shared.containment.quarantine_of("app_user").is_some(), "still quarantined");
+    let (out, code) = proxy::admin_cli::run(&admin_addr, Some(token), &proxy::admin_cli::Action::Quarantines).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("app_user") && out.contains("probe_budget"), "{out}");
+    let (out, code) = proxy::admin_cli::run(&admin_addr, Some(token), &proxy::admin_cli::Action::Sessions).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("analyst") && !out.contains("app_user"), "{out}");
+
+    // Release restores access on every instance.
+    let (out, code) = proxy::admin_cli::run(&admin_addr, Some(token), &release).await;
+    assert_eq!(code, 0, "{out}");
+    let released_at = Instant::now();
+    while can_log_in(two.port(), "app_user", &db.name).await.is_err() {
+        assert!(released_at.elapsed() < Duration::from_secs(10), "instance two never let the role back in");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    can_log_in(one.port(), "app_user", &db.name).await.unwrap();
+
+    drop((analyst, billing, prober, prober_elsewhere));
+    stop.cancel();
+    one.shutdown().await;
+    two.shutdown().await;
+    let text = std::fs::read_to_string(&log1).unwrap();
+    let steps: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["user"] == "app_user")
+        .map(|v| format!("{} {}", v["event"].as_str().unwrap(), v["rule"].as_str().unwrap_or("-")))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            vec!["query_blocked predicate"; 6],
+            vec![
+                "session_terminated probe_budget",
+                "role_quarantined probe_budget",
+                "auth_failed quarantine",
+                "role_released operator@127.0.0.1",
+            ],
+        ]
+        .concat(),
+        "{text}"
+    );
+    assert_eq!(proxy::audit_cli::verify(&text), Ok(text.lines().count()), "the hash chain is intact");
+    let text = std::fs::read_to_string(&log2).unwrap();
+    let steps: Vec<&str> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["user"] == "app_user")
+        .map(|v| if v["event"] == "session_terminated" { "session_terminated" } else { "auth_failed" })
+        .collect();
+    assert_eq!(steps.first(), Some(&"session_terminated"), "{text}");
+    assert!(steps.len() >= 2, "{text}");
+    assert_eq!(proxy::audit_cli::verify(&text), Ok(text.lines().count()));
+}

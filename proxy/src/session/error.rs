@@ -51,6 +51,9 @@ pub enum SessionError {
     ServerRefusedStartup,
     #[error("the proxy is shutting down")]
     Shutdown,
+    /// Ended by containment (an operator, a quarantine); the session says why.
+    #[error("the session was terminated")]
+    Terminated,
     #[error("{}", .0.message)]
     Refused(Box<ErrorResponse>),
 }
@@ -91,7 +94,7 @@ impl SessionError {
             | Self::UpstreamTlsRefused
             | Self::UnexpectedServerMessage(_)
             | Self::ServerRefusedStartup => Side::Upstream,
-            Self::Shutdown | Self::Refused(_) => Side::Internal,
+            Self::Shutdown | Self::Terminated | Self::Refused(_) => Side::Internal,
         }
     }
 
@@ -140,6 +143,7 @@ impl SessionError {
             ),
             Self::Shutdown => ErrorResponse::fatal(ADMIN_SHUTDOWN, "pgveil: terminating connection because the proxy is shutting down"),
             Self::Refused(e) => (**e).clone(),
+            Self::Terminated => ErrorResponse::fatal(ADMIN_SHUTDOWN, "pgveil: session terminated"),
             Self::NoAlpn | Self::ClientTls(_) | Self::ClientIo(_) | Self::Truncated(Direction::FromClient) | Self::AuthFailed
             | Self::ServerRefusedStartup => return None,
         })

@@ -128,6 +128,10 @@ enum Expect {
 pub(super) struct Inspector<'a> {
     shared: &'a Arc<Shared>,
     info: &'a SessionInfo,
+    live: &'a Arc<crate::containment::Live>,
+    budget: crate::containment::ProbeBudget,
+    /// The probe budget was spent: the session ends once this message is handled.
+    over_budget: bool,
     rules: SessionRules,
     backend: (u32, Bytes),
     statements: HashMap<Bytes, Prepared>,
@@ -161,10 +165,14 @@ impl<'a> Inspector<'a> {
         info: &'a SessionInfo,
         rules: SessionRules,
         backend: (u32, Bytes),
+        live: &'a Arc<crate::containment::Live>,
     ) -> Self {
         Inspector {
             shared,
             info,
+            live,
+            budget: crate::containment::ProbeBudget::new(shared.config.limits.blocks_per_session),
+            over_budget: false,
             rules,
             backend,
             statements: HashMap::new(),
@@ -203,10 +211,13 @@ impl<'a> Inspector<'a> {
                     if !self.on_client(f).await? {
                         return self.flush_server(server).await;
                     }
-                    while let Some(f) = client.buffered_frame()? {
+                    while !self.over_budget && let Some(f) = client.buffered_frame()? {
                         if !self.on_client(f).await? {
                             return self.flush_server(server).await;
                         }
+                    }
+                    if self.over_budget {
+                        return Err(self.spent().await);
                     }
                     self.flush_server(server).await?;
                 }
@@ -227,6 +238,7 @@ impl<'a> Inspector<'a> {
                     self.flush_client(client).await?;
                 }
                 () = self.shared.hard_stop.cancelled() => return Err(SessionError::Shutdown),
+                () = self.live.killed().cancelled() => return Err(SessionError::Terminated),
             }
         }
     }
@@ -255,6 +267,7 @@ impl<'a> Inspector<'a> {
                     crate::protocol::FrameError::BadLength { tag: b'Q', len: 0 },
                 ))?;
                 self.shared.metrics.statement(crate::metrics::StatementKind::Simple);
+                self.live.statements.fetch_add(1, Relaxed);
                 self.statements.remove(&Bytes::new());
                 self.portal_names.remove(&Bytes::new());
                 let decided = self.rules.analyze(self.shared, text).await;
@@ -279,6 +292,7 @@ impl<'a> Inspector<'a> {
                 let (name, sql) = messages::parse_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'P'))?;
                 let name = Bytes::copy_from_slice(name);
                 self.shared.metrics.statement(crate::metrics::StatementKind::Parse);
+                self.live.statements.fetch_add(1, Relaxed);
                 let decided = self.rules.analyze(self.shared, sql).await;
                 let analysis = &decided.analysis;
                 match self.verdict(analysis, sql, false).await {
@@ -472,7 +486,31 @@ impl<'a> Inspector<'a> {
         }
         self.shared.metrics.blocked(&b.rule, b.check.unwrap_or(&b.rule));
         self.audit_block(EventKind::QueryBlocked, b, text, None, usage).await;
+        self.live.blocks.fetch_add(1, Relaxed);
+        if self.budget.hit(std::time::Instant::now()) {
+            self.over_budget = true;
+        }
         Box::new(block_error(b))
+    }
+
+    /// The probe budget is spent: the session is ended (and its role quarantined, with
+    /// `limits.quarantine`), each step audited in order.
+    async fn spent(&mut self) -> SessionError {
+        let why = self.budget.describe();
+        self.shared.metrics.sessions_terminated_budget.fetch_add(1, Relaxed);
+        self.live.terminate(format!("pgveil: session terminated: {why}"));
+        self.shared
+            .audit
+            .send(Event::session(EventKind::SessionTerminated, self.info).rule("probe_budget").reason(&why))
+            .await;
+        tracing::warn!(user = %self.info.user, "{why}: session terminated");
+        if let Some(how_long) = self.shared.config.limits.quarantine {
+            let c = &self.shared.containment;
+            if let Err(e) = c.quarantine(self.shared, &self.info.user, how_long, &why, "probe_budget").await {
+                tracing::error!(user = %self.info.user, error = %e, "quarantine");
+            }
+        }
+        SessionError::Terminated
     }
 
     async fn audit_block(

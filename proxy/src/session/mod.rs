@@ -77,7 +77,8 @@ pub async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         tracing::info_span!("session", id = %info.id, client = %info.client, user = %info.user, db = %info.database);
     let _enter = span.enter();
     let mut client = Conn::new(client, Direction::FromClient, leftover);
-    if let Err(e) = serve_session(&shared, &info, &mut client, &startup).await {
+    let registered = shared.containment.register(&info);
+    if let Err(e) = serve_session(&shared, &info, &mut client, &startup, &registered.live).await {
         report(&shared, &info, &e);
         if let Some(resp) = e.to_client() {
             let _ = client.write_all(&resp.to_bytes()).await;
@@ -92,6 +93,7 @@ async fn serve_session(
     info: &SessionInfo,
     client: &mut Conn<ClientStream>,
     startup: &Startup,
+    live: &Arc<crate::containment::Live>,
 ) -> Result<(), SessionError> {
     if shared.stop_accepting.is_cancelled() {
         return Err(SessionError::Shutdown);
@@ -168,6 +170,23 @@ async fn serve_session(
     // The server may still refuse the login (an unknown database is reported after the
     // authentication): its answer is relayed first, then memberships are read.
     let (backend, ready) = after_auth(shared, client, &mut server, may_inspect).await?;
+    // A quarantined role is refused once PostgreSQL accepted it (so the refusal tells an
+    // unauthenticated client nothing), on every instance sharing the state table.
+    if let Some(q) = shared.containment.quarantine_of(startup.user()) {
+        shared.metrics.quarantine_refusals_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared.audit.log(
+            Event::session(EventKind::AuthFailed, info)
+                .rule("quarantine")
+                .reason(&format!("role quarantined until {} ({})", q.until, q.reason)),
+        );
+        return Err(SessionError::Refused(Box::new(
+            messages::ErrorResponse::fatal(
+                messages::sqlstate::INVALID_AUTHORIZATION,
+                format!("pgveil: role \"{}\" is quarantined until {}: {}", q.role, q.until, q.reason),
+            )
+            .with_hint("a security operator can release it with `pgveil admin release`"),
+        )));
+    }
     // With `audit.raw_access`, exempt sessions are inspected too, parse-only, to log their
     // reads of protected columns.
     let observe = shared.config.audit.raw_access && shared.policy.load_full().is_some_and(|p| !p.columns().is_empty());
@@ -182,9 +201,19 @@ async fn serve_session(
     client.write_all(ready.as_bytes()).await?;
     client.flush().await?;
     tracing::debug!(inspected = rules.is_some(), "session ready");
-    match rules {
-        None => crate::forward::pump(shared, client, &mut server).await,
-        Some(rules) => inspect::Inspector::new(shared, info, rules, backend).run(client, &mut server).await,
+    let ended = match rules {
+        None => crate::forward::pump(shared, client, &mut server, live.killed()).await,
+        Some(rules) => {
+            live.inspected.store(true, std::sync::atomic::Ordering::Relaxed);
+            inspect::Inspector::new(shared, info, rules, backend, live).run(client, &mut server).await
+        }
+    };
+    match ended {
+        Err(SessionError::Terminated) => Err(SessionError::Refused(Box::new(messages::ErrorResponse::fatal(
+            messages::sqlstate::ADMIN_SHUTDOWN,
+            live.why(),
+        )))),
+        other => other,
     }
 }
 

@@ -9,11 +9,18 @@ use crate::types::PgType;
 
 /// Schema `pgveil init` installs, and the version of what it installs.
 pub const SCHEMA: &str = "pgveil";
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// SQL that creates or upgrades the `pgveil` schema (idempotent). The key rows are filled by
 /// [`key_sql`].
 pub fn init_sql() -> String {
+    init_sql_for("pgveil")
+}
+
+/// As [`init_sql`], granting the proxy's catalog role (when it exists) what the shared
+/// containment state needs: reading and writing `pgveil.quarantine`.
+pub fn init_sql_for(catalog_role: &str) -> String {
+    let role = literal(catalog_role);
     format!(
         "CREATE SCHEMA IF NOT EXISTS pgveil;
 REVOKE ALL ON SCHEMA pgveil FROM PUBLIC;
@@ -56,6 +63,21 @@ DO $pgveil$ BEGIN
   IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
      AND NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgveil_ddl') THEN
     CREATE EVENT TRIGGER pgveil_ddl ON ddl_command_end EXECUTE FUNCTION pgveil.notify_ddl();
+  END IF;
+END $pgveil$;
+-- Containment shared by every instance (roles quarantined by the probe budget or an
+-- operator); instances LISTEN on pgveil_quarantine and reload it when notified.
+CREATE TABLE IF NOT EXISTS pgveil.quarantine (
+  role text PRIMARY KEY,
+  until timestamptz NOT NULL,
+  reason text NOT NULL,
+  by text NOT NULL,
+  at timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON pgveil.quarantine FROM PUBLIC;
+DO $pgveil$ BEGIN
+  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {role}) THEN
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON pgveil.quarantine TO %I', {role});
   END IF;
 END $pgveil$;
 "
