@@ -214,3 +214,57 @@ pub fn with_rotations(path: &Path) -> Vec<PathBuf> {
     }
     found
 }
+
+/// A deterministic audit log of `lines` lines as pgveil writes them (several roles, raw and
+/// masked reads of several columns, blocks, reloads, one bulk read), for the snapshot tests
+/// and the benchmark of the review.
+#[doc(hidden)]
+pub fn sample_log(lines: usize) -> String {
+    let roles = ["billing_admin", "support", "app_user", "analyst", "dba"];
+    let columns = ["public.customers.ssn", "public.customers.email", "public.customers.card_number", "crm.leads.phone"];
+    let mut out = String::with_capacity(lines.saturating_mul(330));
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..lines {
+        // xorshift: the same log on every run.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let secs = i / 4;
+        let ts = format!(
+            "2026-11-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            1 + (secs / 86_400) % 28,
+            (secs / 3600) % 24,
+            (secs / 60) % 60,
+            secs % 60,
+            (i % 4) * 250
+        );
+        let pick = |n: usize, shift: u32| usize::try_from((x >> shift) % n as u64).unwrap_or(0);
+        let role = roles.get(pick(roles.len(), 3)).copied().unwrap_or("dba");
+        let col = columns.get(pick(columns.len(), 11)).copied().unwrap_or("public.customers.ssn");
+        let other = columns.get(pick(columns.len(), 19)).copied().unwrap_or("public.customers.email");
+        // Half way through, one bulk read: the review must make it stand out.
+        let kind = if i == lines / 2 { 4 } else { pick(10, 29) };
+        let rows = if i == lines / 2 { 250_000 } else { (x >> 37) % 40 };
+        let fp = format!("{:016x}", (x >> 5) % 50);
+        let line = match kind {
+            0 => format!(
+                r#"{{"ts":"{ts}","event":"query_blocked","session":"s{i}","user":"{role}","database":"shop","rule":"predicate","reason":"column is masked","statement":"SELECT id FROM customers WHERE ssn = $1","fingerprint":"{fp}","tables":["public.customers"],"columns":["{col}"],"usage":{{"{col}":["masked"]}},"prev":"0"}}"#
+            ),
+            1 => format!(
+                r#"{{"ts":"{ts}","event":"rules_reloaded","tables":[],"columns":[],"reason":"rules.yaml loaded","prev":"0"}}"#
+            ),
+            2 if col != other => format!(
+                r#"{{"ts":"{ts}","event":"raw_access","session":"s{i}","user":"{role}","database":"shop","reason":"returned raw values","statement":"SELECT a, b FROM t WHERE id = $1","fingerprint":"{fp}","tables":["public.customers"],"columns":["{col}","{other}"],"usage":{{"{col}":["raw"],"{other}":["masked"]}},"rows":{rows},"prev":"0"}}"#
+            ),
+            3 => format!(
+                r#"{{"ts":"{ts}","event":"raw_access","session":"s{i}","user":"{role}","database":"shop","reason":"compared raw","statement":"SELECT id FROM t WHERE email = $1","fingerprint":"{fp}","tables":["public.customers"],"columns":["{col}"],"usage":{{"{col}":["masked","predicate_raw"]}},"rows":{rows},"prev":"0"}}"#
+            ),
+            _ => format!(
+                r#"{{"ts":"{ts}","event":"raw_access","session":"s{i}","user":"{role}","database":"shop","reason":"returned raw values","statement":"SELECT ssn FROM customers WHERE id = $1","fingerprint":"{fp}","tables":["public.customers"],"columns":["{col}"],"usage":{{"{col}":["raw"]}},"rows":{rows},"prev":"0"}}"#
+            ),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}

@@ -266,3 +266,39 @@ async fn incident_drill_budget_quarantine_on_every_instance_and_release() {
     assert!(steps.len() >= 2, "{text}");
     assert_eq!(proxy::audit_cli::verify(&text), Ok(text.lines().count()));
 }
+
+#[test]
+fn the_access_review_of_a_generated_log_with_rotations() {
+    use std::io::Write as _;
+    let log = proxy::access_review::sample_log(100_000);
+    assert_eq!(log.lines().count(), 100_000);
+    // The same log split into a gzipped rotation, a plain rotation and the live file.
+    let dir = tempdir();
+    let lines: Vec<&str> = log.lines().collect();
+    let (old, rest) = lines.split_at(40_000);
+    let (mid, live) = rest.split_at(30_000);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all((old.join("\n") + "\n").as_bytes()).unwrap();
+    std::fs::write(dir.join("audit.jsonl.2.gz"), gz.finish().unwrap()).unwrap();
+    std::fs::write(dir.join("audit.jsonl.1"), mid.join("\n") + "\n").unwrap();
+    std::fs::write(dir.join("audit.jsonl"), live.join("\n") + "\n").unwrap();
+    let files = proxy::access_review::with_rotations(&dir.join("audit.jsonl"));
+    assert_eq!(files.len(), 3, "{files:?}");
+    let mut split = proxy::access_review::Review::default();
+    for f in &files {
+        split.add_text(&proxy::access_review::read_log(f).unwrap(), &proxy::access_review::Filter::default());
+    }
+    let mut whole = proxy::access_review::Review::default();
+    whole.add_text(&log, &proxy::access_review::Filter::default());
+    assert_eq!(split.table(), whole.table(), "rotations read as one log");
+    insta::assert_snapshot!("access_review_table", whole.table());
+
+    let filter = proxy::access_review::Filter {
+        since: Some("2026-11-01T03:00:00.000Z".to_owned()),
+        role: Some("billing_admin".to_owned()),
+        column: Some("ssn".to_owned()),
+    };
+    let mut one = proxy::access_review::Review::default();
+    one.add_text(&log, &filter);
+    insta::assert_snapshot!("access_review_json_filtered", one.json());
+}

@@ -36,6 +36,9 @@ pub fn config(cluster: &Cluster, certs: &CertFiles) -> Config {
     c.tls.cert = Some(certs.cert.clone());
     c.tls.key = Some(certs.key.clone());
     c.tls.clients = ClientTlsMode::Allow;
+    // The corpora probe on purpose, thousands of blocks per session: the probe budget (on by
+    // default) is off here and tested on its own (access::incident_drill_…).
+    c.limits.blocks_per_session = None;
     c
 }
 
