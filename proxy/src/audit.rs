@@ -179,6 +179,12 @@ const QUEUE: usize = 4096;
 /// How many connection-level events may wait for room beyond the queue before they are
 /// dropped and counted (only while the writer is failing or far behind).
 const MAX_WAITING: usize = 4096;
+/// A batch smaller than this makes the writer pause for [`GATHER`] before the next.
+const BATCH_LINES: u64 = 64;
+/// How long the writer lets lines gather after a small batch.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
+/// The most bytes of already-queued lines written with one write.
+const BATCH_BYTES: usize = 256 * 1024;
 /// How long a closing writer keeps retrying a line it cannot write.
 const CLOSE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -227,31 +233,52 @@ impl Audit {
                 // Set once a closing writer gave up on the file: the lines still queued go
                 // straight to the process log instead of each waiting out CLOSE_RETRY.
                 let mut gave_up = false;
-                while let Some(msg) = rx.blocking_recv() {
+                // A Reopen or Close that arrived while a batch was being gathered.
+                let mut held: Option<Msg> = None;
+                while let Some(msg) = held.take().or_else(|| rx.blocking_recv()) {
                     match msg {
                         Msg::Close => break,
                         Msg::Reopen => match Target::open(&path) {
                             Ok(t) => target = t,
                             Err(e) => tracing::error!(error = %e, "audit log reopen failed; keeping the old file"),
                         },
-                        Msg::Line(mut event) => {
+                        Msg::Line(event) => {
                             let started = Instant::now();
-                            if chain {
-                                event.prev = Some(prev.take().unwrap_or_else(|| "0".repeat(64)));
+                            // The lines already queued are written together, each whole and in
+                            // order: one write and flush per batch, and nothing waits in a buffer
+                            // for a later line (a batch is only what has already arrived).
+                            let mut batch = String::new();
+                            let mut count = 0u64;
+                            let mut next = Some(event);
+                            while let Some(mut event) = next.take() {
+                                if chain {
+                                    event.prev = Some(prev.take().unwrap_or_else(|| "0".repeat(64)));
+                                }
+                                if let Ok(line) = serde_json::to_string(&event) {
+                                    if chain {
+                                        prev = Some(hex::encode(Sha256::digest(line.as_bytes())));
+                                    }
+                                    batch.push_str(&line);
+                                    batch.push('\n');
+                                    count = count.saturating_add(1);
+                                }
+                                if batch.len() < BATCH_BYTES {
+                                    match rx.try_recv() {
+                                        Ok(Msg::Line(e)) => next = Some(e),
+                                        Ok(other) => held = Some(other),
+                                        Err(_) => {}
+                                    }
+                                }
                             }
-                            let Ok(mut line) = serde_json::to_string(&event) else { continue };
-                            if chain {
-                                prev = Some(hex::encode(Sha256::digest(line.as_bytes())));
+                            if batch.is_empty() {
+                                continue;
                             }
-                            line.push('\n');
-                            // One write per line, and flush before taking the next: lines are
-                            // never split or interleaved, and nothing waits in a buffer.
                             // A failed write is retried (reopening the file, which may have been
-                            // replaced) until it succeeds: the line is never skipped.
+                            // replaced) until it succeeds: no line is ever skipped.
                             let mut backoff = std::time::Duration::from_millis(100);
                             let mut failed_since: Option<Instant> = None;
                             let written = loop {
-                                match target.write_line(line.as_bytes()) {
+                                match target.write_line(batch.as_bytes()) {
                                     Ok(()) => {
                                         if failed_since.is_some() && shared.failing.swap(false, Relaxed) {
                                             metrics.audit_failing.store(0, Relaxed);
@@ -268,9 +295,11 @@ impl Audit {
                                         let since = *failed_since.get_or_insert_with(Instant::now);
                                         if shared.closing.load(Relaxed) && (gave_up || since.elapsed() > CLOSE_RETRY) {
                                             gave_up = true;
-                                            // Shutting down and still unwritable: the line goes to
+                                            // Shutting down and still unwritable: the lines go to
                                             // the process log rather than nowhere.
-                                            tracing::error!(line = %line.trim_end(), "audit line not written to the log");
+                                            for line in batch.lines() {
+                                                tracing::error!(line = %line, "audit line not written to the log");
+                                            }
                                             break false;
                                         }
                                         std::thread::sleep(backoff);
@@ -284,9 +313,16 @@ impl Audit {
                             if !written {
                                 continue;
                             }
-                            metrics.audit_lines_total.fetch_add(1, Relaxed);
+                            metrics.audit_lines_total.fetch_add(count, Relaxed);
                             let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
                             metrics.audit_write_nanos_sum.fetch_add(nanos, Relaxed);
+                            if count < BATCH_LINES && held.is_none() && !shared.closing.load(Relaxed) {
+                                // A steady stream of events (raw_access under load) would wake
+                                // this thread once per line; pausing briefly lets the next lines
+                                // gather, so senders mostly queue without a wake-up. A line
+                                // waits at most this long before its write.
+                                std::thread::sleep(GATHER);
+                            }
                         }
                     }
                 }
