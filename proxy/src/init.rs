@@ -2,7 +2,9 @@
 //! schema in one database: the SECURITY DEFINER HMAC the `hash` mask is computed with (over
 //! a key table only its owner can read, filled from `PGVEIL_HASH_KEY`, one row per key so
 //! keys can rotate) and the schema version `run` checks. The key itself is never sent: the
-//! table holds HMAC's padded keys, written by this command, never shown by `--print`.
+//! table holds HMAC's padded keys, written by this command, never shown by `--print`. Also
+//! the containment state every instance shares (`pgveil.quarantine`, granted to the catalog
+//! role).
 
 use std::fmt::Write as _;
 
@@ -11,10 +13,11 @@ use rules::sql::mask_sql;
 use crate::cli::{EXIT_FINDING, EXIT_OK, EXIT_USAGE};
 
 /// `key`: from `PGVEIL_HASH_KEY` (`main` reads it).
-pub async fn init(url: &str, print: bool, key: Option<rules::HashKey>) -> (String, u8) {
+/// `catalog_role`: the proxy's catalog login, granted the shared containment table.
+pub async fn init(url: &str, print: bool, key: Option<rules::HashKey>, catalog_role: &str) -> (String, u8) {
     let mut out = String::new();
     if print {
-        out.push_str(&mask_sql::init_sql());
+        out.push_str(&mask_sql::init_sql_for(catalog_role));
         match &key {
             Some(k) => {
                 let _ = writeln!(
@@ -33,7 +36,7 @@ pub async fn init(url: &str, print: bool, key: Option<rules::HashKey>) -> (Strin
             return (format!("pgveil init: cannot connect to {}: {e}\n", crate::cli::redact_url(url)), EXIT_USAGE);
         }
     };
-    if let Err(e) = client.batch_execute(&format!("BEGIN;\n{}\nCOMMIT;", mask_sql::init_sql())).await {
+    if let Err(e) = client.batch_execute(&format!("BEGIN;\n{}\nCOMMIT;", mask_sql::init_sql_for(catalog_role))).await {
         return (format!("pgveil init: {e}\n"), EXIT_FINDING);
     }
     let _ = writeln!(

@@ -79,6 +79,9 @@ enum Command {
         /// Print the SQL instead of running it.
         #[arg(long)]
         print: bool,
+        /// The proxy's catalog login (catalog.user), granted the shared quarantine table.
+        #[arg(long, default_value = "pgveil")]
+        catalog_role: String,
     },
     /// Operator actions on a running instance (admin listener, bearer token).
     Admin {
@@ -300,12 +303,12 @@ fn main() -> ExitCode {
             print!("{report}");
             ExitCode::from(code)
         }
-        Command::Init { against, print } => {
+        Command::Init { against, print, catalog_role } => {
             let key = std::env::var("PGVEIL_HASH_KEY")
                 .ok()
                 .filter(|k| !k.is_empty())
                 .map(|k| rules::HashKey::new(k.as_bytes()));
-            let (report, code) = runtime.block_on(proxy::init::init(&against, print, key));
+            let (report, code) = runtime.block_on(proxy::init::init(&against, print, key, &catalog_role));
             print!("{report}");
             ExitCode::from(code)
         }

@@ -88,7 +88,7 @@ async fn init_installs_the_hash_function_and_key_idempotently() {
     let db = cluster.fresh_db();
     let url = format!("postgres://dba:dba_pw@127.0.0.1:{}/{}", cluster.port, db.name);
     let key = rules::HashKey::new(b"a fresh key for init");
-    let (printed, code) = proxy::init::init(&url, true, Some(key.clone())).await;
+    let (printed, code) = proxy::init::init(&url, true, Some(key.clone()), "pgveil").await;
     assert_eq!(code, 0, "{printed}");
     assert!(
         printed.contains("CREATE SCHEMA IF NOT EXISTS pgveil") && printed.contains(&key.fingerprint()),
@@ -99,10 +99,19 @@ async fn init_installs_the_hash_function_and_key_idempotently() {
     let owner =
         format!("postgres://postgres@127.0.0.1:{}/{}?host={}", cluster.port, db.name, cluster.socket_dir.display());
     for _ in 0..2 {
-        let (text, code) = proxy::init::init(&owner, false, Some(key.clone())).await;
+        let (text, code) = proxy::init::init(&owner, false, Some(key.clone()), "pgveil").await;
         assert_eq!(code, 0, "{text}");
         assert!(text.contains(&key.fingerprint()), "{text}");
     }
+    // The shared containment table: the catalog role may change it, nobody else may read it.
+    let grants = cluster
+        .psql_admin(
+            &db.name,
+            "SELECT has_table_privilege('pgveil', 'pgveil.quarantine', 'INSERT, DELETE'), \
+                    has_table_privilege('app_user', 'pgveil.quarantine', 'SELECT')",
+        )
+        .unwrap();
+    assert_eq!(grants.trim(), "t|f", "{grants}");
     let out = cluster
         .psql_admin(
             &db.name,
