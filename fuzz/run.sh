@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz is missing: cargo install cargo-fuzz --locked" >&2; exit 2; }
 secs=${1:-60}; shift || true
-targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(frame startup datarow mask rules analysis)
+targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(frame startup datarow mask rules analysis relay)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/../target/fuzz}
 # FUZZ_FLAGS="-O -a" adds debug assertions (integer overflow panics) at the cost of a rebuild.
 FLAGS=(${FUZZ_FLAGS:--O})

@@ -116,6 +116,13 @@ pub const MEMBERSHIP_SQL: &str =
     "SELECT rolname::text FROM pg_catalog.pg_roles WHERE pg_catalog.pg_has_role($1::text, oid, 'MEMBER')";
 
 impl DbCatalog {
+    /// Installs a snapshot without a server (unit tests and fuzz targets of the relay).
+    #[doc(hidden)]
+    pub fn install(&self, catalog: Catalog) {
+        self.snapshot.store(Arc::new(catalog));
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> Arc<Catalog> {
         self.snapshot.load_full()
     }

@@ -391,6 +391,13 @@ impl SessionRules {
         analysis.into()
     }
 
+    /// The decision for a text against a given catalog, without the cache or a server (unit
+    /// tests and fuzz targets of the relay).
+    #[doc(hidden)]
+    pub fn decide_offline(&self, catalog: &Catalog, text: &str) -> Decided {
+        Arc::new(self.run(catalog, text)).into()
+    }
+
     fn run(&self, catalog: &Catalog, text: &str) -> Analysis {
         Analyzer::new(&self.view, catalog, &self.user)
             .with_usage(&self.all)

@@ -9,6 +9,7 @@ mod error;
 mod handshake;
 mod inspect;
 mod login;
+pub(crate) mod relay;
 pub mod rows;
 pub mod scram;
 pub mod upstream;
@@ -282,7 +283,7 @@ async fn session_rules(
 /// sessions (threat model I9): appended to the startup options, which win over role defaults.
 fn pin_settings(params: &mut Vec<(String, String)>) -> Result<(), SessionError> {
     if let Some((_, enc)) = params.iter().find(|(k, _)| k == "client_encoding")
-        && inspect::is_unsafe_encoding(enc.as_bytes())
+        && relay::is_unsafe_encoding(enc.as_bytes())
     {
         return Err(SessionError::Refused(Box::new(messages::ErrorResponse::fatal(
             messages::sqlstate::FEATURE_NOT_SUPPORTED,
@@ -294,7 +295,7 @@ fn pin_settings(params: &mut Vec<(String, String)>) -> Result<(), SessionError> 
         let lower = opts.to_ascii_lowercase();
         for part in lower.split(|c: char| c.is_whitespace()) {
             if let Some(v) = part.strip_prefix("client_encoding=").or_else(|| part.strip_prefix("--client_encoding="))
-                && inspect::is_unsafe_encoding(v.as_bytes())
+                && relay::is_unsafe_encoding(v.as_bytes())
             {
                 return Err(SessionError::Refused(Box::new(messages::ErrorResponse::fatal(
                     messages::sqlstate::FEATURE_NOT_SUPPORTED,
@@ -386,7 +387,7 @@ async fn after_auth(
                 // (client_encoding): a session that may be masked does not start with it (I9).
                 if may_inspect
                     && let Some((name, value)) = messages::parameter_status(&frame)
-                    && ((name == b"client_encoding" && inspect::is_unsafe_encoding(value))
+                    && ((name == b"client_encoding" && relay::is_unsafe_encoding(value))
                         || (name == b"standard_conforming_strings" && value != b"on"))
                 {
                     return Err(SessionError::Refused(Box::new(messages::ErrorResponse::fatal(

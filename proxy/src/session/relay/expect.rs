@@ -1,0 +1,108 @@
+//! What the relay expects from the server: one entry per message it sent, in order, so each
+//! server message is known to answer a particular client message. After an error in the
+//! extended protocol the server skips to Sync; so does the queue.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use super::state::{QueryState, Source};
+use crate::protocol::messages::ErrorResponse;
+use crate::session::SessionError;
+
+#[derive(Debug)]
+pub(super) enum Expect {
+    Parse {
+        blocked: Option<Box<ErrorResponse>>,
+        source: Option<Source>,
+    },
+    Bind,
+    DescribeStatement(Bytes),
+    DescribePortal {
+        portal: u64,
+        swallow: bool,
+    },
+    /// By portal id: a later Bind of the same name (pipelines) must not change which
+    /// portal these rows belong to.
+    Execute(u64),
+    /// Close of a statement (`S`) or portal (`P`): forgotten when the server confirms, since
+    /// results of earlier messages in the same pipeline may still need it.
+    Close(u8, Bytes, u64),
+    Sync,
+    Query(QueryState),
+    FunctionCall,
+}
+
+/// The expected responses, oldest first.
+#[derive(Debug, Default)]
+pub(super) struct Queue {
+    items: VecDeque<Expect>,
+}
+
+impl Queue {
+    pub fn push_back(&mut self, e: Expect) {
+        self.items.push_back(e);
+    }
+
+    pub fn front(&self) -> Option<&Expect> {
+        self.items.front()
+    }
+
+    pub fn front_mut(&mut self) -> Option<&mut Expect> {
+        self.items.front_mut()
+    }
+
+    pub fn pop_front(&mut self) -> Option<Expect> {
+        self.items.pop_front()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Expect> {
+        self.items.iter()
+    }
+
+    /// The oldest entry, which `ok` says this server message answers. Anything else means the
+    /// server answered something we did not ask for: we no longer know what its messages
+    /// mean, so the session ends (fail closed, I8).
+    pub fn pop(&mut self, ok: impl Fn(&Expect) -> bool) -> Result<Expect, SessionError> {
+        match self.items.pop_front() {
+            Some(e) if ok(&e) => Ok(e),
+            _ => Err(SessionError::UnexpectedServerMessage(b'?')),
+        }
+    }
+
+    /// After an ErrorResponse in the extended protocol: the server ignores every message up
+    /// to the next Sync, so their answers will never come.
+    pub fn skip_to_sync(&mut self) {
+        while self.items.front().is_some_and(|e| !matches!(e, Expect::Sync)) {
+            self.items.pop_front();
+        }
+    }
+
+    /// Whether a Close of this statement is still on its way (a Parse of the same name then
+    /// defines it anew).
+    pub fn closing_statement(&self, name: &[u8]) -> bool {
+        self.items.iter().any(|e| matches!(e, Expect::Close(b'S', n, _) if n == name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_to_sync_keeps_the_sync_and_what_follows() {
+        let mut q = Queue::default();
+        for e in [Expect::Bind, Expect::Execute(1), Expect::Sync, Expect::Bind] {
+            q.push_back(e);
+        }
+        q.skip_to_sync();
+        assert!(matches!(q.pop_front(), Some(Expect::Sync)));
+        assert!(matches!(q.pop_front(), Some(Expect::Bind)));
+        assert!(q.is_empty());
+        assert!(q.pop(|_| true).is_err(), "an answer nothing was sent for ends the session");
+    }
+}

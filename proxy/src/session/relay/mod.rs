@@ -1,0 +1,587 @@
+//! The inspecting relay as a sans-IO state machine: client and server frames go in, bytes for
+//! each side, audit events and requests (cancel the backend, end the session) come out. The
+//! async driver (`session/inspect.rs`) does the I/O, the statement analysis and the audit
+//! sends around it; the unit tests (`tests.rs`) drive it with scripted frames and no sockets.
+//!
+//! Every statement is analysed before it reaches the server, every result is masked on its way
+//! back, and blocked statements are answered with SQLSTATE 42501 while the server is made to
+//! fail at the same point (threat model I10), so client and server agree on what ran and one
+//! ReadyForQuery follows each Sync. The expected-response queue (`expect.rs`) mirrors the
+//! server's skip-to-Sync; `state.rs` holds statements, portals and Query progress; `results.rs`
+//! results (row plans, limits, raw-access counts); `scrub.rs` errors, notices and settings.
+
+mod expect;
+mod results;
+mod scrub;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rules::sql::{Analysis, Block, ColumnUse, Effect, StatementPlan};
+
+use self::expect::{Expect, Queue};
+use self::state::{Portal, Prepared, QueryState, Source, slice_of};
+use super::analysis::{Decided, SessionRules};
+use super::{SessionError, SessionInfo};
+use crate::Shared;
+use crate::audit::{Event, EventKind};
+use crate::protocol::Frame;
+use crate::protocol::messages::{self, ErrorResponse, sqlstate};
+
+/// Text the server is sent in place of a blocked statement: a syntax error, so the server
+/// fails at the same point and skips to Sync (or ends the Query) exactly as it would have.
+const BLOCKED_SQL: &[u8] = b"PGVEIL BLOCKED STATEMENT";
+
+/// An audit event the relay produced, and whether the driver must wait for room to log it
+/// (statement events: back-pressure, never loss) or may queue it (result events).
+#[derive(Debug)]
+pub(crate) struct Audited {
+    pub event: Event,
+    pub wait: bool,
+}
+
+pub(crate) struct Relay {
+    shared: Arc<Shared>,
+    info: SessionInfo,
+    live: Arc<crate::containment::Live>,
+    budget: crate::containment::ProbeBudget,
+    /// The probe budget was spent: the driver ends the session.
+    over_budget: bool,
+    rules: SessionRules,
+    statements: HashMap<Bytes, Prepared>,
+    /// Portals by id; `portal_names` says which id a name currently denotes.
+    portals: HashMap<u64, Portal>,
+    portal_names: HashMap<Bytes, u64>,
+    sql_prepared: HashMap<String, Arc<StatementPlan>>,
+    expect: Queue,
+    to_client: BytesMut,
+    to_server: BytesMut,
+    /// Audit events for the driver to send, in order.
+    events: Vec<Audited>,
+    /// After the proxy itself failed a statement mid-flight (a row limit), the server's
+    /// further output up to ReadyForQuery is not for the client.
+    suppress: bool,
+    /// A row limit cut a result: the driver cancels the backend's work, and holds the next
+    /// ReadyForQuery until that cancel was delivered.
+    want_cancel: bool,
+    ready_seen: bool,
+    next_id: u64,
+    /// A backstop event was written for the current statement batch.
+    backstop_reported: bool,
+    /// The last ReadyForQuery said the session is outside a transaction block.
+    idle: bool,
+    /// A search_path change to apply when the Query being sent completes.
+    deferred_path: Option<Option<Vec<String>>>,
+}
+
+/// A relay for one session of `roles` under `rules_yaml`, with the example catalog installed
+/// and no server or sockets (unit tests and the `relay` fuzz target).
+#[doc(hidden)]
+pub(crate) fn offline(
+    rules_yaml: &str,
+    roles: &[&str],
+    adjust: impl FnOnce(&mut crate::config::Config),
+) -> Option<(Relay, Arc<rules::catalog::Catalog>)> {
+    let mut config = crate::config::Config::default();
+    config.limits.blocks_per_session = None;
+    adjust(&mut config);
+    let opts = rules::CompileOptions { hash_key: Some(b"k".to_vec()) };
+    let policy = rules::compile(rules_yaml, &opts).ok()?;
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let shared =
+        Arc::new(Shared::with_rules(config, crate::audit::Audit::disabled(), metrics, Some(policy), opts).ok()?);
+    let policy = shared.policy.load_full()?;
+    let catalog = Arc::new(rules::catalog::example());
+    shared.catalogs.for_db("shop").install((*catalog).clone());
+    let user = roles.first().copied().unwrap_or("app_user");
+    let info = SessionInfo {
+        id: "s1".to_owned(),
+        user: user.to_owned(),
+        database: "shop".to_owned(),
+        ..SessionInfo::default()
+    };
+    let rules = SessionRules::new(&shared, policy, rules::Identity::new(roles.iter().copied()), user, "shop");
+    let live = Arc::clone(&shared.containment.register(&info).live);
+    Some((Relay::new(Arc::clone(&shared), info, rules, live), catalog))
+}
+
+impl Relay {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        info: SessionInfo,
+        rules: SessionRules,
+        live: Arc<crate::containment::Live>,
+    ) -> Self {
+        let budget = crate::containment::ProbeBudget::new(shared.config.limits.blocks_per_session);
+        Relay {
+            shared,
+            info,
+            live,
+            budget,
+            over_budget: false,
+            rules,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            portal_names: HashMap::new(),
+            sql_prepared: HashMap::new(),
+            expect: Queue::default(),
+            to_client: BytesMut::with_capacity(64 * 1024),
+            to_server: BytesMut::with_capacity(16 * 1024),
+            events: Vec::new(),
+            suppress: false,
+            want_cancel: false,
+            ready_seen: false,
+            next_id: 0,
+            backstop_reported: false,
+            idle: true,
+            deferred_path: None,
+        }
+    }
+
+    /// The session's rules, for the driver's statement analysis.
+    pub(crate) fn rules_mut(&mut self) -> &mut SessionRules {
+        &mut self.rules
+    }
+
+    /// Bytes to send to the server / to the client.
+    pub(crate) fn for_server(&mut self) -> &mut BytesMut {
+        &mut self.to_server
+    }
+
+    pub(crate) fn for_client(&mut self) -> &mut BytesMut {
+        &mut self.to_client
+    }
+
+    /// Audit events produced since the last call, in order.
+    pub(crate) fn take_events(&mut self) -> Vec<Audited> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Whether a row limit asks for the backend's work to be cancelled (once per cut).
+    pub(crate) fn take_cancel(&mut self) -> bool {
+        std::mem::take(&mut self.want_cancel)
+    }
+
+    /// Whether a ReadyForQuery went into the client's buffer since the last call.
+    pub(crate) fn take_ready(&mut self) -> bool {
+        std::mem::take(&mut self.ready_seen)
+    }
+
+    /// Whether the probe budget is spent (the driver ends the session).
+    pub(crate) fn over_budget(&self) -> bool {
+        self.over_budget
+    }
+
+    /// What the client is told when the budget ends the session, and the audit reason.
+    pub(crate) fn budget_reason(&self) -> String {
+        self.budget.describe()
+    }
+
+    pub(crate) fn info(&self) -> &SessionInfo {
+        &self.info
+    }
+
+    /// The tag of a server message that answers what the relay expects next (the `relay`
+    /// fuzz target's honest server), `None` with nothing in flight.
+    #[doc(hidden)]
+    pub(crate) fn plausible_answer(&self) -> Option<u8> {
+        Some(match self.expect.front()? {
+            Expect::Parse { .. } => b'1',
+            Expect::Bind => b'2',
+            Expect::DescribeStatement(_) | Expect::DescribePortal { .. } => b'T',
+            Expect::Execute(_) => b'C',
+            Expect::Close(..) => b'3',
+            Expect::Query(q) if q.row_plan.is_none() => b'T',
+            Expect::Sync | Expect::Query(_) | Expect::FunctionCall => b'Z',
+        })
+    }
+
+    fn audit(&mut self, event: Event, wait: bool) {
+        self.events.push(Audited { event, wait });
+    }
+
+    // ---- client → server -------------------------------------------------------------
+
+    /// Handles one client message; `false` when the client terminated. `decided` is the
+    /// analysis of a Query's or Parse's text (the driver computes it; `None` for other
+    /// messages, and a Query or Parse without one is refused: fail closed).
+    pub(crate) fn on_client(&mut self, f: Frame, decided: Option<Decided>) -> Result<bool, SessionError> {
+        match f.tag() {
+            b'Q' => {
+                let text = messages::query_text(&f).ok_or(SessionError::ClientProtocol(
+                    crate::protocol::FrameError::BadLength { tag: b'Q', len: 0 },
+                ))?;
+                self.shared.metrics.statement(crate::metrics::StatementKind::Simple);
+                self.live.statements.fetch_add(1, Relaxed);
+                self.statements.remove(&Bytes::new());
+                self.portal_names.remove(&Bytes::new());
+                let decided = decided.ok_or(SessionError::UnexpectedClientMessage(b'Q'))?;
+                match self.verdict(&decided.analysis, text, true) {
+                    Some(err) => self.push_blocked_query(err),
+                    None => {
+                        let mut q = QueryState::new(Arc::clone(&decided.analysis), None);
+                        q.pending_path = self.deferred_path.take();
+                        match decided.rewritten() {
+                            Some(rewritten) => {
+                                // The statement PostgreSQL runs for this session (I2).
+                                messages::tagged_parts(&mut self.to_server, b'Q', &[rewritten.as_bytes(), b"\0"]);
+                                q.source = Some(Source { original: slice_of(&f, text), decided: decided.clone() });
+                            }
+                            None => self.to_server.put_slice(f.as_bytes()),
+                        }
+                        self.expect.push_back(Expect::Query(q));
+                    }
+                }
+            }
+            b'P' => {
+                let (name, sql) = messages::parse_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'P'))?;
+                let name = Bytes::copy_from_slice(name);
+                self.shared.metrics.statement(crate::metrics::StatementKind::Parse);
+                self.live.statements.fetch_add(1, Relaxed);
+                let decided = decided.ok_or(SessionError::UnexpectedClientMessage(b'P'))?;
+                let analysis = &decided.analysis;
+                match self.verdict(analysis, sql, false) {
+                    Some(err) => {
+                        let mut body = BytesMut::new();
+                        body.put_slice(&name);
+                        body.put_u8(0);
+                        body.put_slice(BLOCKED_SQL);
+                        body.put_u8(0);
+                        body.put_u16(0);
+                        messages::tagged(&mut self.to_server, b'P', &body);
+                        self.statements.remove(&name);
+                        self.expect.push_back(Expect::Parse { blocked: Some(err), source: None });
+                    }
+                    None => {
+                        let plan = Arc::new(analysis.statements.first().cloned().unwrap_or_default());
+                        // A named statement that exists is not redefined: the server refuses the
+                        // Parse and keeps the old one, so the old plan must stay too.
+                        let closing = self.expect.closing_statement(&name);
+                        if name.is_empty() || closing || !self.statements.contains_key(&name) {
+                            self.next_id = self.next_id.wrapping_add(1);
+                            self.statements.insert(name.clone(), Prepared { id: self.next_id, plan, desc: None });
+                        }
+                        let source = match decided.rewritten() {
+                            Some(rewritten) => {
+                                // Same name and parameter types, the rewritten text (I2, I11:
+                                // the server stores the substituted statement).
+                                let rest = messages::parse_rest(&f).unwrap_or_default();
+                                messages::tagged_parts(
+                                    &mut self.to_server,
+                                    b'P',
+                                    &[&name, b"\0", rewritten.as_bytes(), b"\0", rest],
+                                );
+                                Some(Source { original: slice_of(&f, sql), decided: decided.clone() })
+                            }
+                            None => {
+                                self.to_server.put_slice(f.as_bytes());
+                                None
+                            }
+                        };
+                        self.expect.push_back(Expect::Parse { blocked: None, source });
+                    }
+                }
+            }
+            b'B' => {
+                let bind = messages::bind_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'B'))?;
+                let (plan, stmt_desc, unknown_statement) = match self.statements.get(bind.statement) {
+                    Some(p) => (Arc::clone(&p.plan), p.desc.clone(), false),
+                    None => match self.sql_prepared.get(&*String::from_utf8_lossy(bind.statement)) {
+                        Some(plan) => (Arc::clone(plan), None, false),
+                        None => (Arc::default(), None, true),
+                    },
+                };
+                self.next_id = self.next_id.wrapping_add(1);
+                let portal = Portal {
+                    plan,
+                    formats: bind.result_formats.clone(),
+                    stmt_desc,
+                    unknown_statement,
+                    ..Portal::default()
+                };
+                self.portal_names.insert(Bytes::copy_from_slice(bind.portal), self.next_id);
+                self.portals.insert(self.next_id, portal);
+                self.to_server.put_slice(f.as_bytes());
+                self.expect.push_back(Expect::Bind);
+            }
+            b'D' => {
+                let (kind, name) = messages::target(&f).ok_or(SessionError::UnexpectedClientMessage(b'D'))?;
+                let name = Bytes::copy_from_slice(name);
+                let id = self.portal_names.get(&name).copied().unwrap_or(0);
+                if kind == b'P'
+                    && let Some(p) = self.portals.get_mut(&id)
+                {
+                    p.described = true;
+                }
+                self.to_server.put_slice(f.as_bytes());
+                self.expect.push_back(match kind {
+                    b'S' => Expect::DescribeStatement(name),
+                    _ => Expect::DescribePortal { portal: id, swallow: false },
+                });
+            }
+            b'E' => {
+                let (portal, _) = messages::execute_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'E'))?;
+                let name = Bytes::copy_from_slice(portal);
+                let portal = self.portal_names.get(&name).copied().unwrap_or(0);
+                let known =
+                    self.portals.get(&portal).is_some_and(|p| p.desc.is_some() || p.stmt_desc.is_some() || p.described);
+                if !known {
+                    // Execute without a Describe: ask the server for the row description
+                    // ourselves and keep its answer from the client.
+                    let mut body = BytesMut::new();
+                    body.put_u8(b'P');
+                    body.put_slice(&name);
+                    body.put_u8(0);
+                    messages::tagged(&mut self.to_server, b'D', &body);
+                    self.expect.push_back(Expect::DescribePortal { portal, swallow: true });
+                }
+                self.to_server.put_slice(f.as_bytes());
+                self.expect.push_back(Expect::Execute(portal));
+            }
+            b'C' => {
+                let (kind, name) = messages::target(&f).ok_or(SessionError::UnexpectedClientMessage(b'C'))?;
+                let name = Bytes::copy_from_slice(name);
+                let id = if kind == b'S' {
+                    self.statements.get(&name).map_or(0, |p| p.id)
+                } else {
+                    self.portal_names.get(&name).copied().unwrap_or(0)
+                };
+                self.to_server.put_slice(f.as_bytes());
+                self.expect.push_back(Expect::Close(kind, name, id));
+            }
+            b'S' => {
+                self.to_server.put_slice(f.as_bytes());
+                self.expect.push_back(Expect::Sync);
+            }
+            b'F' => {
+                if self.rules.is_strict() {
+                    let b = Block {
+                        rule: "function_call".to_owned(),
+                        reason: "the FunctionCall protocol message is not allowed for masked sessions".to_owned(),
+                        hint: "call functions with SELECT".to_owned(),
+                        tables: Vec::new(),
+                        columns: Vec::new(),
+                        check: None,
+                        sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
+                    };
+                    let err = self.record_block(&b, None, &[]);
+                    self.push_blocked_query(err);
+                } else {
+                    self.to_server.put_slice(f.as_bytes());
+                    self.expect.push_back(Expect::FunctionCall);
+                }
+            }
+            b'X' => {
+                self.to_server.put_slice(f.as_bytes());
+                return Ok(false);
+            }
+            // Flush, CopyData, CopyDone, CopyFail: forwarded as they are.
+            _ => self.to_server.put_slice(f.as_bytes()),
+        }
+        Ok(true)
+    }
+
+    /// Sends the server a failing Query in place of a blocked one; `err` replaces its error.
+    fn push_blocked_query(&mut self, err: Box<ErrorResponse>) {
+        messages::tagged(&mut self.to_server, b'Q', &[BLOCKED_SQL, b"\0"].concat());
+        self.expect.push_back(Expect::Query(QueryState::new(Arc::default(), Some(err))));
+    }
+
+    /// Applies an analysis: `Some(error)` when the statement must not run.
+    fn verdict(&mut self, analysis: &Analysis, text: &[u8], simple: bool) -> Option<Box<ErrorResponse>> {
+        // A SET that no rollback can undo: a Query of that one statement, sent outside a
+        // transaction block with nothing else in flight.
+        let settled = simple && analysis.statements.len() == 1 && self.idle && self.expect.is_empty();
+        self.deferred_path = None;
+        let text = std::str::from_utf8(text).ok();
+        // An observed (exempt) session is never blocked: only its raw reads are audited.
+        if !self.rules.observe {
+            for f in &analysis.flagged {
+                self.audit_block(EventKind::QueryFlagged, f, text, Some("monitor"), &analysis.usage);
+            }
+            if let Some(b) = &analysis.block {
+                return Some(self.record_block(b, text, &analysis.usage));
+            }
+        }
+        for e in &analysis.effects {
+            match e {
+                Effect::Prepare(name, plan) => {
+                    // As with Parse: an existing name is not redefined by the server.
+                    self.sql_prepared.entry(name.clone()).or_insert_with(|| Arc::new((**plan).clone()));
+                }
+                Effect::Deallocate(Some(name)) => {
+                    self.sql_prepared.remove(name);
+                }
+                Effect::Deallocate(None) => self.sql_prepared.clear(),
+                // A lone SET outside a transaction is applied when the server confirms it,
+                // and nothing can undo it then; any other is applied now, and the path it
+                // leaves stays uncertain (a rollback may restore it).
+                Effect::SearchPath { path, local: false } if settled => self.deferred_path = Some(path.clone()),
+                Effect::SearchPath { path, .. } => self.rules.set_path(path.clone(), false),
+                Effect::TempRelation(name) => self.rules.add_temp(name),
+            }
+        }
+        None
+    }
+
+    fn record_block(&mut self, b: &Block, text: Option<&str>, usage: &[ColumnUse]) -> Box<ErrorResponse> {
+        if b.sqlstate != sqlstate::INSUFFICIENT_PRIVILEGE {
+            // Not a policy decision: the server's own answer (a syntax error), not audited.
+            return Box::new(block_error(b));
+        }
+        self.shared.metrics.blocked(&b.rule, b.check.unwrap_or(&b.rule));
+        self.audit_block(EventKind::QueryBlocked, b, text, None, usage);
+        self.live.blocks.fetch_add(1, Relaxed);
+        if self.budget.hit(std::time::Instant::now()) {
+            self.over_budget = true;
+        }
+        Box::new(block_error(b))
+    }
+
+    fn audit_block(
+        &mut self,
+        kind: EventKind,
+        b: &Block,
+        text: Option<&str>,
+        mode: Option<&'static str>,
+        usage: &[ColumnUse],
+    ) {
+        if b.rule == super::analysis::AUDIT_UNAVAILABLE {
+            tracing::warn!(user = %self.info.user, "statement refused: the audit log is failing");
+            return;
+        }
+        let mut ev = Event::session(kind, &self.info).rule(&b.rule).reason(&b.reason);
+        ev.statement = Some(match text.and_then(rules::sql::normalize) {
+            Some(n) => n,
+            None => statement_digest(text.unwrap_or_default()),
+        });
+        ev.fingerprint = text.and_then(rules::sql::fingerprint);
+        ev.tables.clone_from(&b.tables);
+        ev.columns.clone_from(&b.columns);
+        ev.mode = mode;
+        self.audit(ev.usage(usage), true);
+    }
+
+    // ---- server → client -------------------------------------------------------------
+
+    fn forward(&mut self, f: &Frame) {
+        if !self.suppress {
+            self.to_client.put_slice(f.as_bytes());
+        }
+    }
+
+    /// Handles one server message.
+    pub(crate) fn on_server(&mut self, f: Frame) -> Result<(), SessionError> {
+        match f.tag() {
+            b'1' => {
+                self.expect.pop(|e| matches!(e, Expect::Parse { .. }))?;
+                self.forward(&f);
+            }
+            b'2' => {
+                self.expect.pop(|e| matches!(e, Expect::Bind))?;
+                self.forward(&f);
+            }
+            b'3' => {
+                if let Expect::Close(kind, name, id) = self.expect.pop(|e| matches!(e, Expect::Close(..)))? {
+                    if kind == b'S' {
+                        if self.statements.get(&name).is_some_and(|p| p.id == id) {
+                            self.statements.remove(&name);
+                        }
+                    } else if self.portal_names.get(&name) == Some(&id) {
+                        self.portal_names.remove(&name);
+                    }
+                }
+                self.forward(&f);
+            }
+            b't' => self.forward(&f),
+            b'T' => self.row_description(&f)?,
+            b'n' => match self.expect.pop_front() {
+                Some(Expect::DescribePortal { swallow: true, .. }) => {}
+                Some(Expect::DescribeStatement(_) | Expect::DescribePortal { .. }) => self.forward(&f),
+                _ => return Err(SessionError::UnexpectedServerMessage(b'n')),
+            },
+            b'D' => self.data_row(&f)?,
+            b'C' | b'I' => self.command_complete(&f)?,
+            b's' => {
+                self.expect.pop(|e| matches!(e, Expect::Execute(_)))?;
+                self.forward(&f);
+            }
+            b'E' => self.error(&f)?,
+            b'Z' => {
+                self.expect.pop(|e| matches!(e, Expect::Sync | Expect::Query(_) | Expect::FunctionCall))?;
+                self.idle = f.body_ref().first() == Some(&b'I');
+                self.suppress = false;
+                self.ready_seen = true;
+                self.backstop_reported = false;
+                self.forget_unused_portals();
+                self.forward(&f);
+            }
+            b'N' => {
+                if self.rules.is_strict() && !self.suppress {
+                    crate::session::rows::scrub_error(&f, &mut self.to_client);
+                } else {
+                    self.forward(&f);
+                }
+            }
+            b'S' => {
+                self.parameter_status(&f)?;
+                self.forward(&f);
+            }
+            b'G' | b'H' | b'd' | b'c' | b'A' | b'V' => self.forward(&f),
+            other => return Err(SessionError::UnexpectedServerMessage(other)),
+        }
+        Ok(())
+    }
+
+    /// Drops portals no name denotes and no pending response refers to.
+    fn forget_unused_portals(&mut self) {
+        let named: std::collections::HashSet<u64> = self.portal_names.values().copied().collect();
+        let pending: std::collections::HashSet<u64> = self
+            .expect
+            .iter()
+            .filter_map(|e| match e {
+                Expect::Execute(id) | Expect::DescribePortal { portal: id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        self.portals.retain(|id, _| named.contains(id) || pending.contains(id));
+    }
+}
+
+/// Client encodings whose multi-byte characters can contain quote or backslash bytes (the
+/// same list the statement checks use).
+pub(super) fn is_unsafe_encoding(value: &[u8]) -> bool {
+    rules::sql::unsafe_encoding(&String::from_utf8_lossy(value))
+}
+
+fn is_ddl_tag(tag: &[u8]) -> bool {
+    ["CREATE", "ALTER", "DROP", "GRANT", "REVOKE", "COMMENT", "REFRESH", "SELECT INTO"]
+        .iter()
+        .any(|p| tag.starts_with(p.as_bytes()))
+}
+
+/// The client-facing error for a blocked statement.
+pub(super) fn block_error(b: &Block) -> ErrorResponse {
+    if b.sqlstate == sqlstate::SYNTAX_ERROR {
+        return ErrorResponse::error(sqlstate::SYNTAX_ERROR, b.reason.clone());
+    }
+    let mut e = ErrorResponse::error(
+        sqlstate::INSUFFICIENT_PRIVILEGE,
+        format!("pgveil: statement blocked by rule \"{}\": {}", b.rule, b.reason),
+    );
+    if !b.hint.is_empty() {
+        e = e.with_hint(b.hint.clone());
+    }
+    e
+}
+
+/// An unparseable statement is logged by length and hash only (audit.md).
+fn statement_digest(text: &str) -> String {
+    use sha2::Digest;
+    format!("(unparsed: {} bytes, sha256 {})", text.len(), hex::encode(sha2::Sha256::digest(text.as_bytes())))
+}

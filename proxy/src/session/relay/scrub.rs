@@ -1,0 +1,90 @@
+//! Errors, notices and settings from the server: a blocked statement's or a cut result's
+//! error in place of the server's, positions mapped back to the client's text, the
+//! second layer's scrubbing of masked sessions' errors, and pinned settings kept pinned.
+
+use super::expect::Expect;
+use super::state::Source;
+use super::{Relay, is_unsafe_encoding};
+use crate::protocol::Frame;
+use crate::protocol::messages::{self, ErrorResponse, sqlstate};
+use crate::session::SessionError;
+use crate::session::rows;
+
+impl Relay {
+    pub(super) fn send_error(&mut self, e: &ErrorResponse) {
+        if !self.suppress {
+            e.encode(&mut self.to_client);
+        }
+    }
+
+    pub(super) fn error(&mut self, f: &Frame) -> Result<(), SessionError> {
+        let strict = self.rules.is_strict();
+        let mut replacement: Option<ErrorResponse> = None;
+        let mut source: Option<Source> = None;
+        match self.expect.front_mut() {
+            Some(Expect::Query(q)) => {
+                source.clone_from(&q.source);
+                if let Some(b) = q.blocked.take() {
+                    replacement = Some(*b);
+                } else if q.cut {
+                    let limit = q.plan().and_then(|p| p.max_rows.clone());
+                    if let Some(l) = limit {
+                        replacement = Some(Self::limit_error(l.rows, &l.rule));
+                    }
+                    q.cut = false;
+                }
+            }
+            Some(Expect::FunctionCall) => {}
+            _ => {
+                // Extended protocol: the server now skips to Sync; so do our expectations.
+                match self.expect.front() {
+                    Some(Expect::Parse { blocked: Some(b), .. }) => replacement = Some((**b).clone()),
+                    Some(Expect::Parse { source: s, .. }) => source.clone_from(s),
+                    Some(Expect::Execute(portal)) => {
+                        if let Some(l) =
+                            self.portals.get(portal).filter(|p| p.cut).and_then(|p| p.plan.max_rows.clone())
+                        {
+                            replacement = Some(Self::limit_error(l.rows, &l.rule));
+                        }
+                    }
+                    _ => {}
+                }
+                self.expect.skip_to_sync();
+            }
+        }
+        if self.suppress {
+            return Ok(());
+        }
+        match (replacement, source) {
+            (Some(e), _) => e.encode(&mut self.to_client),
+            (None, Some(src)) => {
+                rows::scrub_error_mapped(f, &mut self.to_client, &|p| src.map(p));
+            }
+            (None, None) if strict => {
+                rows::scrub_error(f, &mut self.to_client);
+            }
+            (None, None) => self.forward(f),
+        }
+        Ok(())
+    }
+
+    pub(super) fn parameter_status(&mut self, f: &Frame) -> Result<(), SessionError> {
+        if !self.rules.is_strict() {
+            return Ok(());
+        }
+        let (name, value) = messages::parameter_status(f).ok_or(SessionError::UnexpectedServerMessage(b'S'))?;
+        let unsafe_value = match name {
+            b"standard_conforming_strings" => value != b"on",
+            b"client_encoding" => is_unsafe_encoding(value),
+            _ => false,
+        };
+        if unsafe_value {
+            // A setting that changes how statements are lexed changed under us (I9).
+            return Err(SessionError::Refused(Box::new(ErrorResponse::fatal(
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                "pgveil: a setting that masked sessions must keep pinned was changed; closing the session",
+            ))));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,85 @@
+//! Statements, portals and Query progress as the relay tracks them.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rules::sql::{Analysis, StatementPlan};
+
+use crate::protocol::Frame;
+use crate::protocol::messages::{ErrorResponse, FieldDesc};
+use crate::session::analysis::Decided;
+use crate::session::rows::RowPlan;
+
+#[derive(Debug, Default)]
+pub(super) struct Prepared {
+    /// Which definition this is (names are reused); a Close forgets only the one it named.
+    pub id: u64,
+    pub plan: Arc<StatementPlan>,
+    pub desc: Option<Arc<Vec<FieldDesc>>>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Portal {
+    pub plan: Arc<StatementPlan>,
+    pub formats: Vec<i16>,
+    /// From Describe('P'): real formats.
+    pub desc: Option<Arc<Vec<FieldDesc>>>,
+    /// From the statement's Describe('S'): formats come from Bind.
+    pub stmt_desc: Option<Arc<Vec<FieldDesc>>>,
+    pub row_plan: Option<Arc<RowPlan>>,
+    pub rows: u64,
+    pub cut: bool,
+    /// The client sent Describe('P') for it: its answer will come before any row.
+    pub described: bool,
+    /// Bound to a statement name the proxy has no plan for: its rows are refused (I1).
+    pub unknown_statement: bool,
+}
+
+#[derive(Debug)]
+pub(super) struct QueryState {
+    /// The analysis of the Query's text: one plan per statement, shared with the cache.
+    pub analysis: Arc<Analysis>,
+    pub idx: usize,
+    pub row_plan: Option<Arc<RowPlan>>,
+    pub blocked: Option<Box<ErrorResponse>>,
+    pub rows: u64,
+    pub cut: bool,
+    pub source: Option<Source>,
+    /// A search_path to follow once the server completed this Query (see `verdict`).
+    pub pending_path: Option<Option<Vec<String>>>,
+}
+
+impl QueryState {
+    pub fn new(analysis: Arc<Analysis>, blocked: Option<Box<ErrorResponse>>) -> Self {
+        QueryState { analysis, idx: 0, row_plan: None, blocked, rows: 0, cut: false, source: None, pending_path: None }
+    }
+
+    pub fn plan(&self) -> Option<&StatementPlan> {
+        self.analysis.statements.get(self.idx)
+    }
+}
+
+/// The client's text of a statement the server runs rewritten, to map error positions back.
+#[derive(Debug, Clone)]
+pub(super) struct Source {
+    pub decided: Decided,
+    /// A slice of the client's frame (no copy).
+    pub original: Bytes,
+}
+
+impl Source {
+    pub fn map(&self, position: usize) -> Option<usize> {
+        let rw = self.decided.analysis.rewrite.as_ref()?;
+        rw.map_position(std::str::from_utf8(&self.original).ok()?, self.decided.rewritten()?, position)
+    }
+}
+
+/// `part` (a slice of `frame`'s bytes) as a shared slice of them, without copying.
+pub(super) fn slice_of(frame: &Frame, part: &[u8]) -> Bytes {
+    let whole = frame.as_bytes();
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize);
+    match start.and_then(|s| Some((s, s.checked_add(part.len())?))) {
+        Some((s, e)) if e <= whole.len() => whole.slice(s..e),
+        _ => Bytes::copy_from_slice(part),
+    }
+}
