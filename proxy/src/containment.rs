@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 use crate::audit::{Event, EventKind};
-use crate::session::SessionInfo;
+use crate::conn::SessionInfo;
 
 /// The NOTIFY channel instances share quarantine changes on.
 pub const CHANNEL: &str = "pgveil_quarantine";

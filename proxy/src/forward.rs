@@ -6,8 +6,8 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Shared;
-use crate::session::SessionError;
-use crate::session::conn::Conn;
+use crate::conn::Conn;
+use crate::error::SessionError;
 
 /// Buffer size per direction: large enough that a big result moves in few syscalls.
 const PUMP_BUFFER: usize = 64 * 1024;

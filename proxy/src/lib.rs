@@ -26,8 +26,10 @@ pub mod cancel;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod conn;
 pub mod containment;
 pub mod demo;
+pub mod error;
 pub mod forward;
 #[doc(hidden)]
 pub mod fuzz;

@@ -19,6 +19,31 @@ use crate::protocol::messages::{self, ErrorResponse, sqlstate};
 use crate::protocol::wire::Reader;
 use crate::protocol::{Direction, Frame};
 
+/// Why pgveil's own login to the server, as the client's role, failed (`auth.mode: scram`).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LoginError {
+    #[error("{0}")]
+    Connection(#[from] SessionError),
+    #[error("the server closed the connection")]
+    ServerClosed,
+    #[error("malformed authentication request")]
+    Malformed,
+    #[error("unexpected {0}")]
+    OutOfOrder(&'static str),
+    #[error("SCRAM with the server: {0}")]
+    Scram(String),
+    #[error(
+        "the server asks for a password or md5; auth.mode scram needs the server to use scram-sha-256 for this role"
+    )]
+    PasswordMethod,
+    #[error("the server asks for authentication method {0}, which auth.mode scram cannot answer")]
+    UnsupportedMethod(u32),
+    #[error("the server rejected the login")]
+    Rejected,
+    #[error("unexpected message {0} during authentication")]
+    Unexpected(char),
+}
+
 /// How long the last good verifier may stand in while the catalog connection is down.
 const VERIFIER_TTL: Duration = Duration::from_secs(30);
 
@@ -85,7 +110,7 @@ impl Login<'_> {
         if let Err(why) = self.upstream(server, client_key, verifier).await {
             // A password changed since the verifier was read: read it again next time.
             self.shared.verifiers.remove(&(self.info.database.clone(), user.to_owned()));
-            return self.fail(client, &why).await;
+            return self.fail(client, &why.to_string()).await;
         }
         out.clear();
         messages::authentication(&mut out, 12, server_final.as_bytes());
@@ -99,14 +124,13 @@ impl Login<'_> {
         server: &mut Conn<S>,
         client_key: [u8; 32],
         verifier: Verifier,
-    ) -> Result<(), String> {
+    ) -> Result<(), LoginError> {
         let mut exchange: Option<ClientExchange> = None;
         loop {
-            let frame =
-                server.read_frame().await.map_err(|e| e.to_string())?.ok_or("the server closed the connection")?;
+            let frame = server.read_frame().await?.ok_or(LoginError::ServerClosed)?;
             match frame.tag() {
                 b'R' => {
-                    let (code, data) = messages::auth_request(&frame).ok_or("malformed authentication request")?;
+                    let (code, data) = messages::auth_request(&frame).ok_or(LoginError::Malformed)?;
                     let mut out = BytesMut::new();
                     match code {
                         0 => return Ok(()),
@@ -132,30 +156,26 @@ impl Login<'_> {
                             exchange = Some(ex);
                         }
                         11 => {
-                            let ex = exchange.as_mut().ok_or("unexpected SASL continue")?;
-                            let reply = ex.respond(&String::from_utf8_lossy(data)).map_err(|e| e.to_string())?;
+                            let ex = exchange.as_mut().ok_or(LoginError::OutOfOrder("SASL continue"))?;
+                            let reply = ex
+                                .respond(&String::from_utf8_lossy(data))
+                                .map_err(|e| LoginError::Scram(e.to_string()))?;
                             messages::tagged(&mut out, b'p', reply.as_bytes());
                         }
                         12 => {
-                            let ex = exchange.as_ref().ok_or("unexpected SASL final")?;
-                            ex.verify(&String::from_utf8_lossy(data)).map_err(|e| e.to_string())?;
+                            let ex = exchange.as_ref().ok_or(LoginError::OutOfOrder("SASL final"))?;
+                            ex.verify(&String::from_utf8_lossy(data)).map_err(|e| LoginError::Scram(e.to_string()))?;
                             continue;
                         }
-                        3 | 5 => {
-                            return Err("the server asks for a password or md5; auth.mode scram needs the server to use scram-sha-256 for this role".to_owned());
-                        }
-                        other => {
-                            return Err(format!(
-                                "the server asks for authentication method {other}, which auth.mode scram cannot answer"
-                            ));
-                        }
+                        3 | 5 => return Err(LoginError::PasswordMethod),
+                        other => return Err(LoginError::UnsupportedMethod(other)),
                     }
-                    server.write_all(&out).await.map_err(|e| e.to_string())?;
-                    server.flush().await.map_err(|e| e.to_string())?;
+                    server.write_all(&out).await?;
+                    server.flush().await?;
                 }
-                b'E' => return Err("the server rejected the login".to_owned()),
+                b'E' => return Err(LoginError::Rejected),
                 b'N' => {}
-                other => return Err(format!("unexpected message {} during authentication", char::from(other))),
+                other => return Err(LoginError::Unexpected(char::from(other))),
             }
         }
     }

@@ -4,8 +4,6 @@
 
 pub mod analysis;
 pub(crate) mod auth;
-pub mod conn;
-mod error;
 mod handshake;
 mod inspect;
 mod login;
@@ -21,28 +19,20 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-pub use error::{SessionError, Side};
+pub(crate) use crate::conn;
+pub use crate::conn::SessionInfo;
+pub use crate::error::{SessionError, Side};
 pub use handshake::Hello;
 
 use crate::Shared;
 use crate::audit::{Event, EventKind};
+use crate::conn::Conn;
 use crate::metrics::Rejected;
 use crate::protocol::messages;
 use crate::protocol::startup::{NEWEST_MINOR, Startup};
 use crate::protocol::{Direction, Frame};
-use conn::Conn;
 use handshake::ClientStream;
 use upstream::ServerStream;
-
-/// Who this session is, for logs and audit events.
-#[derive(Debug, Clone, Default)]
-pub struct SessionInfo {
-    pub id: String,
-    pub client: String,
-    pub user: String,
-    pub database: String,
-    pub application: String,
-}
 
 /// Runs one client connection to its end. Never panics on client input; errors are reported
 /// to the client (where it may see them), logged and audited here.
@@ -453,6 +443,7 @@ fn report(shared: &Shared, info: &SessionInfo, e: &SessionError) {
     match e.side() {
         Side::Client => tracing::info!(error = %e, "client connection closed"),
         Side::Upstream => tracing::warn!(error = %e, "server connection failed"),
+        Side::Policy => tracing::info!(error = %e, "session ended by policy"),
         Side::Internal => tracing::info!(error = %e, "session ended"),
     }
 }

@@ -101,7 +101,7 @@ impl Relay {
                 let built = {
                     let p = self.portals.get(&portal).ok_or(SessionError::UnexpectedServerMessage(b'D'))?;
                     if p.unknown_statement && self.rules.is_strict() {
-                        return Err(SessionError::UnexpectedServerMessage(b'D'));
+                        return Err(SessionError::Policy("rows of a statement pgveil has no plan for"));
                     }
                     match (&p.row_plan, &p.desc, &p.stmt_desc) {
                         (Some(_), _, _) => None,
@@ -113,7 +113,7 @@ impl Relay {
                             Some(self.origin_plan(desc, |i| rows::format_at(&p.formats, i), &p.plan.outputs))
                         }
                         // Rows we cannot classify never reach the client (I1).
-                        (None, None, None) => return Err(SessionError::UnexpectedServerMessage(b'D')),
+                        (None, None, None) => return Err(SessionError::Policy("rows without a row description")),
                     }
                 };
                 let p = self.portals.get_mut(&portal).ok_or(SessionError::UnexpectedServerMessage(b'D'))?;

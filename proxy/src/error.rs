@@ -8,6 +8,8 @@ use crate::protocol::{Direction, FrameError};
 pub enum Side {
     Client,
     Upstream,
+    /// A decision of pgveil's policy (a refusal, a fail-closed end, containment).
+    Policy,
     Internal,
 }
 
@@ -56,6 +58,9 @@ pub enum SessionError {
     Terminated,
     #[error("{}", .0.message)]
     Refused(Box<ErrorResponse>),
+    /// The session is ended rather than let something unclassifiable reach the client (I1).
+    #[error("{0}")]
+    Policy(&'static str),
 }
 
 impl SessionError {
@@ -94,7 +99,8 @@ impl SessionError {
             | Self::UpstreamTlsRefused
             | Self::UnexpectedServerMessage(_)
             | Self::ServerRefusedStartup => Side::Upstream,
-            Self::Shutdown | Self::Terminated | Self::Refused(_) => Side::Internal,
+            Self::Terminated | Self::Refused(_) | Self::Policy(_) => Side::Policy,
+            Self::Shutdown => Side::Internal,
         }
     }
 
@@ -144,6 +150,7 @@ impl SessionError {
             Self::Shutdown => ErrorResponse::fatal(ADMIN_SHUTDOWN, "pgveil: terminating connection because the proxy is shutting down"),
             Self::Refused(e) => (**e).clone(),
             Self::Terminated => ErrorResponse::fatal(ADMIN_SHUTDOWN, "pgveil: session terminated"),
+            Self::Policy(why) => ErrorResponse::fatal(INSUFFICIENT_PRIVILEGE, format!("pgveil: {why}; closing the session")),
             Self::NoAlpn | Self::ClientTls(_) | Self::ClientIo(_) | Self::Truncated(Direction::FromClient) | Self::AuthFailed
             | Self::ServerRefusedStartup => return None,
         })

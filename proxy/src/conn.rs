@@ -1,10 +1,22 @@
-//! A stream plus its read buffer: frames are split off the buffer as frozen slices.
+//! One side of a connection: a stream plus its read buffer (frames are split off it as frozen
+//! slices), and who the session is. Below `session`, so the layers it uses (forwarding,
+//! audit, containment) never import from it.
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::error::SessionError;
 use crate::protocol::{Direction, Frame, decode};
-use crate::session::SessionError;
+
+/// Who a session is, for logs, audit events and the operators' session list.
+#[derive(Debug, Clone, Default)]
+pub struct SessionInfo {
+    pub id: String,
+    pub client: String,
+    pub user: String,
+    pub database: String,
+    pub application: String,
+}
 
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -44,12 +56,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
-        let to = match self.dir {
-            Direction::FromClient => Direction::FromServer,
-            Direction::FromServer => Direction::FromClient,
-        };
-        // A write error is the peer we write to going away; name that side.
-        self.io.write_all(bytes).await.map_err(|e| SessionError::io(to, e))
+        // A write error is this connection's peer going away: the side this connection's
+        // frames come from (a client connection's write fails when the client is gone).
+        self.io.write_all(bytes).await.map_err(|e| SessionError::io(self.dir, e))
     }
 
     pub async fn flush(&mut self) -> Result<(), SessionError> {
