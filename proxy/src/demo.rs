@@ -5,7 +5,6 @@
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
 
@@ -239,17 +238,7 @@ pub async fn run_demo(port: u16) -> anyhow::Result<()> {
         rules::sql::mask_sql::key_sql(&rules::HashKey::new(&key))
     ))?;
     let opts = rules::CompileOptions { hash_key: Some(key) };
-    let policy = rules::compile(DEMO_RULES, &opts)
-        .map_err(|d| anyhow::anyhow!("{}", rules::diagnostic::render_all(&d, "demo", DEMO_RULES)))?;
-    let metrics = Arc::new(crate::metrics::Metrics::default());
-    let (audit, writer) = crate::audit::Audit::start(&audit_path.display().to_string(), true, Arc::clone(&metrics))?;
-    let listener = tokio::net::TcpListener::bind(&config.listen).await?;
-    let admin = tokio::net::TcpListener::bind(format!("127.0.0.1:{admin_port}")).await?;
-    let shared = Arc::new(crate::Shared::with_rules(config, audit.clone(), metrics, Some(policy), opts)?);
-    let admin_stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(crate::admin::serve(admin, Arc::clone(&shared), admin_stop.clone()));
-    tokio::spawn(crate::policy::watch(Arc::clone(&shared)));
-
+    let running = crate::Proxy::start(config, opts).await?;
     let line = |role: &str| {
         format!("psql \"host=127.0.0.1 port={port} dbname=demo user={role} password={role} sslmode=require\"")
     };
@@ -282,12 +271,7 @@ pub async fn run_demo(port: u16) -> anyhow::Result<()> {
             _ => std::future::pending().await,
         }
     };
-    crate::serve(listener, Arc::clone(&shared), stop).await;
-    admin_stop.cancel();
-    audit.close().await;
-    drop(shared);
-    drop(audit);
-    tokio::task::spawn_blocking(move || writer.finish()).await?;
+    running.run_until(stop).await;
     eprintln!("pgveil demo: stopping PostgreSQL and removing {}", dir.display());
     drop(cluster);
     Ok(())

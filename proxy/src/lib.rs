@@ -25,6 +25,7 @@ pub mod audit_cli;
 pub mod cancel;
 pub mod catalog;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod conn;
 pub mod containment;
@@ -37,6 +38,7 @@ pub mod init;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;
+pub mod running;
 pub mod server;
 pub mod session;
 pub mod tls;
@@ -46,6 +48,7 @@ use std::sync::atomic::AtomicBool;
 
 use tokio_util::sync::CancellationToken;
 
+pub use running::{Proxy, Running};
 pub use server::serve;
 
 /// Everything sessions share: passed as `Arc<Shared>`, never global, so two proxies can run in

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use proxy::config::{ClientTlsMode, Config, UpstreamTls};
-use tokio_util::sync::CancellationToken;
 
 use super::certs::{self, CertFiles};
 use super::pg::Cluster;
@@ -19,9 +18,7 @@ pub struct ProxyHandle {
     pub shared: Arc<proxy::Shared>,
     pub certs: CertFiles,
     pub dir: PathBuf,
-    stop: CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
-    writer: Option<proxy::audit::AuditWriter>,
+    running: Option<proxy::Running>,
 }
 
 /// A configuration pointing at the cluster, with client TLS offered (`allow`) and a plaintext
@@ -82,22 +79,11 @@ async fn start(
     dir: PathBuf,
     rules: Option<(rules::Policy, rules::CompileOptions)>,
 ) -> ProxyHandle {
-    let listener = tokio::net::TcpListener::bind(&config.listen).await.expect("bind loopback");
-    let addr = listener.local_addr().expect("local addr");
-    let metrics = Arc::new(proxy::metrics::Metrics::default());
-    let (audit, writer) = match &config.audit.path {
-        Some(p) => {
-            let (a, w) = proxy::audit::Audit::start(p, config.audit.chain, Arc::clone(&metrics)).expect("audit log");
-            (a, Some(w))
-        }
-        None => (proxy::audit::Audit::disabled(), None),
-    };
-    let (policy, opts) = rules.map_or((None, rules::CompileOptions::default()), |(p, o)| (Some(p), o));
-    let shared = Arc::new(proxy::Shared::with_rules(config, audit, metrics, policy, opts).expect("proxy shared state"));
-    tokio::spawn(proxy::policy::watch(Arc::clone(&shared)));
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(proxy::serve(listener, Arc::clone(&shared), stop.clone().cancelled_owned()));
-    ProxyHandle { addr, shared, certs, dir, stop, task: Some(task), writer }
+    // The same start as `pgveil run` (the rules were compiled once above to fail early with
+    // the test's own message; the proxy compiles the file it watches).
+    let options = rules.map(|(_, o)| o).unwrap_or_default();
+    let running = proxy::Proxy::start(config, options).await.expect("proxy starts");
+    ProxyHandle { addr: running.addr, shared: Arc::clone(&running.shared), certs, dir, running: Some(running) }
 }
 
 impl ProxyHandle {
@@ -107,20 +93,15 @@ impl ProxyHandle {
 
     /// Stops accepting, waits for the drain to finish and for the audit log to be written.
     pub async fn shutdown(mut self) {
-        self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-        self.shared.audit.close().await;
-        if let Some(w) = self.writer.take() {
-            let _ = tokio::task::spawn_blocking(move || w.finish()).await;
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
         }
     }
 }
 
 impl Drop for ProxyHandle {
     fn drop(&mut self) {
-        self.stop.cancel();
+        drop(self.running.take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
