@@ -225,6 +225,7 @@ pub async fn run_demo(port: u16) -> anyhow::Result<()> {
     config.tls.clients = ClientTlsMode::Allow;
     config.catalog.user = Some("pgveil".to_owned());
     config.catalog.password = Some("pgveil".to_owned());
+    config.catalog.state_database = "demo".to_owned();
     config.rules = Some(rules_path.clone());
     config.audit.path = Some(audit_path.display().to_string());
     config.admin.listen = Some(format!("127.0.0.1:{admin_port}"));

@@ -33,8 +33,10 @@ where
     }
     client.flush().await?;
     server.flush().await?;
+    let mut c = Watched { io: &mut client.io, failed: false };
+    let mut s = Watched { io: &mut server.io, failed: false };
     let copied = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut client.io, &mut server.io, PUMP_BUFFER, PUMP_BUFFER) => r,
+        r = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut s, PUMP_BUFFER, PUMP_BUFFER) => r,
         () = shared.hard_stop.cancelled() => return Err(SessionError::Shutdown),
         () = killed.cancelled() => return Err(SessionError::Terminated),
     };
@@ -43,7 +45,80 @@ where
             shared.metrics.forwarded(to_server, to_client);
             Ok(())
         }
-        // Either peer going away ends the session; which one is not worth an error.
+        // The side whose read or write failed is the one that went away.
+        Err(e) if s.failed && !c.failed => Err(SessionError::UpstreamIo(e)),
         Err(e) => Err(SessionError::ClientIo(e)),
+    }
+}
+
+/// A stream that remembers whether one of its reads or writes failed, so a failure of the
+/// bidirectional copy can be told apart by side.
+struct Watched<'a, S> {
+    io: &'a mut S,
+    failed: bool,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut *self.io).poll_read(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Err(_))) {
+            self.failed = true;
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut *self.io).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Err(_))) {
+            self.failed = true;
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut *self.io).poll_flush(cx);
+        if matches!(r, std::task::Poll::Ready(Err(_))) {
+            self.failed = true;
+        }
+        r
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut *self.io).poll_shutdown(cx);
+        if matches!(r, std::task::Poll::Ready(Err(_))) {
+            self.failed = true;
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failure_names_the_side_that_failed() {
+        let (mut a, b) = tokio::io::duplex(64);
+        drop(b);
+        let mut w = Watched { io: &mut a, failed: false };
+        let e = tokio::io::AsyncWriteExt::write_all(&mut w, b"hello").await;
+        assert!(e.is_err());
+        assert!(w.failed);
     }
 }
