@@ -430,3 +430,40 @@ async fn login_failures_get_the_servers_answers() {
         assert_eq!((d.code(), d.message()), (v.code(), v.message()), "{user}/{dbname}");
     }
 }
+
+/// Cancels of streaming results, many rounds, through the byte pump and the inspecting relay:
+/// every cancel ends the statement it was sent for (57014) and never the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_during_streaming_results_land_on_their_statement_every_time() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn_with_rules(cluster, crate::masking::RULES, |_| {}).await;
+    const ROUNDS: usize = 150;
+    for role in ["dba", "app_user"] {
+        let client = connect_plain(&url(p.port(), role, &db.name, "sslmode=disable")).await.unwrap();
+        for round in 0..ROUNDS {
+            let stream = client
+                .query_raw("SELECT generate_series(1, 100000000), repeat('x', 100)", std::iter::empty::<i32>())
+                .await
+                .unwrap();
+            futures_util::pin_mut!(stream);
+            // Some rows arrive: the statement is streaming when the cancel is sent (a set-
+            // returning function in the target list streams; in FROM it would be materialized).
+            for _ in 0..(1 + round % 7) {
+                stream.next().await.expect("a row").expect("a row, not an error");
+            }
+            client.cancel_token().cancel_query(tokio_postgres::NoTls).await.unwrap();
+            let ended = loop {
+                match tokio::time::timeout(Duration::from_secs(20), stream.next()).await.expect("the cancel lands") {
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => break e,
+                    None => panic!("{role} round {round}: the statement completed instead of being cancelled"),
+                }
+            };
+            assert_eq!(ended.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{role} round {round}: {ended}");
+            // The next statement is not hit by a late cancel.
+            let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap_or_else(|e| panic!("{role} round {round}: {e}")).get(0);
+            assert_eq!(one, 1);
+        }
+    }
+}

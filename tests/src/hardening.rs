@@ -212,3 +212,26 @@ async fn a_client_that_stops_reading_pushes_back_on_the_backend() {
         drop(s);
     }
 }
+
+/// PostgreSQL closes the connection at Terminate and never reads what follows; so does pgveil,
+/// as a byte pump and as the inspecting relay: no FATAL for a bad packet after Terminate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_after_terminate_are_ignored_as_postgresql_ignores_them() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let inspected = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
+    let pump = harness_proxy::spawn(cluster).await;
+    let mut after_terminate = BytesMut::new();
+    after_terminate.put_u8(b'X');
+    after_terminate.put_u32(4);
+    // A bad packet: a length shorter than the length word itself, then junk.
+    after_terminate.put_u8(b'Q');
+    after_terminate.put_u32(2);
+    after_terminate.put_slice(b"\xff\xfe junk");
+    for (name, port) in [("direct", cluster.port), ("pump", pump.port()), ("inspected", inspected.port())] {
+        let mut s = logged_in(port, &db.name).await;
+        s.write_all(&after_terminate).await.unwrap();
+        let rest = drain(&mut s).await;
+        assert!(rest.is_empty(), "{name}: the connection closes without a word, got {:?}", String::from_utf8_lossy(&rest));
+    }
+}
