@@ -460,9 +460,14 @@ async fn cancels_during_streaming_results_land_on_their_statement_every_time() {
                     None => panic!("{role} round {round}: the statement completed instead of being cancelled"),
                 }
             };
-            assert_eq!(ended.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{role} round {round}: {ended}");
+            assert_eq!(
+                ended.code(),
+                Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+                "{role} round {round}: {ended}"
+            );
             // The next statement is not hit by a late cancel.
-            let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap_or_else(|e| panic!("{role} round {round}: {e}")).get(0);
+            let one: i32 =
+                client.query_one("SELECT 1", &[]).await.unwrap_or_else(|e| panic!("{role} round {round}: {e}")).get(0);
             assert_eq!(one, 1);
         }
     }

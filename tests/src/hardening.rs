@@ -232,6 +232,10 @@ async fn bytes_after_terminate_are_ignored_as_postgresql_ignores_them() {
         let mut s = logged_in(port, &db.name).await;
         s.write_all(&after_terminate).await.unwrap();
         let rest = drain(&mut s).await;
-        assert!(rest.is_empty(), "{name}: the connection closes without a word, got {:?}", String::from_utf8_lossy(&rest));
+        assert!(
+            rest.is_empty(),
+            "{name}: the connection closes without a word, got {:?}",
+            String::from_utf8_lossy(&rest)
+        );
     }
 }

@@ -79,3 +79,81 @@ async fn wrong_passwords_and_unknown_roles_fail_alike_and_new_passwords_work_at_
     assert!(stderr(&out).contains("has an md5 password"), "{}", stderr(&out));
     assert!(p.shared.metrics.auth_failures_total.load(std::sync::atomic::Ordering::Relaxed) >= 3);
 }
+
+/// A raw SCRAM exchange with a wrong proof; returns what followed the proof: the server's
+/// answer and whether the connection was then closed (EOF) within a few seconds.
+async fn failed_scram_exchange(port: u16, db: &str) -> (Vec<u8>, bool) {
+    use bytes::{BufMut, BytesMut};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut b = BytesMut::new();
+    b.put_u32(0);
+    b.put_u32(196_608);
+    for (k, v) in [("user", "app_user"), ("database", db)] {
+        b.put_slice(k.as_bytes());
+        b.put_u8(0);
+        b.put_slice(v.as_bytes());
+        b.put_u8(0);
+    }
+    b.put_u8(0);
+    let len = u32::try_from(b.len()).unwrap().to_be_bytes();
+    b[..4].copy_from_slice(&len);
+    s.write_all(&b).await.unwrap();
+    let mut read_msg = async |s: &mut tokio::net::TcpStream| -> (u8, Vec<u8>) {
+        let tag = s.read_u8().await.unwrap();
+        let len = s.read_u32().await.unwrap();
+        let mut body = vec![0; usize::try_from(len).unwrap() - 4];
+        s.read_exact(&mut body).await.unwrap();
+        (tag, body)
+    };
+    let (tag, body) = read_msg(&mut s).await;
+    assert_eq!((tag, &body[..4]), (b'R', &[0, 0, 0, 10][..]), "AuthenticationSASL");
+    let first = b"n,,n=,r=pgveilclientnonce";
+    let mut m = BytesMut::new();
+    m.put_slice(b"SCRAM-SHA-256\0");
+    m.put_i32(i32::try_from(first.len()).unwrap());
+    m.put_slice(first);
+    let mut out = BytesMut::new();
+    out.put_u8(b'p');
+    out.put_u32(u32::try_from(m.len() + 4).unwrap());
+    out.put_slice(&m);
+    s.write_all(&out).await.unwrap();
+    let (tag, body) = read_msg(&mut s).await;
+    assert_eq!((tag, &body[..4]), (b'R', &[0, 0, 0, 11][..]), "AuthenticationSASLContinue");
+    let server_first = String::from_utf8_lossy(&body[4..]).into_owned();
+    let nonce = server_first.split(',').find_map(|p| p.strip_prefix("r=")).unwrap().to_owned();
+    let proof = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0u8; 32]);
+    let fin = format!("c=biws,r={nonce},p={proof}");
+    let mut out = BytesMut::new();
+    out.put_u8(b'p');
+    out.put_u32(u32::try_from(fin.len() + 4).unwrap());
+    out.put_slice(fin.as_bytes());
+    s.write_all(&out).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(8), s.read_to_end(&mut rest)).await.is_ok();
+    (rest, closed)
+}
+
+/// A failed SCRAM login ends with the server's error and a closed connection, as PostgreSQL
+/// ends it: directly, relayed by pgveil, and with pgveil running SCRAM itself. (A driver's
+/// SCRAM tests waited for that close and never exited.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_scram_login_closes_the_connection_as_postgresql_does() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let relay = harness_proxy::spawn(cluster).await;
+    let scram = harness_proxy::spawn_with(cluster, |c| {
+        c.auth.mode = AuthMode::Scram;
+        c.auth.query = Some("SELECT rolname, rolpassword FROM pgveil.lookup_verifier($1)".to_owned());
+        c.catalog.user = Some("pgveil".to_owned());
+        c.catalog.password = Some("pgveil_pw".to_owned());
+    })
+    .await;
+    for (name, port) in [("direct", cluster.port), ("relay", relay.port()), ("scram", scram.port())] {
+        let (rest, closed) = failed_scram_exchange(port, &db.name).await;
+        assert!(closed, "{name}: the connection is closed after the failure");
+        assert_eq!(rest.first(), Some(&b'E'), "{name}: an ErrorResponse first: {:?}", String::from_utf8_lossy(&rest));
+        let text = String::from_utf8_lossy(&rest);
+        assert!(text.contains("28P01") && text.contains("password authentication failed"), "{name}: {text}");
+    }
+}
