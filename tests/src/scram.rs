@@ -99,7 +99,7 @@ async fn failed_scram_exchange(port: u16, db: &str) -> (Vec<u8>, bool) {
     let len = u32::try_from(b.len()).unwrap().to_be_bytes();
     b[..4].copy_from_slice(&len);
     s.write_all(&b).await.unwrap();
-    let mut read_msg = async |s: &mut tokio::net::TcpStream| -> (u8, Vec<u8>) {
+    let read_msg = async |s: &mut tokio::net::TcpStream| -> (u8, Vec<u8>) {
         let tag = s.read_u8().await.unwrap();
         let len = s.read_u32().await.unwrap();
         let mut body = vec![0; usize::try_from(len).unwrap() - 4];
