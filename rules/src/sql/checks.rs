@@ -40,6 +40,15 @@ const HARMLESS_SITES: &[(&str, &str)] = &[
     ("LockingClause", "locked_rels"),
 ];
 
+/// Where a statement names the relation it creates.
+const CREATED_SITES: &[(&str, &str)] = &[
+    ("CreateStmt", "relation"),
+    ("IntoClause", "rel"),
+    ("CreateTableAsStmt", "rel"),
+    ("ViewStmt", "view"),
+    ("other", "sequence"),
+];
+
 /// Statement types that make the server call a user-defined function later (operators,
 /// casts, aggregates, …) without a function call in the text.
 const CALLS_LATER: &[&str] = &[
@@ -327,7 +336,11 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
         let is_cte = schema.is_none() && found.ctes.iter().any(|c| c == r.relname());
         let rel = if is_cte { None } else { protect.resolve(schema, r.relname()) };
         let is_temp = schema.is_none_or(|s| s.starts_with("pg_temp")) && protect.temp.iter().any(|t| t == r.relname());
-        if rel.is_none() && !is_cte && !is_temp {
+        // A name the statement creates is expected to be unknown: no reason to reload (a
+        // DDL-heavy session would otherwise wait out a forced reload per CREATE).
+        let creates =
+            matches!(&r.site, Site::Other(parent, key) if CREATED_SITES.iter().any(|(p, k)| p == parent && k == key));
+        if rel.is_none() && !is_cte && !is_temp && !creates {
             out.unknown_relation = true;
         }
         if schema.is_none()

@@ -684,3 +684,27 @@ fn raw_reads_carry_their_normalized_statement() {
     assert_eq!(text, "SELECT ssn FROM customers WHERE id = $1");
     assert_eq!(fp.len(), 16);
 }
+
+#[test]
+fn names_a_statement_creates_are_not_unknown_relations() {
+    let p = policy();
+    let session = p.for_identity(&Identity::new(APP.iter().copied()));
+    let catalog = crate::catalog::example();
+    let unknown = |sql: &str| Analyzer::new(&session, &catalog, "app_user").analyze(sql).unknown_relation;
+    for sql in [
+        "CREATE TABLE brand_new (id int)",
+        "CREATE TABLE IF NOT EXISTS public.brand_new (LIKE orders)",
+        "CREATE TABLE brand_new AS SELECT id FROM orders",
+        "SELECT id INTO brand_new FROM orders",
+        "CREATE VIEW brand_new_v AS SELECT id FROM orders",
+        "CREATE MATERIALIZED VIEW brand_new_m AS SELECT id FROM orders",
+        "CREATE SEQUENCE brand_new_seq",
+    ] {
+        assert!(!unknown(sql), "{sql}: the created name needs no reload");
+    }
+    for sql in
+        ["SELECT * FROM brand_new", "CREATE TABLE t2 AS SELECT id FROM not_there", "INSERT INTO brand_new VALUES (1)"]
+    {
+        assert!(unknown(sql), "{sql}: an unknown relation is read or written");
+    }
+}
