@@ -271,7 +271,14 @@ impl Containment {
 
     /// Replaces the quarantines with the shared table's rows; ends the live sessions of roles
     /// newly quarantined by another instance.
-    async fn load(&self, shared: &Shared, client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    /// `Ok(false)`: the table is not there (asked first, so the server logs no error every
+    /// 30 s on a database without `pgveil init`).
+    async fn load(&self, shared: &Shared, client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+        let present: bool =
+            client.query_one("SELECT pg_catalog.to_regclass('pgveil.quarantine') IS NOT NULL", &[]).await?.get(0);
+        if !present {
+            return Ok(false);
+        }
         let rows = client
             .query(
                 "SELECT role, extract(epoch FROM until)::float8, reason, by FROM pgveil.quarantine WHERE until > now()",
@@ -289,7 +296,7 @@ impl Containment {
             fresh.insert(role, (until, q));
         }
         let newly: Vec<(String, String)> = {
-            let Ok(mut map) = self.quarantined.write() else { return Ok(()) };
+            let Ok(mut map) = self.quarantined.write() else { return Ok(true) };
             let newly = fresh
                 .iter()
                 .filter(|(role, _)| !map.contains_key(*role))
@@ -302,7 +309,7 @@ impl Containment {
             self.terminate_role(shared, &role, &reason);
         }
         self.shared_table.store(true, Relaxed);
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -337,8 +344,8 @@ pub async fn watch(shared: Arc<Shared>) {
         shared.containment.state.store(Some(Arc::clone(&client)));
         loop {
             match shared.containment.load(&shared, &client).await {
-                Ok(()) => warned = false,
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                Ok(true) => warned = false,
+                Ok(false) => {
                     shared.containment.shared_table.store(false, Relaxed);
                     if !warned {
                         tracing::warn!(database = %db, "pgveil.quarantine is missing (run `pgveil init`): quarantines are local to this instance");

@@ -7,6 +7,8 @@
 #   tests/suites/run.sh test/dialect/postgresql/test_types.py
 #   DRIVER=asyncpg tests/suites/run.sh
 #
+# PYTEST_K="expr" passes -k expr; FUNCTIONS_ALLOW="public.hstore" adds a functions.allow list to
+# the masked role's rules. The logs of the last run are left in /tmp/pgveil-suites-last/.
 # Installs what it needs (pytest, the SQLAlchemy sdist matching the installed SQLAlchemy, the
 # driver); starts its own throwaway cluster and a release pgveil; removes everything on exit.
 set -euo pipefail
@@ -21,6 +23,8 @@ VER=$(python3 -c 'import sqlalchemy; print(sqlalchemy.__version__)')
 WORK=$(mktemp -d /tmp/pgveil-suites-XXXXXX)
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 cleanup() {
+  # The runs' logs and JUnit files are kept for a look at the differences.
+  mkdir -p /tmp/pgveil-suites-last && cp "$WORK"/*.log "$WORK"/*.xml /tmp/pgveil-suites-last/ 2>/dev/null || true
   [ -n "${VEIL_PID:-}" ] && kill "$VEIL_PID" 2>/dev/null || true
   as_pg "$BIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
@@ -58,6 +62,7 @@ version: 1
 exempt: [sqla]
 columns:
   pgveil_canary.secret.ssn: { mask: redact }
+${FUNCTIONS_ALLOW:+functions: { allow: [$FUNCTIONS_ALLOW] }}
 YAML
 cat > "$WORK/pgveil.yaml" <<YAML
 listen: 127.0.0.1:$VEIL_PORT
@@ -75,7 +80,7 @@ for _ in $(seq 100); do "$BIN/pg_isready" -q -h 127.0.0.1 -p "$VEIL_PORT" && bre
 
 run() { # name port user db
   local url="postgresql+$DRIVER://$3:sqla@127.0.0.1:$2/$4"
-  (cd "$SRC" && timeout 1800 python3 -m pytest "$SEL" --dburi "$url" -p no:cacheprovider -q \
+  (cd "$SRC" && timeout 1800 python3 -m pytest $SEL ${PYTEST_K:+-k "$PYTEST_K"} --dburi "$url" -p no:cacheprovider -q \
      --junitxml="$WORK/$1.xml" >"$WORK/$1.log" 2>&1) || true
 }
 run direct "$PG_PORT" sqla sqla_direct
