@@ -16,7 +16,7 @@ DJANGO_VERSION=${DJANGO_VERSION:-5.1.15}
 LABELS=${*:-"basic queries expressions aggregation lookup model_fields transactions update delete raw_query select_for_update backends.postgresql postgres_tests"}
 BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 [ -x "$BIN/initdb" ] || { echo "PostgreSQL server binaries missing: apt-get install -y postgresql" >&2; exit 1; }
-python3 -m pip install -q asgiref sqlparse 'psycopg[binary]' >/dev/null 2>&1 || true
+python3 -m pip install -q asgiref sqlparse 'psycopg[binary,pool]' >/dev/null 2>&1 || true
 WORK=$(mktemp -d /tmp/pgveil-django-XXXXXX)
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 cleanup() {
