@@ -99,6 +99,7 @@ fn analysis(c: &mut Criterion) {
                 attnum: i16::try_from(i + 1).unwrap(),
                 type_oid: 25,
                 sql_type: "text".to_owned(),
+                bound_name: None,
             })
             .collect(),
         ancestors: Vec::new(),

@@ -275,6 +275,7 @@ async fn load_after(client: &tokio_postgres::Client, previous: Option<&Catalog>)
                 attnum: i16::try_from(attnum).unwrap_or(0),
                 type_oid: u32::try_from(ty).unwrap_or(0),
                 sql_type,
+                bound_name: None,
             })
             .collect();
         relations.push(Relation {
@@ -286,6 +287,24 @@ async fn load_after(client: &tokio_postgres::Client, previous: Option<&Catalog>)
             view_sql: None,
             definition_unavailable: matches!(kind, RelKind::View | RelKind::MaterializedView),
         });
+    }
+    // Columns renamed since the previous snapshot keep answering to the name they had (the
+    // rules name columns; a rename must not unprotect one).
+    if let Some(prev) = previous {
+        for r in &mut relations {
+            let Some(old) = prev.by_oid(r.oid) else { continue };
+            for c in &mut r.columns {
+                let Some(before) = old.column_by_attnum(c.attnum) else { continue };
+                c.bound_name =
+                    before.bound_name.clone().or_else(|| (before.name != c.name).then(|| before.name.clone()));
+                if before.name != c.name {
+                    tracing::warn!(
+                        relation = %r.name, from = %before.name, to = %c.name,
+                        "column renamed: rules naming its old name keep applying to it; update the rules file"
+                    );
+                }
+            }
+        }
     }
     let is_system = |r: &Relation| SYSTEM_SCHEMAS.contains(&r.name.schema.as_str());
     // The system views' definitions from the previous snapshot, by oid (stable for a server).

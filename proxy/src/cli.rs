@@ -247,6 +247,7 @@ fn catalog_from_rules(policy: &rules::Policy, sql: &str) -> Catalog {
                     attnum: i16::try_from(j + 1).unwrap_or(0),
                     type_oid: 25,
                     sql_type: "text".to_owned(),
+                    bound_name: None,
                 })
                 .collect(),
             ancestors: Vec::new(),

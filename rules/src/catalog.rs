@@ -37,6 +37,17 @@ pub struct Column {
     pub type_oid: u32,
     /// The type as SQL writes it (`format_type`, with its modifier): masks cast to it.
     pub sql_type: String,
+    /// The name this column (the same relation OID and attnum) had when an earlier snapshot
+    /// saw it, if it was renamed since: rules naming the old name keep applying to it.
+    pub bound_name: Option<String>,
+}
+
+impl Column {
+    /// Whether a rule naming `name` applies to this column (its name, or the one it was
+    /// renamed from).
+    pub fn answers_to(&self, name: &str) -> bool {
+        self.name == name || self.bound_name.as_deref() == Some(name)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,6 +169,7 @@ fn rel(oid: u32, schema: &str, name: &str, kind: RelKind, cols: &[(&str, u32)], 
                 attnum: i16::try_from(i.saturating_add(1)).unwrap_or(i16::MAX),
                 type_oid: *t,
                 sql_type: crate::types::PgType::from_oid(*t).name().to_owned(),
+                bound_name: None,
             })
             .collect(),
         ancestors: Vec::new(),

@@ -303,6 +303,11 @@ async fn another_sessions_ddl_never_opens_a_window_on_raw_values() {
         let _ = masked.simple_query(read).await;
         let _ = masked.query(*read, &[]).await;
     }
+    // The renamed column answers to its rule by attnum: it keeps its own mask (partial), and
+    // the rest of the table is not redacted wholesale.
+    let row = masked.query_one("SELECT name, national_id FROM customers WHERE id = 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "Canary One", "unmasked columns stay readable");
+    assert_eq!(row.get::<_, String>(1), "***-**-0001", "the rule of ssn follows the column to national_id");
     let stream = recorder.captured();
     for (what, needle) in crate::leaks::needles() {
         assert!(!stream.windows(needle.len()).any(|w| w == needle.as_slice()), "the masked session received {what}");

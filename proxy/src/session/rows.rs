@@ -58,9 +58,10 @@ pub fn origin_mask<'p>(
         return None;
     }
     let col = rel.column_by_attnum(attnum)?;
-    std::iter::once(&rel.name)
-        .chain(rel.ancestors.iter())
-        .find_map(|t| policy.column_mask(&ColumnName { table: t.clone(), column: col.name.clone() }, identity))
+    let names = std::iter::once(&col.name).chain(col.bound_name.as_ref());
+    names
+        .flat_map(|n| std::iter::once(&rel.name).chain(rel.ancestors.iter()).map(move |t| (t, n)))
+        .find_map(|(t, n)| policy.column_mask(&ColumnName { table: t.clone(), column: n.clone() }, identity))
 }
 
 impl RowPlan {

@@ -173,15 +173,20 @@ impl<'a> Protection<'a> {
                 }
                 // A rule naming a column this relation lacks (renamed, dropped, misspelt):
                 // the whole table is masked until the rules are fixed.
+                // A column renamed since an earlier snapshot still answers to its old name
+                // (bound by attnum), so its rule keeps applying.
                 let whole =
-                    self.policy.masked.keys().any(|c| tables.contains(&&c.table) && rel.column(&c.column).is_none());
+                    self.policy.masked.keys().any(|c| {
+                        tables.contains(&&c.table) && !rel.columns.iter().any(|col| col.answers_to(&c.column))
+                    });
                 let cols = rel
                     .columns
                     .iter()
                     .map(|c| {
-                        tables
-                            .iter()
-                            .find_map(|t| self.policy.mask(&ColumnName::new(&t.schema, &t.table, &c.name)))
+                        let names = std::iter::once(c.name.as_str()).chain(c.bound_name.as_deref());
+                        names
+                            .flat_map(|n| tables.iter().map(move |t| ColumnName::new(&t.schema, &t.table, n)))
+                            .find_map(|cn| self.policy.mask(&cn))
                             .cloned()
                     })
                     .collect();

@@ -708,3 +708,21 @@ fn names_a_statement_creates_are_not_unknown_relations() {
         assert!(unknown(sql), "{sql}: an unknown relation is read or written");
     }
 }
+
+#[test]
+fn a_renamed_column_keeps_its_rule_by_attnum() {
+    let p = policy();
+    let session = p.for_identity(&Identity::new(APP.iter().copied()));
+    let mut rels: Vec<crate::catalog::Relation> =
+        crate::catalog::example().relations().map(|r| (**r).clone()).collect();
+    let customers = rels.iter_mut().find(|r| r.name.table == "customers").unwrap();
+    let ssn = customers.columns.iter_mut().find(|c| c.name == "ssn").unwrap();
+    ssn.name = "national_id".to_owned();
+    ssn.bound_name = Some("ssn".to_owned());
+    let catalog = crate::catalog::Catalog::new(rels);
+    let a =
+        Analyzer::new(&session, &catalog, "app_user").analyze("SELECT name, national_id FROM customers WHERE id = 1");
+    let text = a.rewritten.unwrap();
+    assert!(text.contains("AS national_id") && text.contains("right((national_id)::text, 4)"), "{text}");
+    assert!(text.contains("(SELECT id, name, "), "not whole-table redaction: {text}");
+}

@@ -852,6 +852,7 @@ fn a_set_search_path_is_followed_once_the_server_confirms_it() {
             attnum: 1,
             type_oid: 25,
             sql_type: "text".to_owned(),
+            bound_name: None,
         }],
         ancestors: Vec::new(),
         view_sql: None,
