@@ -4,14 +4,8 @@
 use tokio_postgres::SimpleQueryMessage;
 
 use crate::harness::client::{connect_plain, url};
-use crate::harness::{pg, proxy as harness_proxy};
+use crate::harness::{pg, proxy as harness_proxy, tempdir};
 use crate::masking::RULES;
-
-fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("pgveil-test-{:016x}", rand::random::<u64>()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn events(log: &str, kind: &str) -> Vec<serde_json::Value> {
     log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v["event"] == kind).collect()

@@ -9,7 +9,7 @@ use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::error::SqlState;
 
 use crate::harness::client::{connect_plain, url};
-use crate::harness::{pg, proxy as harness_proxy};
+use crate::harness::{pg, proxy as harness_proxy, tempdir};
 use crate::masking::RULES;
 
 fn is_block(e: &tokio_postgres::Error, rule: &str) -> bool {
@@ -125,12 +125,6 @@ async fn max_rows_cuts_the_result_and_cancels_the_backend() {
         assert!(is_block(&e, "max_rows"), "{e}");
         assert_eq!(client.query("SELECT id FROM customers WHERE id < 3", &[]).await.unwrap().len(), 2);
     }
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("pgveil-test-{:016x}", rand::random::<u64>()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

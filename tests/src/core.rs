@@ -267,18 +267,8 @@ async fn read_until_ready(s: &mut tokio::net::TcpStream) -> Vec<u8> {
 
 async fn raw_session(port: u16, db: &str, queries: &[&str]) -> Vec<Vec<u8>> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut startup = BytesMut::new();
-    startup.put_u32(0);
-    startup.put_u32(196_608);
-    for (k, v) in [("user", "trust_user"), ("database", db), ("application_name", "fidelity")] {
-        startup.put_slice(k.as_bytes());
-        startup.put_u8(0);
-        startup.put_slice(v.as_bytes());
-        startup.put_u8(0);
-    }
-    startup.put_u8(0);
-    let len = u32::try_from(startup.len()).unwrap().to_be_bytes();
-    startup[..4].copy_from_slice(&len);
+    let startup =
+        crate::harness::startup_packet(&[("user", "trust_user"), ("database", db), ("application_name", "fidelity")]);
     s.write_all(&startup).await.unwrap();
     read_until_ready(&mut s).await; // authentication and startup differ (keys, by design)
     let mut replies = Vec::new();

@@ -21,19 +21,7 @@ async fn drain(s: &mut TcpStream) -> Vec<u8> {
 }
 
 fn startup(user: &str, db: &str) -> BytesMut {
-    let mut b = BytesMut::new();
-    b.put_u32(0);
-    b.put_u32(196_608);
-    for (k, v) in [("user", user), ("database", db)] {
-        b.put_slice(k.as_bytes());
-        b.put_u8(0);
-        b.put_slice(v.as_bytes());
-        b.put_u8(0);
-    }
-    b.put_u8(0);
-    let len = u32::try_from(b.len()).unwrap().to_be_bytes();
-    b[..4].copy_from_slice(&len);
-    b
+    crate::harness::startup_packet(&[("user", user), ("database", db)])
 }
 
 /// Logs in as trust_user and returns the stream positioned after the first ReadyForQuery.

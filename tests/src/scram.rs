@@ -86,19 +86,7 @@ async fn failed_scram_exchange(port: u16, db: &str) -> (Vec<u8>, bool) {
     use bytes::{BufMut, BytesMut};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut b = BytesMut::new();
-    b.put_u32(0);
-    b.put_u32(196_608);
-    for (k, v) in [("user", "app_user"), ("database", db)] {
-        b.put_slice(k.as_bytes());
-        b.put_u8(0);
-        b.put_slice(v.as_bytes());
-        b.put_u8(0);
-    }
-    b.put_u8(0);
-    let len = u32::try_from(b.len()).unwrap().to_be_bytes();
-    b[..4].copy_from_slice(&len);
-    s.write_all(&b).await.unwrap();
+    s.write_all(&crate::harness::startup_packet(&[("user", "app_user"), ("database", db)])).await.unwrap();
     let read_msg = async |s: &mut tokio::net::TcpStream| -> (u8, Vec<u8>) {
         let tag = s.read_u8().await.unwrap();
         let len = s.read_u32().await.unwrap();
