@@ -18,7 +18,7 @@ SEL=${1:-test/dialect/postgresql}
 DRIVER=${DRIVER:-psycopg}
 BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 [ -x "$BIN/initdb" ] || { echo "PostgreSQL server binaries missing: apt-get install -y postgresql" >&2; exit 1; }
-python3 -m pip install -q pytest 'psycopg[binary]' asyncpg sqlalchemy >/dev/null 2>&1 || true
+python3 -m pip install -q pytest 'psycopg[binary]' asyncpg greenlet sqlalchemy >/dev/null 2>&1 || true
 VER=$(python3 -c 'import sqlalchemy; print(sqlalchemy.__version__)')
 WORK=$(mktemp -d /tmp/pgveil-suites-XXXXXX)
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
@@ -57,12 +57,14 @@ for db in direct exempt masked; do
     CREATE SCHEMA pgveil_canary; CREATE TABLE pgveil_canary.secret (id int, ssn text);
     INSERT INTO pgveil_canary.secret VALUES (1, '900-00-0001')"
 done
+ALLOW_LINE=""
+[ -n "${FUNCTIONS_ALLOW:-}" ] && ALLOW_LINE="functions: { allow: [$FUNCTIONS_ALLOW] }"
 cat > "$WORK/rules.yaml" <<YAML
 version: 1
 exempt: [sqla]
 columns:
   pgveil_canary.secret.ssn: { mask: redact }
-${FUNCTIONS_ALLOW:+functions: { allow: [$FUNCTIONS_ALLOW] }}
+$ALLOW_LINE
 YAML
 cat > "$WORK/pgveil.yaml" <<YAML
 listen: 127.0.0.1:$VEIL_PORT

@@ -145,7 +145,9 @@ impl RowPlan {
 
 /// ErrorResponse / NoticeResponse for a masked session, without the fields that can echo
 /// values (threat model I7 / B14): detail, hint, context and internal query are dropped; the
-/// message of classes that quote data is replaced with a generic text.
+/// message of classes that quote data is replaced with a generic text. File, line and routine
+/// (the server's own source location) are kept: drivers key on them (asyncpg recognises a
+/// stale cached statement by routine `RevalidateCachedQuery`), and they hold no data.
 pub fn scrub_error(frame: &Frame, out: &mut BytesMut) -> bool {
     scrub(frame, out, None)
 }
@@ -177,7 +179,7 @@ fn scrub(frame: &Frame, out: &mut BytesMut, position: Option<&dyn Fn(usize) -> O
     });
     let kept: Vec<(u8, &[u8])> = fields
         .iter()
-        .filter(|(c, _)| !matches!(c, b'D' | b'H' | b'W' | b'q' | b'p' | b'F' | b'L' | b'R'))
+        .filter(|(c, _)| !matches!(c, b'D' | b'H' | b'W' | b'q' | b'p'))
         .filter(|(c, _)| *c != b'P' || !matches!(mapped, Some(None)))
         .map(|(c, v)| match c {
             b'M' => (*c, generic.unwrap_or(v)),
