@@ -161,9 +161,11 @@ pub fn scrub_error_mapped(frame: &Frame, out: &mut BytesMut, position: &dyn Fn(u
 fn scrub(frame: &Frame, out: &mut BytesMut, position: Option<&dyn Fn(usize) -> Option<usize>>) -> bool {
     let Some(fields) = crate::protocol::messages::error_fields(frame) else { return false };
     let code = fields.iter().find(|(c, _)| *c == b'C').map(|(_, v)| *v).unwrap_or_default();
+    // Class 23 (integrity) keeps its message: PostgreSQL puts the offending values in DETAIL
+    // (dropped below), never in the message, which names only the constraint, relation and
+    // column — as drivers and frameworks match on it.
     let generic: Option<&[u8]> = match code.get(..2) {
         Some(b"22") => Some(b"invalid input value (details hidden by pgveil)"),
-        Some(b"23") => Some(b"integrity constraint violated (details hidden by pgveil)"),
         Some(b"P0") => Some(b"error raised by procedural code (details hidden by pgveil)"),
         Some(b"XX") => Some(b"internal error (details hidden by pgveil)"),
         _ => None,
