@@ -14,57 +14,18 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DJANGO_VERSION=${DJANGO_VERSION:-5.1.15}
 LABELS=${*:-"basic queries expressions aggregation lookup model_fields transactions update delete raw_query select_for_update backends.postgresql postgres_tests"}
-BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
-[ -x "$BIN/initdb" ] || { echo "PostgreSQL server binaries missing: apt-get install -y postgresql" >&2; exit 1; }
 python3 -m pip install -q asgiref sqlparse 'psycopg[binary,pool]' >/dev/null 2>&1 || true
-WORK=$(mktemp -d /tmp/pgveil-django-XXXXXX)
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-cleanup() {
-  [ -n "${VEIL_PID:-}" ] && kill "$VEIL_PID" 2>/dev/null || true
-  as_pg "$BIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-[ "$(id -u)" = 0 ] && chown postgres "$WORK"
+KEEP_LOGS_IN=""
+source tests/suites/lib.sh
+suite_work pgveil-django
 python3 -m pip download -q --no-deps --no-binary :all: -d "$WORK" "django==$DJANGO_VERSION" >/dev/null
 tar xzf "$WORK"/django-*.tar.gz -C "$WORK"
 SRC=$(ls -d "$WORK"/django-*/)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PG_PORT=$(free_port); VEIL_PORT=$(free_port)
-echo postgres > "$WORK/pw"; [ "$(id -u)" = 0 ] && chown postgres "$WORK/pw"
-as_pg "$BIN/initdb" -D "$WORK/data" -U postgres --pwfile="$WORK/pw" -A scram-sha-256 -E UTF8 >/dev/null
-cat >> "$WORK/data/postgresql.conf" <<CONF
-port = $PG_PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$WORK'
-fsync = off
-synchronous_commit = off
-CONF
-as_pg "$BIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w start >/dev/null
-export PGPASSWORD=postgres
-PSQL=("$BIN/psql" -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres)
+suite_cluster "synchronous_commit = off"
 # Django's runner creates and drops its test databases and the postgres_tests extensions.
-"${PSQL[@]}" -c "CREATE ROLE django LOGIN PASSWORD 'django' SUPERUSER; CREATE ROLE django_masked LOGIN PASSWORD 'django' SUPERUSER; CREATE ROLE pgveil LOGIN PASSWORD 'pgveil'"
+"${PSQL[@]}" -c "CREATE ROLE django LOGIN PASSWORD 'django' SUPERUSER; CREATE ROLE django_masked LOGIN PASSWORD 'django' SUPERUSER"
 "${PSQL[@]}" -c "CREATE SCHEMA pgveil_canary; CREATE TABLE pgveil_canary.secret (id int, ssn text); INSERT INTO pgveil_canary.secret VALUES (1, '900-00-0001')"
-cat > "$WORK/rules.yaml" <<YAML
-version: 1
-exempt: [django]
-columns:
-  pgveil_canary.secret.ssn: { mask: redact }
-YAML
-cat > "$WORK/pgveil.yaml" <<YAML
-listen: 127.0.0.1:$VEIL_PORT
-upstream: { host: 127.0.0.1, port: $PG_PORT, tls: disable }
-tls: { clients: allow }
-catalog: { user: pgveil, password_file: $WORK/catalog-pw }
-rules: $WORK/rules.yaml
-limits: { max_connections: 500 }
-YAML
-echo pgveil > "$WORK/catalog-pw"
-cargo build --release -q -p proxy   # a no-op when current
-PGVEIL_LOG=warn target/release/pgveil run --config "$WORK/pgveil.yaml" 2>"$WORK/pgveil.log" &
-VEIL_PID=$!
-for _ in $(seq 100); do "$BIN/pg_isready" -q -h 127.0.0.1 -p "$VEIL_PORT" && break; sleep 0.1; done
+suite_pgveil django
 
 settings() { # run port user
   cat > "$WORK/settings_$1.py" <<PY
