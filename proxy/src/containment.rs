@@ -24,6 +24,17 @@ use crate::conn::SessionInfo;
 pub const CHANNEL: &str = "pgveil_quarantine";
 /// How often the table is read again even without a notification (expiry, missed notices).
 const RELOAD_EVERY: Duration = Duration::from_secs(30);
+/// The longest a write to the shared table may take: a session being ended or an operator's
+/// request never waits on a stuck state connection longer than this.
+const STATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs a statement on the state connection within [`STATE_TIMEOUT`].
+async fn bounded<T>(f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T, String> {
+    match tokio::time::timeout(STATE_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer from the state database within {STATE_TIMEOUT:?}")),
+    }
+}
 
 /// One live client session, as operators see it.
 #[derive(Debug)]
@@ -224,15 +235,13 @@ impl Containment {
         shared.audit.send(ev).await;
         self.terminate_role(shared, role, reason);
         let shared_ok = match self.state.load_full() {
-            Some(client) => client
-                .execute(
-                    "INSERT INTO pgveil.quarantine (role, until, reason, by) VALUES ($1, now() + make_interval(secs => $2), $3, $4) \
-                     ON CONFLICT (role) DO UPDATE SET until = EXCLUDED.until, reason = EXCLUDED.reason, by = EXCLUDED.by, at = now()",
-                    &[&role, &how_long.as_secs_f64(), &reason, &by],
-                )
-                .await
-                .and(client.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &role]).await)
-                .map_err(|e| e.to_string()),
+            Some(client) => bounded(client.execute(
+                "INSERT INTO pgveil.quarantine (role, until, reason, by) VALUES ($1, now() + make_interval(secs => $2), $3, $4) \
+                 ON CONFLICT (role) DO UPDATE SET until = EXCLUDED.until, reason = EXCLUDED.reason, by = EXCLUDED.by, at = now()",
+                &[&role, &how_long.as_secs_f64(), &reason, &by],
+            ))
+            .await
+            .and(bounded(client.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &role])).await),
             None => Err("the state connection is down".to_owned()),
         };
         if let Err(e) = shared_ok {
@@ -247,11 +256,8 @@ impl Containment {
         let was_here = self.quarantined.write().map(|mut m| m.remove(role).is_some()).unwrap_or(false);
         let shared_result = match self.state.load_full() {
             Some(client) => {
-                let n = client
-                    .execute("DELETE FROM pgveil.quarantine WHERE role = $1", &[&role])
-                    .await
-                    .map_err(|e| e.to_string());
-                let _ = client.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &role]).await;
+                let n = bounded(client.execute("DELETE FROM pgveil.quarantine WHERE role = $1", &[&role])).await;
+                let _ = bounded(client.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &role])).await;
                 n.map(|n| n > 0)
             }
             None => Err("the state connection is down".to_owned()),

@@ -58,6 +58,16 @@ struct Watched<'a, S> {
     failed: bool,
 }
 
+impl<S> Watched<'_, S> {
+    /// Remembers a failed poll and passes it on.
+    fn note<T>(&mut self, r: std::task::Poll<std::io::Result<T>>) -> std::task::Poll<std::io::Result<T>> {
+        if matches!(r, std::task::Poll::Ready(Err(_))) {
+            self.failed = true;
+        }
+        r
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
@@ -65,10 +75,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let r = std::pin::Pin::new(&mut *self.io).poll_read(cx, buf);
-        if matches!(r, std::task::Poll::Ready(Err(_))) {
-            self.failed = true;
-        }
-        r
+        self.note(r)
     }
 }
 
@@ -79,10 +86,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut *self.io).poll_write(cx, buf);
-        if matches!(r, std::task::Poll::Ready(Err(_))) {
-            self.failed = true;
-        }
-        r
+        self.note(r)
     }
 
     fn poll_flush(
@@ -90,10 +94,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let r = std::pin::Pin::new(&mut *self.io).poll_flush(cx);
-        if matches!(r, std::task::Poll::Ready(Err(_))) {
-            self.failed = true;
-        }
-        r
+        self.note(r)
     }
 
     fn poll_shutdown(
@@ -101,10 +102,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let r = std::pin::Pin::new(&mut *self.io).poll_shutdown(cx);
-        if matches!(r, std::task::Poll::Ready(Err(_))) {
-            self.failed = true;
-        }
-        r
+        self.note(r)
     }
 }
 

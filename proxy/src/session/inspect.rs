@@ -46,26 +46,16 @@ impl<'a> Inspector<'a> {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         // Bytes the client sent before the session became ready are handled first.
-        while let Some(f) = client.buffered_frame()? {
-            if !self.on_client(f).await? {
-                return self.flush_server(server).await;
-            }
+        if !self.buffered(client).await? {
+            return self.flush_server(server).await;
         }
         self.flush_server(server).await?;
         loop {
             tokio::select! {
                 f = client.read_frame() => {
                     let Some(f) = f? else { return Ok(()) };
-                    if !self.on_client(f).await? {
+                    if !self.on_client(f).await? || !self.buffered(client).await? {
                         return self.flush_server(server).await;
-                    }
-                    while !self.relay.over_budget() && let Some(f) = client.buffered_frame()? {
-                        if !self.on_client(f).await? {
-                            return self.flush_server(server).await;
-                        }
-                    }
-                    if self.relay.over_budget() {
-                        return Err(self.spent().await);
                     }
                     self.flush_server(server).await?;
                 }
@@ -88,6 +78,23 @@ impl<'a> Inspector<'a> {
                 }
                 () = self.shared.hard_stop.cancelled() => return Err(SessionError::Shutdown),
                 () = self.live.killed().cancelled() => return Err(SessionError::Terminated),
+            }
+        }
+    }
+
+    /// Handles the client frames already read; `false` when the client terminated. A spent
+    /// probe budget ends the session here, before anything more of the client's is sent.
+    async fn buffered<C: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut Conn<C>,
+    ) -> Result<bool, SessionError> {
+        loop {
+            if self.relay.over_budget() {
+                return Err(self.spent().await);
+            }
+            let Some(f) = client.buffered_frame()? else { return Ok(true) };
+            if !self.on_client(f).await? {
+                return Ok(false);
             }
         }
     }

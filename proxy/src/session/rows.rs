@@ -161,11 +161,14 @@ pub fn scrub_error_mapped(frame: &Frame, out: &mut BytesMut, position: &dyn Fn(u
 fn scrub(frame: &Frame, out: &mut BytesMut, position: Option<&dyn Fn(usize) -> Option<usize>>) -> bool {
     let Some(fields) = crate::protocol::messages::error_fields(frame) else { return false };
     let code = fields.iter().find(|(c, _)| *c == b'C').map(|(_, v)| *v).unwrap_or_default();
-    // Class 23 (integrity) keeps its message: PostgreSQL puts the offending values in DETAIL
-    // (dropped below), never in the message, which names only the constraint, relation and
-    // column — as drivers and frameworks match on it.
+    // Class 23 (integrity) keeps its message when it is PostgreSQL's own constraint error (it
+    // names the constraint, field `n`): the server puts the offending values in DETAIL
+    // (dropped below), never in the message, which drivers and frameworks match on. A 23xxx
+    // raised by procedural code (no constraint named) can say anything: replaced.
+    let names_constraint = fields.iter().any(|(c, _)| *c == b'n');
     let generic: Option<&[u8]> = match code.get(..2) {
         Some(b"22") => Some(b"invalid input value (details hidden by pgveil)"),
+        Some(b"23") if !names_constraint => Some(b"integrity constraint violated (details hidden by pgveil)"),
         Some(b"P0") => Some(b"error raised by procedural code (details hidden by pgveil)"),
         Some(b"XX") => Some(b"internal error (details hidden by pgveil)"),
         _ => None,
@@ -289,5 +292,48 @@ mod properties {
                 prop_assert!(!masked_cell.windows(secret.len()).any(|w| w == secret.as_bytes()), "{} kept {}", m, secret);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod scrub_tests {
+    use bytes::BytesMut;
+
+    use super::scrub_error;
+    use crate::protocol::Frame;
+    use crate::protocol::messages::{encode_fields, error_fields};
+
+    fn error(fields: &[(u8, &[u8])]) -> Frame {
+        let mut b = BytesMut::new();
+        encode_fields(&mut b, b'E', fields);
+        Frame::from_encoded(b.freeze()).expect("a frame")
+    }
+
+    fn message(f: &Frame) -> (Vec<u8>, Vec<u8>) {
+        let mut out = BytesMut::new();
+        assert!(scrub_error(f, &mut out));
+        let scrubbed = Frame::from_encoded(out.freeze()).expect("a frame");
+        let fields = error_fields(&scrubbed).expect("fields");
+        let get = |t: u8| fields.iter().find(|(c, _)| *c == t).map(|(_, v)| v.to_vec()).unwrap_or_default();
+        (get(b'M'), get(b'D'))
+    }
+
+    #[test]
+    fn integrity_errors_keep_the_servers_message_and_lose_their_detail() {
+        let fk = error(&[
+            (b'S', b"ERROR"),
+            (b'C', b"23503"),
+            (b'M', b"insert or update on table \"o\" violates foreign key constraint \"o_c_fkey\""),
+            (b'D', b"Key (c)=(900-00-0001) is not present in table \"c\"."),
+            (b'n', b"o_c_fkey"),
+            (b'R', b"ri_ReportViolation"),
+        ]);
+        let (m, d) = message(&fk);
+        assert!(m.starts_with(b"insert or update on table"), "{}", String::from_utf8_lossy(&m));
+        assert!(d.is_empty(), "DETAIL quotes the key: dropped");
+        // A 23xxx raised by procedural code names no constraint: its message can say anything.
+        let raised = error(&[(b'S', b"ERROR"), (b'C', b"23505"), (b'M', b"ssn 900-00-0001 is taken")]);
+        let (m, _) = message(&raised);
+        assert_eq!(m, b"integrity constraint violated (details hidden by pgveil)");
     }
 }
