@@ -78,3 +78,60 @@ YAML
   for _ in $(seq 100); do "$BIN/pg_isready" -q -h 127.0.0.1 -p "$VEIL_PORT" -U bench_exempt -d bench && return 0; sleep 0.1; done
   echo "pgveil did not start: $(cat "$WORK/pgveil.log")" >&2; exit 1
 }
+
+# start_pgbouncer: PgBouncer 1.x in session mode in front of the cluster (TLS offered to
+# clients, sslmode chosen by them). Sets BOUNCER_PORT BOUNCER_PID.
+start_pgbouncer() {
+  command -v pgbouncer >/dev/null || { echo "pgbouncer missing: apt-get install -y pgbouncer" >&2; exit 1; }
+  BOUNCER_PORT=$(free_port)
+  cat > "$WORK/pgbouncer.ini" <<INI
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+auth_type = trust
+auth_file = $WORK/userlist.txt
+pool_mode = session
+max_client_conn = 500
+default_pool_size = 100
+client_tls_sslmode = allow
+client_tls_key_file = $WORK/tls.key
+client_tls_cert_file = $WORK/tls.crt
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+unix_socket_dir =
+INI
+  printf '"postgres" ""\n"bench_exempt" ""\n' > "$WORK/userlist.txt"
+  [ "$(id -u)" = 0 ] && chown -R postgres "$WORK"
+  as_pg pgbouncer -d "$WORK/pgbouncer.ini"
+  sleep 1
+  BOUNCER_PID=$(cat "$WORK/pgbouncer.pid"); PIDS+=("$BOUNCER_PID")
+}
+
+# start_haproxy: HAProxy in `mode tcp`, the protocol-blind floor. Sets HAPROXY_PORT and
+# HAPROXY_PID, or returns 1 with a note when HAProxy is not installed.
+start_haproxy() {
+  command -v haproxy >/dev/null || { echo "haproxy not installed: its floor row is skipped (apt-get install -y haproxy)" >&2; return 1; }
+  HAPROXY_PORT=$(free_port)
+  cat > "$WORK/haproxy.cfg" <<CFG
+global
+  maxconn 2000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+listen pg
+  bind 127.0.0.1:$HAPROXY_PORT
+  server pg 127.0.0.1:$PG_PORT
+CFG
+  haproxy -D -f "$WORK/haproxy.cfg" -p "$WORK/haproxy.pid"
+  sleep 0.5
+  HAPROXY_PID=$(cat "$WORK/haproxy.pid"); PIDS+=("$HAPROXY_PID")
+}
+
+# Process CPU ticks (user + system) and context switches of all its threads.
+cpu_ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
+ctx_switches() { [ -n "$1" ] && cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}' || echo 0; }
+TICK=$(getconf CLK_TCK)

@@ -15,60 +15,14 @@ SECS=${SECONDS_PER_RUN:-5}
 CLIENTS=${CLIENTS:-"1 8"}
 MODES=${MODES:-"simple extended prepared"}
 
-command -v pgbouncer >/dev/null || { echo "pgbouncer missing: apt-get install -y pgbouncer" >&2; exit 1; }
 source benches/lib.sh
 setup_cluster 300
-BOUNCER_PORT=$(free_port)
 start_pgveil
 
-cat > "$WORK/pgbouncer.ini" <<INI
-[databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $BOUNCER_PORT
-auth_type = trust
-auth_file = $WORK/userlist.txt
-pool_mode = session
-max_client_conn = 500
-default_pool_size = 100
-client_tls_sslmode = allow
-client_tls_key_file = $WORK/tls.key
-client_tls_cert_file = $WORK/tls.crt
-logfile = $WORK/pgbouncer.log
-pidfile = $WORK/pgbouncer.pid
-unix_socket_dir =
-INI
-printf '"postgres" ""\n"bench_exempt" ""\n' > "$WORK/userlist.txt"
-[ "$(id -u)" = 0 ] && chown -R postgres "$WORK"
-as_pg pgbouncer -d "$WORK/pgbouncer.ini"
-sleep 1
-BOUNCER_PID=$(cat "$WORK/pgbouncer.pid"); PIDS+=("$BOUNCER_PID")
-
-# HAProxy in `mode tcp`: the protocol-blind floor (issue 18). Optional: skipped with a note
-# when it is not installed (apt-get install -y haproxy).
+start_pgbouncer
+# HAProxy in `mode tcp`: the protocol-blind floor (issue 18), skipped when not installed.
 HAPROXY_ROW=()
-if command -v haproxy >/dev/null; then
-  HAPROXY_PORT=$(free_port)
-  cat > "$WORK/haproxy.cfg" <<CFG
-global
-  maxconn 2000
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h
-listen pg
-  bind 127.0.0.1:$HAPROXY_PORT
-  server pg 127.0.0.1:$PG_PORT
-CFG
-  haproxy -D -f "$WORK/haproxy.cfg" -p "$WORK/haproxy.pid"
-  sleep 0.5
-  HAPROXY_PID=$(cat "$WORK/haproxy.pid"); PIDS+=("$HAPROXY_PID")
-  HAPROXY_ROW=("haproxy|$HAPROXY_PORT|postgres|$HAPROXY_PID|disable")
-else
-  echo "haproxy not installed: its floor row is skipped (apt-get install -y haproxy)" >&2
-fi
+start_haproxy && HAPROXY_ROW=("haproxy|$HAPROXY_PORT|postgres|$HAPROXY_PID|disable")
 
 # name | port | user | pid whose CPU is counted | client sslmode. Every target offers TLS; the
 # plaintext runs say sslmode=disable (libpq's default, prefer, would pick TLS at the proxies and
@@ -90,8 +44,6 @@ TLS_TARGETS=(
 )
 TLS_MODES=${TLS_MODES:-"simple extended"}
 TLS_CLIENTS=${TLS_CLIENTS:-8}
-cpu_ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
-TICK=$(getconf CLK_TCK)
 RAW="$WORK/raw.tsv"
 : > "$RAW"
 for round in $(seq "$ROUNDS"); do

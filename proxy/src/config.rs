@@ -268,6 +268,52 @@ pub struct Limits {
     /// refused on every instance sharing `catalog.state_database`.
     #[serde(with = "opt_duration")]
     pub quarantine: Option<Duration>,
+    /// Where sessions run: `auto` (one session thread per core, each with its own
+    /// single-threaded runtime), a number of such threads, or `shared` (tokio's work-stealing
+    /// runtime, shared with the rest of the proxy).
+    #[serde(with = "workers")]
+    pub workers: Workers,
+}
+
+/// `limits.workers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    Auto,
+    Threads(usize),
+    Shared,
+}
+
+mod workers {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Workers;
+
+    pub fn serialize<S: Serializer>(w: &Workers, s: S) -> Result<S::Ok, S::Error> {
+        match w {
+            Workers::Auto => s.serialize_str("auto"),
+            Workers::Shared => s.serialize_str("shared"),
+            Workers::Threads(n) => s.serialize_u64(*n as u64),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Workers, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        let text = match &v {
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            _ => String::new(),
+        };
+        match text.as_str() {
+            "auto" => Ok(Workers::Auto),
+            "shared" => Ok(Workers::Shared),
+            t => match t.parse::<usize>() {
+                Ok(n) if n > 0 && n <= 1024 => Ok(Workers::Threads(n)),
+                _ => Err(serde::de::Error::custom(format!(
+                    "{text:?} is not a number of session threads (1 to 1024), auto or shared"
+                ))),
+            },
+        }
+    }
 }
 
 impl Default for Limits {
@@ -278,6 +324,7 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(30),
             blocks_per_session: Some(Budget { max: 20, per: Duration::from_secs(60) }),
             quarantine: None,
+            workers: Workers::Auto,
         }
     }
 }
@@ -478,6 +525,22 @@ mod tests {
         assert!(e.to_string().contains("tls.cert"), "{e}");
         let e = Config::from_yaml_with_env("rules: /etc/r.yaml\n", "t.yaml", []).unwrap_err();
         assert!(e.to_string().contains("catalog.user"), "{e}");
+    }
+
+    #[test]
+    fn session_threads() {
+        let workers = |src: &str, env: &[(&str, &str)]| {
+            let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+            Config::from_yaml_with_env(src, "t.yaml", env).map(|c| c.limits.workers)
+        };
+        assert_eq!(workers("", &[]).unwrap(), Workers::Auto);
+        assert_eq!(workers("limits: {workers: 3}\n", &[]).unwrap(), Workers::Threads(3));
+        assert_eq!(workers("limits: {workers: shared}\n", &[]).unwrap(), Workers::Shared);
+        assert_eq!(workers("", &[("PGVEIL_LIMITS_WORKERS", "2")]).unwrap(), Workers::Threads(2));
+        for bad in ["0", "many", "-1"] {
+            let e = workers(&format!("limits: {{workers: {bad}}}\n"), &[]).unwrap_err();
+            assert!(e.to_string().contains("session threads"), "{e}");
+        }
     }
 
     #[test]

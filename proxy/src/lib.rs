@@ -42,6 +42,7 @@ pub mod running;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod workers;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

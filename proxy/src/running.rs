@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Shared;
 use crate::audit::{Audit, AuditWriter};
 use crate::config::Config;
+use crate::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -25,6 +26,8 @@ pub enum StartError {
     Bind { addr: String, source: std::io::Error },
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("cannot start the session threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// Starts proxies.
@@ -41,6 +44,7 @@ pub struct Running {
     stop: CancellationToken,
     admin_stop: CancellationToken,
     serve: Option<tokio::task::JoinHandle<()>>,
+    workers: Option<Arc<Workers>>,
     writer: Option<AuditWriter>,
 }
 
@@ -77,9 +81,15 @@ impl Proxy {
             tokio::spawn(crate::admin::serve(admin, Arc::clone(&shared), admin_stop.clone()));
         }
         tokio::spawn(crate::policy::watch(Arc::clone(&shared)));
+        let workers = Workers::start(shared.config.limits.workers).map_err(StartError::Workers)?.map(Arc::new);
         let stop = CancellationToken::new();
-        let serve = tokio::spawn(crate::serve(listener, Arc::clone(&shared), stop.clone().cancelled_owned()));
-        Ok(Running { shared, addr, admin_addr, stop, admin_stop, serve: Some(serve), writer })
+        let serve = tokio::spawn(crate::serve(
+            listener,
+            Arc::clone(&shared),
+            workers.clone(),
+            stop.clone().cancelled_owned(),
+        ));
+        Ok(Running { shared, addr, admin_addr, stop, admin_stop, serve: Some(serve), workers, writer })
     }
 }
 
@@ -100,6 +110,9 @@ impl Running {
         self.stop.cancel();
         if let Some(serve) = self.serve.take() {
             let _ = serve.await;
+        }
+        if let Some(workers) = self.workers.take().and_then(|w| Arc::try_unwrap(w).ok()) {
+            let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
         }
         self.admin_stop.cancel();
         self.shared.audit.close().await;

@@ -11,12 +11,21 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::Shared;
+use crate::workers::Workers;
 use crate::metrics::Rejected;
 use crate::protocol::messages::{ErrorResponse, sqlstate};
 
 /// Accepts clients on `listener` until `shutdown` resolves, then stops accepting, lets open
 /// sessions finish for the configured grace period, closes the rest and returns.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
+///
+/// With `workers`, each session runs on one of the session threads (its sockets registered
+/// with that thread's runtime); without, on the calling runtime.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    workers: Option<Arc<Workers>>,
+    shutdown: impl Future<Output = ()>,
+) {
     let limit = Arc::new(Semaphore::new(shared.config.limits.max_connections));
     let tracker = TaskTracker::new();
     // Quarantines shared with other instances (ends when the proxy stops accepting).
@@ -42,12 +51,32 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
             continue;
         };
         let shared = Arc::clone(&shared);
-        tracker.spawn(async move {
+        let Some(workers) = &workers else {
+            tracker.spawn(async move {
+                shared.metrics.connection_opened();
+                crate::session::run(Arc::clone(&shared), tcp, peer).await;
+                shared.metrics.connection_closed();
+                drop(permit);
+            });
+            continue;
+        };
+        // Leave this runtime's driver; the session thread registers the socket with its own.
+        let tcp = match tcp.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand an accepted connection to a session thread");
+                continue;
+            }
+        };
+        workers.spawn(tracker.track_future(async move {
             shared.metrics.connection_opened();
-            crate::session::run(Arc::clone(&shared), tcp, peer).await;
+            match tokio::net::TcpStream::from_std(tcp) {
+                Ok(tcp) => crate::session::run(Arc::clone(&shared), tcp, peer).await,
+                Err(e) => tracing::warn!(error = %e, "cannot register an accepted connection"),
+            }
             shared.metrics.connection_closed();
             drop(permit);
-        });
+        }));
     }
     shared.ready.store(false, Ordering::Relaxed);
     shared.stop_accepting.cancel();
