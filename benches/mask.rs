@@ -113,6 +113,13 @@ fn analysis(c: &mut Criterion) {
     c.bench_function("scan_only_pg_query", |b| {
         b.iter(|| pg_query::scan(sql).map(|p| p.tokens.len()));
     });
+    // What the proxy runs for each new text: tokens straight from C, then the shape key.
+    c.bench_function("scan_tokens_pg_query", |b| {
+        b.iter(|| pg_query::scan_tokens(sql).map(|t| t.len()));
+    });
+    c.bench_function("shape_key_with_scan", |b| {
+        b.iter(|| rules::sql::shape_key(sql));
+    });
     c.bench_function("analyse_oltp_statement_uncached", |b| {
         b.iter(|| rules::sql::Analyzer::new(&view, &catalog, "app_user").analyze(sql));
     });

@@ -36,6 +36,7 @@ where
     let mut c = Watched { io: &mut client.io, failed: false };
     let mut s = Watched { io: &mut server.io, failed: false };
     let copied = tokio::select! {
+        biased;
         r = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut s, PUMP_BUFFER, PUMP_BUFFER) => r,
         () = shared.hard_stop.cancelled() => return Err(SessionError::Shutdown),
         () = killed.cancelled() => return Err(SessionError::Terminated),

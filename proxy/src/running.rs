@@ -83,12 +83,8 @@ impl Proxy {
         tokio::spawn(crate::policy::watch(Arc::clone(&shared)));
         let workers = Workers::start(shared.config.limits.workers).map_err(StartError::Workers)?.map(Arc::new);
         let stop = CancellationToken::new();
-        let serve = tokio::spawn(crate::serve(
-            listener,
-            Arc::clone(&shared),
-            workers.clone(),
-            stop.clone().cancelled_owned(),
-        ));
+        let serve =
+            tokio::spawn(crate::serve(listener, Arc::clone(&shared), workers.clone(), stop.clone().cancelled_owned()));
         Ok(Running { shared, addr, admin_addr, stop, admin_stop, serve: Some(serve), workers, writer })
     }
 }

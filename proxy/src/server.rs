@@ -11,9 +11,9 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::Shared;
-use crate::workers::Workers;
 use crate::metrics::Rejected;
 use crate::protocol::messages::{ErrorResponse, sqlstate};
+use crate::workers::Workers;
 
 /// Accepts clients on `listener` until `shutdown` resolves, then stops accepting, lets open
 /// sessions finish for the configured grace period, closes the rest and returns.

@@ -34,6 +34,7 @@ impl Workers {
 
     /// Starts `n` session threads.
     pub fn threads(n: usize) -> std::io::Result<Workers> {
+        let n = n.max(1);
         let stop = CancellationToken::new();
         let mut handles = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
@@ -64,8 +65,10 @@ impl Workers {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        drop(self.handles[i].spawn(task));
+        let i = self.next.fetch_add(1, Ordering::Relaxed).checked_rem(self.handles.len()).unwrap_or(0);
+        if let Some(h) = self.handles.get(i) {
+            drop(h.spawn(task));
+        }
     }
 
     /// Ends the session threads and waits for them (call after the sessions are drained).

@@ -75,6 +75,13 @@ pub(crate) const NOW_ALLOWED: &[&str] = &[
     "PREPARE ps AS SELECT ssn FROM customers WHERE id = $1",
     "EXECUTE ps(2)",
     "DEALLOCATE ps",
+    // Subqueries list only the columns a statement names (unless it reaches them by position).
+    "SELECT count(*) FROM customers",
+    "SELECT 1 FROM customers LIMIT 1",
+    "SELECT o.id FROM orders o WHERE EXISTS (SELECT 1 FROM customers WHERE id = o.customer_id) ORDER BY 1 LIMIT 3",
+    "SELECT (SELECT name FROM customers WHERE id = o.customer_id) FROM orders o ORDER BY o.id LIMIT 3",
+    "SELECT x, y, z FROM customers AS c(x, y, z) ORDER BY x LIMIT 2",
+    "SELECT c.name, o.amount FROM customers c JOIN orders o USING (id) ORDER BY 1 LIMIT 3",
 ];
 
 /// Statements the server must reject with its own error, not pgveil's 42501.

@@ -50,6 +50,15 @@ impl<'a> Inspector<'a> {
             return self.flush_server(server).await;
         }
         self.flush_server(server).await?;
+        // Made once: a fresh wait per message registered and removed two waiters each time.
+        let shared = Arc::clone(self.shared);
+        let live = Arc::clone(self.live);
+        let mut ended = std::pin::pin!(async move {
+            tokio::select! {
+                () = shared.hard_stop.cancelled() => SessionError::Shutdown,
+                () = live.killed().cancelled() => SessionError::Terminated,
+            }
+        });
         loop {
             tokio::select! {
                 f = client.read_frame() => {
@@ -76,8 +85,7 @@ impl<'a> Inspector<'a> {
                     }
                     self.flush_client(client).await?;
                 }
-                () = self.shared.hard_stop.cancelled() => return Err(SessionError::Shutdown),
-                () = self.live.killed().cancelled() => return Err(SessionError::Terminated),
+                e = &mut ended => return Err(e),
             }
         }
     }

@@ -483,7 +483,7 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
                 for (_, _, from, to) in pushdowns.iter().filter(|(s, ..)| *s == i) {
                     out.edits.push(Edit { from: *from, to: *to, pieces: vec![Piece::Text("TRUE".to_owned())] });
                 }
-                let edit = substitution(r, &p, protect, toks, filters)?;
+                let edit = substitution(r, &p, protect, toks, filters, trimmable(found, r))?;
                 out.edits.push(edit);
                 out.substituted.push(name);
             }
@@ -585,6 +585,36 @@ fn reachable(found: &Found<'_>, r: &walk::RelSite<'_>, p: &Protected) -> bool {
     p.masked_names().iter().any(|n| found.names.contains(*n))
 }
 
+/// Whether the statement can reach a column of this relation site other than by its name:
+/// `*` or `t.*` anywhere, a whole-row reference (`t`, `(t).*`, `f(t)`), a NATURAL join, or
+/// an alias with a column list (`AS t(a, b)` renames by position).
+fn positional(found: &Found<'_>, r: &walk::RelSite<'_>) -> bool {
+    let alias = r.alias().unwrap_or(r.relname());
+    let renamed =
+        r.rv.get("alias")
+            .and_then(serde_json::Value::as_object)
+            .and_then(|a| a.get("colnames"))
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|c| !c.is_empty());
+    renamed
+        || found.natural_join
+        || found.cols.iter().any(|c| {
+            c.fields.last().is_some_and(|f| f == "*")
+                || (c.fields.len() == 1 && (c.fields[0] == alias || c.fields[0] == r.relname()))
+        })
+}
+
+/// The columns a read's subquery needs to list: with no positional reach (see
+/// [`positional`]) only those whose name the statement uses anywhere (any column reference,
+/// USING list or assignment, at any level, so a reference can never bind to another
+/// relation's column in its place); `None`: every column. The server then parses and plans
+/// only what the statement names (pgbench -S: one column and the key of four, measured in
+/// README). Trimming is never a way to a raw value: a column left out can only make a
+/// statement fail with 42703, as a stale catalog could before.
+fn trimmable<'f>(found: &'f Found<'_>, r: &walk::RelSite<'_>) -> Option<&'f std::collections::HashSet<String>> {
+    (r.site == Site::Read && !found.too_deep && !positional(found, r)).then_some(&found.names)
+}
+
 /// The edit that replaces a relation site by its masked subquery.
 fn substitution(
     r: &walk::RelSite<'_>,
@@ -592,6 +622,7 @@ fn substitution(
     protect: &Protection<'_>,
     toks: &Tokens<'_>,
     filters: Vec<Vec<Piece>>,
+    named: Option<&std::collections::HashSet<String>>,
 ) -> Result<Edit, Block> {
     let cannot = || block(Reason::Unsupported, "pgveil cannot locate this relation in the statement's text", "");
     let at = toks.at(r.location()).ok_or_else(cannot)?;
@@ -620,7 +651,7 @@ fn substitution(
     }
     let only = copy || !r.inh();
     let mut pieces = vec![Piece::Text(prefix)];
-    pieces.extend(protect.subquery(p, only, &r.copy_columns, filters)?);
+    pieces.extend(protect.subquery(p, only, &r.copy_columns, named, filters)?);
     if !copy && r.alias().is_none() {
         pieces.push(Piece::Text(format!(" AS {}", quote_ident(r.relname()))));
     }

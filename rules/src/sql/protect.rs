@@ -226,13 +226,15 @@ impl<'a> Protection<'a> {
     }
 
     /// The masked subquery of a protected relation, without its alias: `only` for
-    /// `ONLY t` / `COPY t`; `columns` for `COPY t (a, b)`; `filters` are raw-predicate
-    /// conjuncts moved in (each a sequence of pieces, ANDed).
+    /// `ONLY t` / `COPY t`; `columns` for `COPY t (a, b)`; `named`: list only these columns
+    /// of a table (possibly none: `SELECT FROM t`), in table order; `filters` are
+    /// raw-predicate conjuncts moved in (each a sequence of pieces, ANDed).
     pub fn subquery(
         &self,
         p: &Protected,
         only: bool,
         columns: &[String],
+        named: Option<&std::collections::HashSet<String>>,
         filters: Vec<Vec<Piece>>,
     ) -> Result<Vec<Piece>, Block> {
         let mut pieces = Vec::new();
@@ -257,6 +259,9 @@ impl<'a> Protection<'a> {
                 let mut list = Vec::with_capacity(rel.columns.len());
                 for (c, view) in rel.columns.iter().zip(cols) {
                     if !columns.is_empty() && !columns.contains(&c.name) {
+                        continue;
+                    }
+                    if named.is_some_and(|n| !n.contains(&c.name)) {
                         continue;
                     }
                     let q = quote_ident(&c.name);

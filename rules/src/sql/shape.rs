@@ -48,12 +48,24 @@ pub fn shape_key(sql: &str) -> Option<String> {
 /// One scan of a text by the server's scanner, shared by its shape key and the rewrite of a
 /// cached shape (scanning is most of what a cache hit costs).
 #[derive(Debug)]
-pub struct Scanned(pub(crate) pb::ScanResult);
+pub struct Scanned(pub(crate) Vec<pb::ScanToken>);
 
 impl Scanned {
+    /// The scanner's tokens straight from C (`scan_tokens`: no protobuf round trip, which
+    /// was most of a scan's cost).
     pub fn new(sql: &str) -> Option<Scanned> {
-        pg_query::scan(sql).ok().map(Scanned)
+        scan_tokens(sql).map(Scanned)
     }
+}
+
+/// `pg_query::scan_tokens`, except for a text of whitespace only: the scanner then returns
+/// no token array at all, which the crate turns into a slice from a null pointer.
+pub(crate) fn scan_tokens(sql: &str) -> Option<Vec<pb::ScanToken>> {
+    // The scanner's whitespace (scan.l `space`).
+    if sql.bytes().all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)) {
+        return Some(Vec::new());
+    }
+    pg_query::scan_tokens(sql).ok()
 }
 
 /// [`shape_key`] of an already scanned text.
@@ -62,7 +74,7 @@ pub fn shape_key_of(sql: &str, scanned: &Scanned) -> Option<String> {
     let mut key = String::with_capacity(sql.len());
     // The first word of the statement being scanned (a text may hold several).
     let mut head: Option<&str> = None;
-    for t in &scanned.tokens {
+    for t in scanned {
         let start = usize::try_from(t.start).ok()?;
         let end = usize::try_from(t.end).ok()?;
         let text = sql.get(start..end)?;

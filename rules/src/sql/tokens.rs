@@ -19,12 +19,12 @@ pub(crate) struct Tokens<'a> {
 
 impl<'a> Tokens<'a> {
     pub(crate) fn new(sql: &'a str) -> Option<Self> {
-        Self::from_scan(sql, &pg_query::scan(sql).ok()?)
+        Self::from_scan(sql, &super::shape::scan_tokens(sql)?)
     }
 
-    pub(crate) fn from_scan(sql: &'a str, scanned: &pb::ScanResult) -> Option<Self> {
-        let mut toks = Vec::with_capacity(scanned.tokens.len());
-        for t in &scanned.tokens {
+    pub(crate) fn from_scan(sql: &'a str, scanned: &[pb::ScanToken]) -> Option<Self> {
+        let mut toks = Vec::with_capacity(scanned.len());
+        for t in scanned {
             if matches!(pb::Token::try_from(t.token), Ok(pb::Token::SqlComment | pb::Token::CComment)) {
                 continue;
             }
