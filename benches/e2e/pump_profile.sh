@@ -7,7 +7,7 @@
 # `strace -c -f` for syscalls per transaction and one under perf for the split between kernel
 # and user space. Writes benches/results/pump-profile-<date>-<host>.md.
 #
-#   benches/e2e/pump_profile.sh        # ROUNDS=3 SECONDS_PER_RUN=5 MODES="simple prepared" VARIANTS="auto shared"
+#   benches/e2e/pump_profile.sh        # ROUNDS=3 SECONDS_PER_RUN=5 MODES="simple prepared" VARIANTS="auto shared" INSPECTED=0
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${ROUNDS:-3}
@@ -24,6 +24,8 @@ for v in $VARIANTS; do
   VEIL_PORT=$(free_port); ADMIN_PORT=$(free_port)
   start_pgveil "limits: { max_connections: 500, workers: $v }"
   VEILS+=("pgveil-pump-$v|$VEIL_PORT|bench_exempt|$VEIL_PID")
+  # INSPECTED=1: also the inspecting relay (a role with a masked column -S does not read).
+  [ "${INSPECTED:-0}" = 1 ] && VEILS+=("pgveil-inspected-$v|$VEIL_PORT|bench_nomask|$VEIL_PID")
 done
 start_pgbouncer
 TARGETS=("pgbouncer|$BOUNCER_PORT|postgres|$BOUNCER_PID")

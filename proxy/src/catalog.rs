@@ -37,6 +37,10 @@ pub struct DbCatalog {
     snapshot: ArcSwap<Catalog>,
     generation: AtomicU64,
     loaded_at: Mutex<Option<Instant>>,
+    /// When the snapshot stops being fresh ([`since_start`] nanoseconds; 0: never loaded),
+    /// so the common case — fresh, not stale — is checked without the lock every session's
+    /// every statement would otherwise take.
+    fresh_until: AtomicU64,
     /// Set by DDL this proxy saw, and by the `pgveil_ddl` notification `pgveil init`'s event
     /// trigger sends on every DDL of any session.
     stale: Arc<AtomicBool>,
@@ -66,6 +70,7 @@ impl Catalogs {
                         snapshot: ArcSwap::from_pointee(Catalog::default()),
                         generation: AtomicU64::new(0),
                         loaded_at: Mutex::new(None),
+                        fresh_until: AtomicU64::new(0),
                         stale: Arc::new(AtomicBool::new(true)),
                         client: Mutex::new(None),
                     })
@@ -122,6 +127,13 @@ SELECT child::int8, parent::int8 FROM up ORDER BY child, depth";
 pub const MEMBERSHIP_SQL: &str =
     "SELECT rolname::text FROM pg_catalog.pg_roles WHERE pg_catalog.pg_has_role($1::text, oid, 'MEMBER')";
 
+/// Nanoseconds from the first call in this process (at least 1).
+fn since_start(t: Instant) -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(t.saturating_duration_since(start).as_nanos()).unwrap_or(u64::MAX).max(1)
+}
+
 impl DbCatalog {
     /// Installs a snapshot without a server (unit tests and fuzz targets of the relay).
     #[doc(hidden)]
@@ -160,6 +172,12 @@ impl DbCatalog {
         metrics: &Metrics,
         after: Option<Instant>,
     ) -> Result<(), CatalogError> {
+        if after.is_none()
+            && !self.stale.load(Ordering::Acquire)
+            && since_start(Instant::now()) < self.fresh_until.load(Ordering::Acquire)
+        {
+            return Ok(());
+        }
         let mut at = loop {
             let at = self.loaded_at.lock().await;
             let needed = match (after, *at) {
@@ -205,6 +223,7 @@ impl DbCatalog {
         self.snapshot.store(Arc::new(catalog));
         self.generation.fetch_add(1, Ordering::Relaxed);
         *at = Some(started);
+        self.fresh_until.store(since_start(started.checked_add(REFRESH_EVERY).unwrap_or(started)), Ordering::Release);
         metrics.catalog_refreshes_total.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

@@ -35,11 +35,16 @@ where
     server.flush().await?;
     let mut c = Watched { io: &mut client.io, failed: false };
     let mut s = Watched { io: &mut server.io, failed: false };
+    let ended = WhenWoken::new(async {
+        tokio::select! {
+            () = shared.hard_stop.cancelled() => SessionError::Shutdown,
+            () = killed.cancelled() => SessionError::Terminated,
+        }
+    });
     let copied = tokio::select! {
         biased;
         r = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut s, PUMP_BUFFER, PUMP_BUFFER) => r,
-        () = shared.hard_stop.cancelled() => return Err(SessionError::Shutdown),
-        () = killed.cancelled() => return Err(SessionError::Terminated),
+        e = ended => return Err(e),
     };
     match copied {
         Ok((to_server, to_client)) => {
@@ -107,9 +112,77 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
     }
 }
 
+/// A future polled only after its own waker fired (and on the first poll). A session's task
+/// wakes for every message, and polling the end-of-session waits each time (a lock per
+/// cancellation token) was a visible share of the pump's own CPU.
+pub(crate) struct WhenWoken<F> {
+    inner: std::pin::Pin<Box<F>>,
+    flag: Arc<WakeFlag>,
+    first: bool,
+}
+
+struct WakeFlag {
+    woken: std::sync::atomic::AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: std::future::Future> WhenWoken<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        let flag = Arc::new(WakeFlag { woken: false.into(), task: futures_util::task::AtomicWaker::new() });
+        WhenWoken { inner: Box::pin(inner), flag, first: true }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for WhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        self.flag.task.register(cx.waker());
+        let woken = self.flag.woken.swap(false, std::sync::atomic::Ordering::AcqRel);
+        if !woken && !std::mem::take(&mut self.first) {
+            return std::task::Poll::Pending;
+        }
+        let waker = std::task::Waker::from(Arc::clone(&self.flag));
+        self.inner.as_mut().poll(&mut std::task::Context::from_waker(&waker))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_wait_polled_only_when_woken_still_ends_when_its_token_is_cancelled() {
+        let token = tokio_util::sync::CancellationToken::new();
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&polls);
+        let mut cancelled = Box::pin(token.clone().cancelled_owned());
+        let mut wait = WhenWoken::new(std::future::poll_fn(move |cx| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            cancelled.as_mut().poll(cx)
+        }));
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        for _ in 0..5 {
+            assert!(std::pin::Pin::new(&mut wait).poll(&mut cx).is_pending());
+        }
+        // Polled once: later polls without a wake-up of its own leave it alone.
+        assert_eq!(polls.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let task = tokio::spawn(wait);
+        token.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(5), task).await.unwrap().unwrap();
+    }
 
     #[tokio::test]
     async fn a_failure_names_the_side_that_failed() {

@@ -50,10 +50,11 @@ impl<'a> Inspector<'a> {
             return self.flush_server(server).await;
         }
         self.flush_server(server).await?;
-        // Made once: a fresh wait per message registered and removed two waiters each time.
+        // Made once (a fresh wait per message registered and removed two waiters each time),
+        // and polled only when a token wakes it.
         let shared = Arc::clone(self.shared);
         let live = Arc::clone(self.live);
-        let mut ended = std::pin::pin!(async move {
+        let mut ended = crate::forward::WhenWoken::new(async move {
             tokio::select! {
                 () = shared.hard_stop.cancelled() => SessionError::Shutdown,
                 () = live.killed().cancelled() => SessionError::Terminated,
