@@ -68,6 +68,22 @@ pub(crate) fn scan_tokens(sql: &str) -> Option<Vec<pb::ScanToken>> {
     pg_query::scan_tokens(sql).ok()
 }
 
+/// Whether a token is one of [`SHAPE_SENSITIVE`] (any case). Most tokens are not words of
+/// that length, and are told apart without comparing against the list.
+fn is_sensitive(text: &str) -> bool {
+    const LONGEST: usize = 10;
+    let bytes = text.as_bytes();
+    if !(2..=LONGEST).contains(&bytes.len()) || !bytes.first().is_some_and(u8::is_ascii_alphabetic) {
+        return false;
+    }
+    let mut lower = [0u8; LONGEST];
+    for (l, b) in lower.iter_mut().zip(bytes) {
+        *l = b.to_ascii_lowercase();
+    }
+    let lower = lower.get(..bytes.len()).unwrap_or_default();
+    SHAPE_SENSITIVE.iter().any(|k| k.as_bytes() == lower)
+}
+
 /// [`shape_key`] of an already scanned text.
 pub fn shape_key_of(sql: &str, scanned: &Scanned) -> Option<String> {
     let scanned = &scanned.0;
@@ -98,12 +114,14 @@ pub fn shape_key_of(sql: &str, scanned: &Scanned) -> Option<String> {
         if literal {
             key.push('$');
         } else {
-            let syntax = SHAPE_SYNTAX.iter().any(|(first, words)| {
-                head.is_some_and(|h| h.eq_ignore_ascii_case(first))
-                    && words.iter().any(|w| text.eq_ignore_ascii_case(w))
-            });
-            if !syntax && SHAPE_SENSITIVE.iter().any(|k| text.eq_ignore_ascii_case(k)) {
-                return None;
+            if is_sensitive(text) {
+                let syntax = SHAPE_SYNTAX.iter().any(|(first, words)| {
+                    head.is_some_and(|h| h.eq_ignore_ascii_case(first))
+                        && words.iter().any(|w| text.eq_ignore_ascii_case(w))
+                });
+                if !syntax {
+                    return None;
+                }
             }
             key.push_str(text);
         }

@@ -77,6 +77,7 @@ pub(crate) struct Relay {
     idle: bool,
     /// A search_path change to apply when the Query being sent completes.
     deferred_path: Option<Option<Vec<String>>>,
+    plan_memo: Option<state::PlanMemo>,
 }
 
 /// A relay for one session of `roles` under `rules_yaml`, with the example catalog installed
@@ -140,6 +141,7 @@ impl Relay {
             backstop_reported: false,
             idle: true,
             deferred_path: None,
+            plan_memo: None,
         }
     }
 

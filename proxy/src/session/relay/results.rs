@@ -34,10 +34,11 @@ impl Relay {
     }
 
     pub(super) fn row_description(&mut self, f: &Frame) -> Result<(), SessionError> {
-        let fields = Arc::new(messages::row_description(f).ok_or(SessionError::UnexpectedServerMessage(b'T'))?);
+        let parse = || messages::row_description(f).map(Arc::new).ok_or(SessionError::UnexpectedServerMessage(b'T'));
         match self.expect.front_mut() {
             Some(Expect::DescribeStatement(name)) => {
                 let name = name.clone();
+                let fields = parse()?;
                 self.expect.pop_front();
                 let mut plan = None;
                 if let Some(p) = self.statements.get_mut(&name) {
@@ -48,6 +49,7 @@ impl Relay {
             }
             Some(Expect::DescribePortal { portal, swallow }) => {
                 let (portal, swallow) = (*portal, *swallow);
+                let fields = parse()?;
                 self.expect.pop_front();
                 let mut plan = None;
                 if let Some(p) = self.portals.get_mut(&portal) {
@@ -62,11 +64,37 @@ impl Relay {
             Some(Expect::Query(q)) => {
                 let analysis = Arc::clone(&q.analysis);
                 let idx = q.idx;
-                let analysed = analysis.statements.get(idx).map_or(&[][..], |p| &p.outputs[..]);
-                let formats: Vec<i16> = fields.iter().map(|fd| fd.format).collect();
-                let plan = self.origin_plan(&fields, |i| rows::format_at(&formats, i), analysed);
+                let generations = (self.rules.catalog.generation(), self.shared.policy_generation.load(Relaxed));
+                let remembered = self
+                    .plan_memo
+                    .as_ref()
+                    .filter(|m| {
+                        m.idx == idx
+                            && m.generations == generations
+                            && Arc::ptr_eq(&m.analysis, &analysis)
+                            && m.desc == f.as_bytes()
+                    })
+                    .map(|m| Arc::clone(&m.plan));
+                let plan = match remembered {
+                    Some(plan) => plan,
+                    None => {
+                        let fields = parse()?;
+                        let analysed = analysis.statements.get(idx).map_or(&[][..], |p| &p.outputs[..]);
+                        let formats: Vec<i16> = fields.iter().map(|fd| fd.format).collect();
+                        let plan = Arc::new(self.origin_plan(&fields, |i| rows::format_at(&formats, i), analysed));
+                        self.plan_memo = Some(super::state::PlanMemo {
+                            // A copy: the frame shares the read buffer, which must not be kept.
+                            desc: bytes::Bytes::copy_from_slice(f.as_bytes()),
+                            analysis: Arc::clone(&analysis),
+                            idx,
+                            generations,
+                            plan: Arc::clone(&plan),
+                        });
+                        plan
+                    }
+                };
                 if let Some(Expect::Query(q)) = self.expect.front_mut() {
-                    q.row_plan = Some(Arc::new(plan));
+                    q.row_plan = Some(plan);
                     q.rows = 0;
                 }
                 self.forward_described(f, analysis.statements.get(idx));

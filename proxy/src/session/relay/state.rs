@@ -59,6 +59,19 @@ impl QueryState {
     }
 }
 
+/// The row plan of the last simple-protocol result: the next result with the same
+/// RowDescription bytes, for the same analysis and statement, under the same catalog and
+/// rules, gets the same plan (a simple-protocol workload describes the same result for every
+/// literal it sends).
+#[derive(Debug)]
+pub(super) struct PlanMemo {
+    pub desc: bytes::Bytes,
+    pub analysis: Arc<Analysis>,
+    pub idx: usize,
+    pub generations: (u64, u64),
+    pub plan: Arc<RowPlan>,
+}
+
 /// The client's text of a statement the server runs rewritten, to map error positions back.
 #[derive(Debug, Clone)]
 pub(super) struct Source {

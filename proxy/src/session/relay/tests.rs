@@ -193,6 +193,11 @@ impl Harness {
         self.relay.on_client(f, decided).unwrap()
     }
 
+    /// A client message with a decision made beforehand (shared, as the cache shares them).
+    fn client_decided(&mut self, f: Frame, decided: super::Decided) -> bool {
+        self.relay.on_client(f, Some(decided)).unwrap()
+    }
+
     fn clients(&mut self, fs: Vec<Frame>) {
         for f in fs {
             assert!(self.client(f));
@@ -735,6 +740,34 @@ fn the_backstop_masks_a_raw_value_that_reached_it_and_reports_it() {
     assert_eq!(cell, b"***-**-0001");
     assert_eq!(h.events(), ["backstop"]);
     assert_eq!(h.relay.shared.metrics.backstop_masked_cells_total.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_remembered_row_plan_still_masks_and_is_not_reused_across_analyses() {
+    let mut h = harness(APP);
+    let remembered = |h: &Harness| h.relay.plan_memo.as_ref().map(|m| Arc::as_ptr(&m.plan));
+    // One analysis (as the cache hands out for texts of one shape), the same description
+    // twice: the second result reuses the first plan, and its cell is still masked.
+    let decided = h.relay.rules_mut().decide_offline(&h.catalog, "SELECT 1");
+    let mut plans = Vec::new();
+    for _ in 0..2 {
+        h.client_decided(q("SELECT 1"), decided.clone());
+        h.server(vec![row_desc(&[("ssn", CUSTOMERS, 4)]), data_row(&["900-00-0001"]), complete("SELECT 1"), ready()]);
+        let got = h.received();
+        assert_eq!(messages::first_cell(&got[1]).unwrap(), b"***-**-0001");
+        plans.push(remembered(&h));
+    }
+    assert!(plans[0].is_some() && plans[0] == plans[1], "the plan was reused");
+    // Another analysis with the same description is planned anew (and masked all the same).
+    h.client(q("SELECT 1"));
+    h.server(vec![row_desc(&[("ssn", CUSTOMERS, 4)]), data_row(&["900-00-0002"]), complete("SELECT 1"), ready()]);
+    assert_eq!(messages::first_cell(&h.received()[1]).unwrap(), b"***-**-0002");
+    assert_ne!(remembered(&h), plans[0]);
+    // Another description for the same analysis is not the remembered one: `name` is not
+    // masked for this role.
+    h.client_decided(q("SELECT 1"), decided);
+    h.server(vec![row_desc(&[("name", CUSTOMERS, 2)]), data_row(&["Ada"]), complete("SELECT 1"), ready()]);
+    assert_eq!(messages::first_cell(&h.received()[1]).unwrap(), b"Ada");
 }
 
 #[test]
