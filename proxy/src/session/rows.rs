@@ -158,6 +158,22 @@ pub fn scrub_error_mapped(frame: &Frame, out: &mut BytesMut, position: &dyn Fn(u
     scrub(frame, out, Some(position))
 }
 
+/// `cache lookup failed for <object kind> <number>`: the internal error a backend raises for
+/// an object dropped under a statement that still names it by OID (drivers' type caches
+/// recognise it by this text, asyncpg among them). It carries an object kind and an OID,
+/// nothing else, so it is kept as the server wrote it.
+fn is_catalog_lookup_failure(message: &[u8]) -> bool {
+    let Some(rest) = message.strip_prefix(b"cache lookup failed for ") else { return false };
+    let Some(space) = rest.iter().rposition(|b| *b == b' ') else { return false };
+    let (kind, number) = rest.split_at(space);
+    let number = number.get(1..).unwrap_or_default();
+    !kind.is_empty()
+        && kind.iter().all(|b| b.is_ascii_lowercase() || *b == b' ')
+        && !number.is_empty()
+        && number.len() <= 10
+        && number.iter().all(u8::is_ascii_digit)
+}
+
 fn scrub(frame: &Frame, out: &mut BytesMut, position: Option<&dyn Fn(usize) -> Option<usize>>) -> bool {
     let Some(fields) = crate::protocol::messages::error_fields(frame) else { return false };
     let code = fields.iter().find(|(c, _)| *c == b'C').map(|(_, v)| *v).unwrap_or_default();
@@ -166,7 +182,9 @@ fn scrub(frame: &Frame, out: &mut BytesMut, position: Option<&dyn Fn(usize) -> O
     // (dropped below), never in the message, which drivers and frameworks match on. A 23xxx
     // raised by procedural code (no constraint named) can say anything: replaced.
     let names_constraint = fields.iter().any(|(c, _)| *c == b'n');
+    let message = fields.iter().find(|(c, _)| *c == b'M').map(|(_, v)| *v).unwrap_or_default();
     let generic: Option<&[u8]> = match code.get(..2) {
+        Some(b"XX") if is_catalog_lookup_failure(message) => None,
         Some(b"22") => Some(b"invalid input value (details hidden by pgveil)"),
         Some(b"23") if !names_constraint => Some(b"integrity constraint violated (details hidden by pgveil)"),
         Some(b"P0") => Some(b"error raised by procedural code (details hidden by pgveil)"),
@@ -251,6 +269,34 @@ mod tests {
         let mut out = BytesMut::new();
         plan.rewrite(&data_row(&[Some(&42i32.to_be_bytes())]), &mut out, None).unwrap();
         assert!(out.ends_with(&0i32.to_be_bytes()), "int4 redacted to 0 in binary");
+    }
+
+    #[test]
+    fn internal_errors_keep_only_catalog_lookup_failures() {
+        let scrubbed = |code: &'static str, message: &str| {
+            let e = crate::protocol::messages::ErrorResponse::error(code, message);
+            let f = Frame::from_encoded(e.to_bytes()).unwrap();
+            let mut out = BytesMut::new();
+            assert!(scrub_error(&f, &mut out));
+            let back = Frame::from_encoded(out.freeze()).unwrap();
+            let fields = crate::protocol::messages::error_fields(&back).unwrap();
+            let m = fields.iter().find(|(c, _)| *c == b'M').map(|(_, v)| v.to_vec()).unwrap();
+            String::from_utf8(m).unwrap()
+        };
+        assert_eq!(scrubbed("XX000", "cache lookup failed for type 16392"), "cache lookup failed for type 16392");
+        assert_eq!(
+            scrubbed("XX000", "cache lookup failed for access method 7"),
+            "cache lookup failed for access method 7"
+        );
+        for other in [
+            "cache lookup failed for type 900-00-0001",
+            "cache lookup failed for type 12345678901",
+            "cache lookup failed for 12",
+            "cache lookup failed for type x 1; ssn 900000001",
+            "could not find tuple for 'secret'",
+        ] {
+            assert_eq!(scrubbed("XX000", other), "internal error (details hidden by pgveil)", "{other}");
+        }
     }
 
     #[test]
