@@ -18,9 +18,7 @@ python3 -m pip install -q asgiref sqlparse 'psycopg[binary,pool]' >/dev/null 2>&
 KEEP_LOGS_IN=""
 source tests/suites/lib.sh
 suite_work pgveil-django
-python3 -m pip download -q --no-deps --no-binary :all: -d "$WORK" "django==$DJANGO_VERSION" >/dev/null
-tar xzf "$WORK"/django-*.tar.gz -C "$WORK"
-SRC=$(ls -d "$WORK"/django-*/)
+suite_sdist django "$DJANGO_VERSION"
 suite_cluster "synchronous_commit = off"
 # Django's runner creates and drops its test databases and the postgres_tests extensions.
 "${PSQL[@]}" -c "CREATE ROLE django LOGIN PASSWORD 'django' SUPERUSER; CREATE ROLE django_masked LOGIN PASSWORD 'django' SUPERUSER"

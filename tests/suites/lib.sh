@@ -68,3 +68,11 @@ YAML
   VEIL_PID=$!
   for _ in $(seq 100); do "$BIN/pg_isready" -q -h 127.0.0.1 -p "$VEIL_PORT" && break; sleep 0.1; done
 }
+
+# suite_sdist NAME VERSION: the framework's source distribution (its tests are not in the
+# wheel), unpacked in $WORK. Sets SRC.
+suite_sdist() {
+  python3 -m pip download -q --no-deps --no-binary :all: -d "$WORK" "$1==$2" >/dev/null
+  tar xzf "$WORK"/"$1"-*.tar.gz -C "$WORK"
+  SRC=$(ls -d "$WORK"/"$1"-*/)
+}

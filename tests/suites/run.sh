@@ -21,9 +21,7 @@ VER=$(python3 -c 'import sqlalchemy; print(sqlalchemy.__version__)')
 KEEP_LOGS_IN=/tmp/pgveil-suites-last
 source tests/suites/lib.sh
 suite_work pgveil-suites
-python3 -m pip download -q --no-deps --no-binary :all: -d "$WORK" "sqlalchemy==$VER" >/dev/null
-tar xzf "$WORK"/sqlalchemy-*.tar.gz -C "$WORK"
-SRC=$(ls -d "$WORK"/sqlalchemy-*/)
+suite_sdist sqlalchemy "$VER"
 suite_cluster "max_prepared_transactions = 10"
 "${PSQL[@]}" -c "CREATE ROLE sqla LOGIN PASSWORD 'sqla' CREATEDB; CREATE ROLE sqla_masked LOGIN PASSWORD 'sqla' CREATEDB"
 for db in direct exempt masked; do
