@@ -96,7 +96,10 @@ pub struct Quarantined {
 #[derive(Debug, Default)]
 pub struct Containment {
     sessions: DashMap<String, Arc<Live>>,
-    quarantined: std::sync::RwLock<HashMap<String, (time::OffsetDateTime, Quarantined)>>,
+    quarantined: std::sync::RwLock<Quarantines>,
+    /// Quarantines made here and not (yet) in the shared table: a reload of the table keeps
+    /// them (one read just before the insert, or a failed insert, must not lift them).
+    unshared: std::sync::Mutex<Quarantines>,
     /// The state connection, while it is up.
     state: arc_swap::ArcSwapOption<tokio_postgres::Client>,
     /// Whether `pgveil.quarantine` could be read (else quarantines are local).
@@ -226,6 +229,9 @@ impl Containment {
             .ok_or_else(|| "that quarantine is too long".to_owned())?;
         let q =
             Quarantined { role: role.to_owned(), until: rfc3339(until), reason: reason.to_owned(), by: by.to_owned() };
+        if let Ok(mut map) = self.unshared.lock() {
+            map.insert(role.to_owned(), (until, q.clone()));
+        }
         if let Ok(mut map) = self.quarantined.write() {
             map.insert(role.to_owned(), (until, q.clone()));
         }
@@ -248,12 +254,16 @@ impl Containment {
             tracing::error!(role, error = %e, "quarantine not shared with other instances (this one enforces it)");
             return Err(format!("quarantined on this instance only: {e}"));
         }
+        if let Ok(mut map) = self.unshared.lock() {
+            map.remove(role);
+        }
         Ok(q)
     }
 
     /// Lifts a role's quarantine here and in the shared table. `false`: it was not quarantined.
     pub async fn release(&self, shared: &Shared, role: &str, by: &str) -> Result<bool, String> {
-        let was_here = self.quarantined.write().map(|mut m| m.remove(role).is_some()).unwrap_or(false);
+        let unshared = self.unshared.lock().map(|mut m| m.remove(role).is_some()).unwrap_or(false);
+        let was_here = self.quarantined.write().map(|mut m| m.remove(role).is_some()).unwrap_or(false) || unshared;
         let shared_result = match self.state.load_full() {
             Some(client) => {
                 let n = bounded(client.execute("DELETE FROM pgveil.quarantine WHERE role = $1", &[&role])).await;
@@ -300,6 +310,9 @@ impl Containment {
                 .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
             let q = Quarantined { role: role.clone(), until: rfc3339(until), reason: r.get(2), by: r.get(3) };
             fresh.insert(role, (until, q));
+        }
+        if let Ok(mut unshared) = self.unshared.lock() {
+            keep_unshared(&mut fresh, &mut unshared, time::OffsetDateTime::now_utc());
         }
         let newly: Vec<(String, String)> = {
             let Ok(mut map) = self.quarantined.write() else { return Ok(true) };
@@ -411,6 +424,17 @@ impl ProbeBudget {
     }
 }
 
+type Quarantines = HashMap<String, (time::OffsetDateTime, Quarantined)>;
+
+/// Adds to what the shared table holds the quarantines made here that it does not hold yet
+/// (their insert is in flight, or failed); forgets those that expired.
+fn keep_unshared(fresh: &mut Quarantines, unshared: &mut Quarantines, now: time::OffsetDateTime) {
+    unshared.retain(|_, (until, _)| *until > now);
+    for (role, q) in unshared.iter() {
+        fresh.entry(role.clone()).or_insert_with(|| q.clone());
+    }
+}
+
 fn rfc3339(t: time::OffsetDateTime) -> String {
     let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     t.to_offset(time::UtcOffset::UTC).format(&fmt).unwrap_or_default()
@@ -419,6 +443,33 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_keeps_quarantines_not_yet_in_the_shared_table() {
+        let now = time::OffsetDateTime::now_utc();
+        let q = |role: &str, secs: i64| {
+            let until = now + time::Duration::seconds(secs);
+            let q = Quarantined {
+                role: role.to_owned(),
+                until: rfc3339(until),
+                reason: "r".to_owned(),
+                by: "b".to_owned(),
+            };
+            (role.to_owned(), (until, q))
+        };
+        // The table was read before this instance's insert landed: it holds only "other".
+        let mut fresh: Quarantines = [q("other", 60)].into_iter().collect();
+        let mut unshared: Quarantines = [q("prober", 60), q("expired", -1)].into_iter().collect();
+        keep_unshared(&mut fresh, &mut unshared, now);
+        let mut roles: Vec<&str> = fresh.keys().map(String::as_str).collect();
+        roles.sort_unstable();
+        assert_eq!(roles, ["other", "prober"], "the local quarantine survives the reload");
+        assert!(!unshared.contains_key("expired"), "expired local quarantines are forgotten");
+        // The table's own row wins over the local copy once it is there.
+        let mut fresh: Quarantines = [q("prober", 120)].into_iter().collect();
+        keep_unshared(&mut fresh, &mut unshared, now);
+        assert_eq!(fresh["prober"].0, now + time::Duration::seconds(120));
+    }
 
     #[test]
     fn the_budget_is_a_sliding_window() {

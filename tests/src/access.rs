@@ -170,7 +170,9 @@ async fn incident_drill_budget_quarantine_on_every_instance_and_release() {
         assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{e}");
     }
     let e = prober.simple_query("SELECT id FROM customers WHERE ssn = 'x'").await.unwrap_err();
-    let db_error = e.as_db_error().unwrap_or_else(|| panic!("a FATAL that says why, got {e}"));
+    let db_error = e.as_db_error().unwrap_or_else(|| {
+        panic!("a FATAL that says why, got {e:?}; audit log:\n{}", std::fs::read_to_string(&log1).unwrap_or_default())
+    });
     assert_eq!(db_error.severity(), "FATAL");
     assert!(db_error.message().contains("blocks_per_session"), "{}", db_error.message());
     assert!(prober.simple_query("SELECT 1").await.is_err(), "the session is gone");

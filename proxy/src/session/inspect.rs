@@ -17,6 +17,19 @@ use crate::Shared;
 use crate::audit::{Event, EventKind};
 use crate::protocol::{Direction, Frame, messages};
 
+/// The longest a session whose probe budget is spent waits for the answers still owed to
+/// the client before its FATAL.
+const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What the driver does after the client frames it had read.
+enum Next {
+    Go,
+    /// The client sent Terminate.
+    ClientDone,
+    /// The probe budget is spent.
+    Spent,
+}
+
 pub(super) struct Inspector<'a> {
     shared: &'a Arc<Shared>,
     relay: Relay,
@@ -46,10 +59,11 @@ impl<'a> Inspector<'a> {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         // Bytes the client sent before the session became ready are handled first.
-        if !self.buffered(client).await? {
-            return self.flush_server(server).await;
+        match self.buffered(client).await? {
+            Next::Go => self.flush_server(server).await?,
+            Next::ClientDone => return self.flush_server(server).await,
+            Next::Spent => return Err(self.spent(client, server).await),
         }
-        self.flush_server(server).await?;
         // Made once (a fresh wait per message registered and removed two waiters each time),
         // and polled only when a token wakes it.
         let shared = Arc::clone(self.shared);
@@ -64,10 +78,12 @@ impl<'a> Inspector<'a> {
             tokio::select! {
                 f = client.read_frame() => {
                     let Some(f) = f? else { return Ok(()) };
-                    if !self.on_client(f).await? || !self.buffered(client).await? {
-                        return self.flush_server(server).await;
+                    let next = if self.on_client(f).await? { self.buffered(client).await? } else { Next::ClientDone };
+                    match next {
+                        Next::Go => self.flush_server(server).await?,
+                        Next::ClientDone => return self.flush_server(server).await,
+                        Next::Spent => return Err(self.spent(client, server).await),
                     }
-                    self.flush_server(server).await?;
                 }
                 f = server.read_frame() => {
                     let Some(f) = f? else {
@@ -91,19 +107,19 @@ impl<'a> Inspector<'a> {
         }
     }
 
-    /// Handles the client frames already read; `false` when the client terminated. A spent
-    /// probe budget ends the session here, before anything more of the client's is sent.
+    /// Handles the client frames already read. A spent probe budget stops here, before
+    /// anything more of the client's is handled.
     async fn buffered<C: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         client: &mut Conn<C>,
-    ) -> Result<bool, SessionError> {
+    ) -> Result<Next, SessionError> {
         loop {
             if self.relay.over_budget() {
-                return Err(self.spent().await);
+                return Ok(Next::Spent);
             }
-            let Some(f) = client.buffered_frame()? else { return Ok(true) };
+            let Some(f) = client.buffered_frame()? else { return Ok(Next::Go) };
             if !self.on_client(f).await? {
-                return Ok(false);
+                return Ok(Next::ClientDone);
             }
         }
     }
@@ -148,8 +164,17 @@ impl<'a> Inspector<'a> {
     }
 
     /// The probe budget is spent: the session is ended (and its role quarantined, with
-    /// `limits.quarantine`), each step audited in order.
-    async fn spent(&mut self) -> SessionError {
+    /// `limits.quarantine`), each step audited in order. The statement that spent it never
+    /// runs; the answers still owed for earlier ones are relayed first (within
+    /// [`DRAIN_WITHIN`]), so the FATAL answers that statement as it would from PostgreSQL: a
+    /// client reading answers in order (tokio-postgres) would otherwise take the FATAL for
+    /// the earlier statement and report a closed connection for this one.
+    async fn spent<C, S>(&mut self, client: &mut Conn<C>, server: &mut Conn<S>) -> SessionError
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let drain = self.relay.forget_from_trip();
         let why = self.relay.budget_reason();
         let info = self.relay.info().clone();
         self.shared.metrics.sessions_terminated_budget.fetch_add(1, Relaxed);
@@ -165,7 +190,31 @@ impl<'a> Inspector<'a> {
                 tracing::error!(user = %info.user, error = %e, "quarantine");
             }
         }
+        if drain && tokio::time::timeout(DRAIN_WITHIN, self.drain(client, server)).await.is_err() {
+            tracing::debug!("answers owed before the probe budget was spent did not come in time");
+        }
         SessionError::Terminated
+    }
+
+    /// Sends what was buffered before the tripping statement and relays the server's answers
+    /// until nothing more is owed.
+    async fn drain<C, S>(&mut self, client: &mut Conn<C>, server: &mut Conn<S>) -> Result<(), SessionError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.flush_server(server).await?;
+        self.flush_client(client).await?;
+        while self.relay.awaiting_server() {
+            let Some(f) = server.read_frame().await? else { break };
+            self.relay.on_server(f)?;
+            while let Some(f) = server.buffered_frame()? {
+                self.relay.on_server(f)?;
+            }
+            self.after_server();
+            self.flush_client(client).await?;
+        }
+        Ok(())
     }
 
     async fn flush_server<S: AsyncRead + AsyncWrite + Unpin>(

@@ -52,6 +52,19 @@ impl Queue {
         self.items.front_mut()
     }
 
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn back(&self) -> Option<&Expect> {
+        self.items.back()
+    }
+
+    /// Keeps the oldest `n` entries.
+    pub fn truncate(&mut self, n: usize) {
+        self.items.truncate(n);
+    }
+
     pub fn pop_front(&mut self) -> Option<Expect> {
         self.items.pop_front()
     }

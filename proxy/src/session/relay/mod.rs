@@ -50,8 +50,9 @@ pub(crate) struct Relay {
     info: SessionInfo,
     live: Arc<crate::containment::Live>,
     budget: crate::containment::ProbeBudget,
-    /// The probe budget was spent: the driver ends the session.
-    over_budget: bool,
+    /// The probe budget was spent (the driver ends the session): how much of `to_server` and
+    /// of `expect` was there before the statement that spent it.
+    trip: Option<(usize, usize)>,
     rules: SessionRules,
     statements: HashMap<Bytes, Prepared>,
     /// Portals by id; `portal_names` says which id a name currently denotes.
@@ -124,7 +125,7 @@ impl Relay {
             info,
             live,
             budget,
-            over_budget: false,
+            trip: None,
             rules,
             statements: HashMap::new(),
             portals: HashMap::new(),
@@ -176,7 +177,24 @@ impl Relay {
 
     /// Whether the probe budget is spent (the driver ends the session).
     pub(crate) fn over_budget(&self) -> bool {
-        self.over_budget
+        self.trip.is_some()
+    }
+
+    /// Forgets the statement that spent the budget and everything after it (never sent to the
+    /// server, never answered), so the session ends as PostgreSQL ends one: the answers to
+    /// what ran before are relayed in full, then the FATAL. `true` when those answers end in a
+    /// ReadyForQuery the driver should wait for; `false` when nothing is owed or the client
+    /// left its pipeline unsynced (nothing more would come).
+    pub(crate) fn forget_from_trip(&mut self) -> bool {
+        let Some((to_server, expect)) = self.trip else { return false };
+        self.to_server.truncate(to_server);
+        self.expect.truncate(expect);
+        matches!(self.expect.back(), Some(Expect::Sync | Expect::Query(_) | Expect::FunctionCall))
+    }
+
+    /// Whether answers to messages already sent are still to come from the server.
+    pub(crate) fn awaiting_server(&self) -> bool {
+        !self.expect.is_empty()
     }
 
     /// What the client is told when the budget ends the session, and the audit reason.
@@ -439,8 +457,8 @@ impl Relay {
         self.shared.metrics.blocked(&b.rule, b.check.unwrap_or(&b.rule));
         self.audit_block(EventKind::QueryBlocked, b, text, None, usage);
         self.live.blocks.fetch_add(1, Relaxed);
-        if self.budget.hit(std::time::Instant::now()) {
-            self.over_budget = true;
+        if self.budget.hit(std::time::Instant::now()) && self.trip.is_none() {
+            self.trip = Some((self.to_server.len(), self.expect.len()));
         }
         Box::new(block_error(b))
     }

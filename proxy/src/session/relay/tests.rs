@@ -870,6 +870,37 @@ fn the_probe_budget_is_spent_by_policy_blocks_only() {
 }
 
 #[test]
+fn the_statement_that_spends_the_budget_never_runs_and_earlier_answers_still_come() {
+    let mut h = harness_with(RULES, APP, |c| {
+        c.limits.blocks_per_session = Some(crate::config::Budget { max: 1, per: std::time::Duration::from_secs(60) });
+    });
+    h.client(q("SELECT id FROM customers WHERE ssn = '1'"));
+    assert_eq!(tags(&h.sent()), "Q");
+    // The server fails the stand-in; a client that reads answers in order (tokio-postgres)
+    // sends its next statement on the 42501, before the ReadyForQuery has come.
+    h.server(vec![server_error("42601", "syntax error at or near \"PGVEIL\"")]);
+    assert_eq!(h.received_tags(), "E");
+    h.client(q("SELECT id FROM customers WHERE ssn = '2'"));
+    assert!(h.relay.over_budget());
+    assert!(h.relay.forget_from_trip(), "the first statement's ReadyForQuery is still owed");
+    assert!(h.sent().is_empty(), "the statement that spent the budget is never sent");
+    assert!(h.relay.awaiting_server());
+    h.server(vec![ready()]);
+    assert_eq!(h.received_tags(), "Z", "the owed ReadyForQuery, and nothing for the second statement");
+    assert!(!h.relay.awaiting_server());
+
+    // A pipeline left without Sync: nothing more would come, so nothing is waited for.
+    let mut h = harness_with(RULES, APP, |c| {
+        c.limits.blocks_per_session = Some(crate::config::Budget { max: 0, per: std::time::Duration::from_secs(60) });
+    });
+    h.client(parse("", "SELECT id FROM orders WHERE id = $1"));
+    h.client(parse("s2", "SELECT id FROM customers WHERE ssn = $1"));
+    assert!(h.relay.over_budget());
+    assert!(!h.relay.forget_from_trip());
+    assert_eq!(tags(&h.sent()), "P", "the Parse before the one that spent the budget");
+}
+
+#[test]
 fn a_set_search_path_is_followed_once_the_server_confirms_it() {
     let mut h = harness(APP);
     h.client(q("SET search_path = crm"));
