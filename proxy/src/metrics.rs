@@ -102,16 +102,17 @@ metrics! {
     families {
         pub connections_active: AtomicI64,
         rejected: DashMap<&'static str, AtomicU64>,
-        statements: DashMap<&'static str, AtomicU64>,
+        statements_simple: Striped,
+        statements_parse: Striped,
         blocked: DashMap<(String, String), AtomicU64>,
         /// `pgveil_forwarded_bytes_total{direction}`.
-        pub bytes_client_to_server: AtomicU64,
-        pub bytes_server_to_client: AtomicU64,
+        pub bytes_client_to_server: Striped,
+        pub bytes_server_to_client: Striped,
         /// `pgveil_analysis_seconds` (summary) and `pgveil_analysis_cache_total{result}`.
-        pub analysis_seconds_sum: AtomicU64,
-        pub analysis_count: AtomicU64,
-        pub analysis_cache_hits: AtomicU64,
-        pub analysis_cache_misses: AtomicU64,
+        pub analysis_seconds_sum: Striped,
+        pub analysis_count: Striped,
+        pub analysis_cache_hits: Striped,
+        pub analysis_cache_misses: Striped,
         /// `pgveil_rules_reloads_total{result}`.
         pub reloads_ok: AtomicU64,
         pub reloads_rejected: AtomicU64,
@@ -120,6 +121,38 @@ metrics! {
         /// `pgveil_sessions_terminated_total{cause}` (containment).
         pub sessions_terminated_budget: AtomicU64,
         pub sessions_terminated_operator: AtomicU64,
+    }
+}
+
+/// A counter bumped on every statement by every session thread: one cache line per slot, a
+/// thread always adds to its own, the sum is read at render time. (One shared atomic, or a
+/// DashMap entry, bounced its cache line between the cores on each statement.)
+#[derive(Debug, Default)]
+pub struct Striped([Slot; STRIPES]);
+
+const STRIPES: usize = 8;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Slot(AtomicU64);
+
+thread_local! {
+    static STRIPE: usize = {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        NEXT.fetch_add(1, Relaxed) % STRIPES
+    };
+}
+
+impl Striped {
+    pub fn add(&self, n: u64) {
+        let i = STRIPE.with(|i| *i);
+        if let Some(slot) = self.0.get(i) {
+            slot.0.fetch_add(n, Relaxed);
+        }
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.iter().fold(0u64, |sum, s| sum.wrapping_add(s.0.load(Relaxed)))
     }
 }
 
@@ -142,7 +175,10 @@ impl Metrics {
     }
 
     pub fn statement(&self, kind: StatementKind) {
-        bump(&self.statements, kind.as_label());
+        match kind {
+            StatementKind::Simple => self.statements_simple.add(1),
+            StatementKind::Parse => self.statements_parse.add(1),
+        }
     }
 
     pub fn blocked(&self, rule: &str, reason: &str) {
@@ -150,17 +186,17 @@ impl Metrics {
     }
 
     pub fn forwarded(&self, to_server: u64, to_client: u64) {
-        self.bytes_client_to_server.fetch_add(to_server, Relaxed);
-        self.bytes_server_to_client.fetch_add(to_client, Relaxed);
+        self.bytes_client_to_server.add(to_server);
+        self.bytes_server_to_client.add(to_client);
     }
 
     pub fn analysis(&self, nanos: u64, cache_hit: bool) {
-        self.analysis_seconds_sum.fetch_add(nanos, Relaxed);
-        self.analysis_count.fetch_add(1, Relaxed);
+        self.analysis_seconds_sum.add(nanos);
+        self.analysis_count.add(1);
         if cache_hit {
-            self.analysis_cache_hits.fetch_add(1, Relaxed);
+            self.analysis_cache_hits.add(1);
         } else {
-            self.analysis_cache_misses.fetch_add(1, Relaxed);
+            self.analysis_cache_misses.add(1);
         }
     }
 
@@ -190,9 +226,10 @@ impl Metrics {
             let _ = writeln!(out, "pgveil_connections_rejected_total{{reason=\"{}\"}} {v}", why.as_label());
         }
         head(&mut out, "pgveil_statements_total", "counter", "Statements analysed, by protocol.");
-        for kind in [StatementKind::Simple, StatementKind::Parse] {
-            let v = self.statements.get(kind.as_label()).map_or(0, |c| c.load(Relaxed));
-            let _ = writeln!(out, "pgveil_statements_total{{kind=\"{}\"}} {v}", kind.as_label());
+        for (kind, c) in
+            [(StatementKind::Simple, &self.statements_simple), (StatementKind::Parse, &self.statements_parse)]
+        {
+            let _ = writeln!(out, "pgveil_statements_total{{kind=\"{}\"}} {}", kind.as_label(), c.get());
         }
         head(&mut out, "pgveil_blocked_total", "counter", "Statements blocked, by rule and reason.");
         for entry in &self.blocked {
@@ -209,19 +246,19 @@ impl Metrics {
         let _ = writeln!(
             out,
             "pgveil_forwarded_bytes_total{{direction=\"client_to_server\"}} {}\npgveil_forwarded_bytes_total{{direction=\"server_to_client\"}} {}",
-            n(&self.bytes_client_to_server),
-            n(&self.bytes_server_to_client)
+            self.bytes_client_to_server.get(),
+            self.bytes_server_to_client.get()
         );
         head(&mut out, "pgveil_analysis_seconds", "summary", "Time spent analysing statements.");
         let _ = writeln!(
             out,
-            "pgveil_analysis_seconds_sum {}\npgveil_analysis_seconds_count {}",
-            secs(&self.analysis_seconds_sum),
-            n(&self.analysis_count)
+            "pgveil_analysis_seconds_sum {:.9}\npgveil_analysis_seconds_count {}",
+            self.analysis_seconds_sum.get() as f64 / 1e9,
+            self.analysis_count.get()
         );
         head(&mut out, "pgveil_analysis_cache_total", "counter", "Statement analysis cache lookups, by result.");
-        let _ = writeln!(out, "pgveil_analysis_cache_total{{result=\"hit\"}} {}", n(&self.analysis_cache_hits));
-        let _ = writeln!(out, "pgveil_analysis_cache_total{{result=\"miss\"}} {}", n(&self.analysis_cache_misses));
+        let _ = writeln!(out, "pgveil_analysis_cache_total{{result=\"hit\"}} {}", self.analysis_cache_hits.get());
+        let _ = writeln!(out, "pgveil_analysis_cache_total{{result=\"miss\"}} {}", self.analysis_cache_misses.get());
         head(&mut out, "pgveil_rules_reloads_total", "counter", "Rules file reloads, by result.");
         let _ = writeln!(out, "pgveil_rules_reloads_total{{result=\"ok\"}} {}", n(&self.reloads_ok));
         let _ = writeln!(out, "pgveil_rules_reloads_total{{result=\"rejected\"}} {}", n(&self.reloads_rejected));
@@ -250,6 +287,26 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn striped_counters_sum_every_threads_adds() {
+        let m = Metrics::default();
+        std::thread::scope(|s| {
+            for _ in 0..12 {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        m.statement(StatementKind::Simple);
+                        m.bytes_server_to_client.add(3);
+                    }
+                });
+            }
+        });
+        m.statement(StatementKind::Parse);
+        let text = m.render();
+        assert!(text.contains("pgveil_statements_total{kind=\"simple\"} 12000\n"), "{text}");
+        assert!(text.contains("pgveil_statements_total{kind=\"parse\"} 1\n"), "{text}");
+        assert!(text.contains("pgveil_forwarded_bytes_total{direction=\"server_to_client\"} 36000"), "{text}");
+    }
 
     #[test]
     fn renders_names_and_values() {

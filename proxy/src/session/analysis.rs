@@ -19,7 +19,7 @@ const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Looked up by a hash of the text (no allocation per statement); the entry keeps the text,
 /// and a hit whose text differs is a miss, so a hash collision can never reuse a plan.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     identity: u64,
     policy_generation: u64,
@@ -173,6 +173,10 @@ pub struct SessionRules {
     uncertain: Vec<String>,
     path_key: u64,
     temp: Vec<String>,
+    /// The last analysis found under a shape key, with that key and text: a session repeating
+    /// one statement with new literals (the simple protocol's way) skips the shared cache,
+    /// whose shard lock every session thread would otherwise take on each statement.
+    shape_memo: Option<(Key, Vec<u8>, Arc<Analysis>)>,
 }
 
 impl SessionRules {
@@ -201,6 +205,7 @@ impl SessionRules {
             uncertain: Vec::new(),
             path_key: 0,
             temp: Vec::new(),
+            shape_memo: None,
         };
         rules.rekey();
         rules
@@ -328,9 +333,22 @@ impl SessionRules {
             .and_then(|s| rules::sql::shape_key_of(text, s))
             .map(|k| format!("shape\u{1f}{k}").into_bytes());
         let shape_key = shape.as_ref().map(|k| Key { text_hash: text_hash(k), ..key });
-        if let (Some(k), Some(shape_text)) = (&shape_key, &shape)
-            && let Some(hit) = shared.analysis_cache.get(k, shape_text)
-        {
+        let memo = match (&self.shape_memo, &shape_key, &shape) {
+            (Some((mk, mt, a)), Some(k), Some(t)) if mk == k && mt == t => Some(Arc::clone(a)),
+            _ => None,
+        };
+        let found = match (memo, &shape_key, &shape) {
+            (Some(hit), ..) => Some(hit),
+            (None, Some(k), Some(t)) => {
+                let hit = shared.analysis_cache.get(k, t);
+                if let Some(hit) = &hit {
+                    self.shape_memo = Some((*k, t.clone(), Arc::clone(hit)));
+                }
+                hit
+            }
+            _ => None,
+        };
+        if let Some(hit) = found {
             // Not stored again under its exact text: texts that differ only in literals are
             // mostly one-offs, and storing each filled the cache (and pgveil's memory) with
             // them under a read-write pgbench (benches/load/run.sh).

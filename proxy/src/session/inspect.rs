@@ -236,13 +236,13 @@ impl<'a> Inspector<'a> {
 async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     buf: &mut BytesMut,
     to: &mut Conn<S>,
-    counter: &std::sync::atomic::AtomicU64,
+    counter: &crate::metrics::Striped,
 ) -> Result<(), SessionError> {
     if buf.is_empty() {
         return Ok(());
     }
     let out = buf.split();
-    counter.fetch_add(u64::try_from(out.len()).unwrap_or(u64::MAX), Relaxed);
+    counter.add(u64::try_from(out.len()).unwrap_or(u64::MAX));
     to.write_all(&out).await?;
     to.flush().await
 }
