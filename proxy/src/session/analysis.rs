@@ -299,8 +299,11 @@ impl SessionRules {
             .into();
         }
         let started = Instant::now();
-        let catalog = match self.catalog.current(&shared.config, &shared.metrics).await {
-            Ok(c) => c,
+        // Fresh enough (or reloaded) first; the snapshot itself is taken only when the caches
+        // miss (an Arc shared by every session: its count is a cache line they would all
+        // write on every statement).
+        match self.catalog.refresh(&shared.config, &shared.metrics, None).await {
+            Ok(()) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "catalog unavailable; blocking statements of masked sessions");
                 return Arc::new(blocked(
@@ -366,6 +369,10 @@ impl SessionRules {
                 }
             }
         }
+        // The generation is read before the snapshot it is stored under: an analysis is never
+        // filed under a newer generation than the catalog it was made from.
+        let mut generation = self.catalog.generation();
+        let catalog = self.catalog.snapshot();
         let mut analysis = self.run(&catalog, text);
         if analysis.unknown_relation && self.is_strict() {
             // A relation the snapshot does not know: maybe created since. Reload once (waiting
@@ -373,6 +380,7 @@ impl SessionRules {
             // still unknown, the server answers for it (42P01).
             match self.catalog.refresh(&shared.config, &shared.metrics, Some(started)).await {
                 Ok(()) => {
+                    generation = self.catalog.generation();
                     let fresh = self.catalog.snapshot();
                     analysis = self.run(&fresh, text);
                 }
@@ -398,7 +406,6 @@ impl SessionRules {
             }
         }
         let analysis = Arc::new(analysis);
-        let generation = self.catalog.generation();
         if let (Some(k), Some(text)) = (shape_key, shape) {
             shared.analysis_cache.put(Key { catalog_generation: generation, ..k }, &text, &analysis);
         }
