@@ -25,11 +25,14 @@ struct Key {
     policy_generation: u64,
     catalog_generation: u64,
     text_hash: u64,
+    /// Filed under a statement's shape (literals replaced), not its exact text: the two never
+    /// match each other even where the texts are equal.
+    shape: bool,
 }
 
 impl Key {
     fn bench(identity: u64, text: &[u8]) -> Key {
-        Key { identity, policy_generation: 0, catalog_generation: 0, text_hash: text_hash(text) }
+        Key { identity, policy_generation: 0, catalog_generation: 0, text_hash: text_hash(text), shape: false }
     }
 }
 
@@ -319,6 +322,7 @@ impl SessionRules {
             policy_generation: self.generation,
             catalog_generation: self.catalog.generation(),
             text_hash: text_hash(sql),
+            shape: false,
         };
         if let Some(hit) = shared.analysis_cache.get(&key, sql) {
             shared.metrics.analysis(nanos(started), true);
@@ -331,11 +335,8 @@ impl SessionRules {
         // Statements that differ only in literals (the simple protocol's way of passing
         // values) share one analysis, keyed by the server scanner's tokens.
         let scanned = rules::sql::Scanned::new(text);
-        let shape = scanned
-            .as_ref()
-            .and_then(|s| rules::sql::shape_key_of(text, s))
-            .map(|k| format!("shape\u{1f}{k}").into_bytes());
-        let shape_key = shape.as_ref().map(|k| Key { text_hash: text_hash(k), ..key });
+        let shape = scanned.as_ref().and_then(|s| rules::sql::shape_key_of(text, s)).map(String::into_bytes);
+        let shape_key = shape.as_ref().map(|k| Key { text_hash: text_hash(k), shape: true, ..key });
         let memo = match (&self.shape_memo, &shape_key, &shape) {
             (Some((mk, mt, a)), Some(k), Some(t)) if mk == k && mt == t => Some(Arc::clone(a)),
             _ => None,
