@@ -139,15 +139,17 @@ impl DbCatalog {
     #[doc(hidden)]
     pub fn install(&self, catalog: Catalog) {
         self.snapshot.store(Arc::new(catalog));
-        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     pub fn snapshot(&self) -> Arc<Catalog> {
         self.snapshot.load_full()
     }
 
+    /// Bumped after each new snapshot is stored (Release/Acquire): a snapshot taken after
+    /// reading a generation is at least that generation's.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Relaxed)
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn mark_stale(&self) {
@@ -221,7 +223,7 @@ impl DbCatalog {
             }
         };
         self.snapshot.store(Arc::new(catalog));
-        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Release);
         *at = Some(started);
         self.fresh_until.store(since_start(started.checked_add(REFRESH_EVERY).unwrap_or(started)), Ordering::Release);
         metrics.catalog_refreshes_total.fetch_add(1, Ordering::Relaxed);

@@ -262,8 +262,11 @@ impl Containment {
 
     /// Lifts a role's quarantine here and in the shared table. `false`: it was not quarantined.
     pub async fn release(&self, shared: &Shared, role: &str, by: &str) -> Result<bool, String> {
-        let unshared = self.unshared.lock().map(|mut m| m.remove(role).is_some()).unwrap_or(false);
-        let was_here = self.quarantined.write().map(|mut m| m.remove(role).is_some()).unwrap_or(false) || unshared;
+        // `quarantined` holds every unshared quarantine too (reloads keep them).
+        if let Ok(mut m) = self.unshared.lock() {
+            m.remove(role);
+        }
+        let was_here = self.quarantined.write().map(|mut m| m.remove(role).is_some()).unwrap_or(false);
         let shared_result = match self.state.load_full() {
             Some(client) => {
                 let n = bounded(client.execute("DELETE FROM pgveil.quarantine WHERE role = $1", &[&role])).await;

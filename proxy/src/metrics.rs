@@ -145,7 +145,8 @@ thread_local! {
 
 impl Striped {
     pub fn add(&self, n: u64) {
-        let i = STRIPE.with(|i| *i);
+        // Slot 0 for a thread whose thread-locals are being torn down (never a panic).
+        let i = STRIPE.try_with(|i| *i).unwrap_or(0);
         if let Some(slot) = self.0.get(i) {
             slot.0.fetch_add(n, Relaxed);
         }

@@ -335,23 +335,11 @@ impl SessionRules {
         // Statements that differ only in literals (the simple protocol's way of passing
         // values) share one analysis, keyed by the server scanner's tokens.
         let scanned = rules::sql::Scanned::new(text);
-        let shape = scanned.as_ref().and_then(|s| rules::sql::shape_key_of(text, s)).map(String::into_bytes);
-        let shape_key = shape.as_ref().map(|k| Key { text_hash: text_hash(k), shape: true, ..key });
-        let memo = match (&self.shape_memo, &shape_key, &shape) {
-            (Some((mk, mt, a)), Some(k), Some(t)) if mk == k && mt == t => Some(Arc::clone(a)),
-            _ => None,
-        };
-        let found = match (memo, &shape_key, &shape) {
-            (Some(hit), ..) => Some(hit),
-            (None, Some(k), Some(t)) => {
-                let hit = shared.analysis_cache.get(k, t);
-                if let Some(hit) = &hit {
-                    self.shape_memo = Some((*k, t.clone(), Arc::clone(hit)));
-                }
-                hit
-            }
-            _ => None,
-        };
+        let shaped = scanned
+            .as_ref()
+            .and_then(|s| rules::sql::shape_key_of(text, s))
+            .map(|k| (Key { text_hash: text_hash(k.as_bytes()), shape: true, ..key }, k.into_bytes()));
+        let found = shaped.as_ref().and_then(|(k, shape)| self.by_shape(shared, k, shape));
         if let Some(hit) = found {
             // Not stored again under its exact text: texts that differ only in literals are
             // mostly one-offs, and storing each filled the cache (and pgveil's memory) with
@@ -407,14 +395,28 @@ impl SessionRules {
             }
         }
         let analysis = Arc::new(analysis);
-        if let (Some(k), Some(text)) = (shape_key, shape) {
-            shared.analysis_cache.put(Key { catalog_generation: generation, ..k }, &text, &analysis);
+        if let Some((k, shape)) = shaped {
+            shared.analysis_cache.put(Key { catalog_generation: generation, ..k }, &shape, &analysis);
         }
         // The exact text too: repeated statements (the extended protocol's Parse) then skip
         // even the scan. The cache is scan-resistant, so one-off texts are evicted first.
         shared.analysis_cache.put(Key { catalog_generation: generation, ..key }, sql, &analysis);
         shared.metrics.analysis(nanos(started), false);
         analysis.into()
+    }
+
+    /// The analysis filed under a shape: the session's last one when it is that shape's, else
+    /// the shared cache's (remembered for the next statement).
+    fn by_shape(&mut self, shared: &Shared, key: &Key, shape: &[u8]) -> Option<Arc<Analysis>> {
+        if let Some((k, s, a)) = &self.shape_memo
+            && k == key
+            && s.as_slice() == shape
+        {
+            return Some(Arc::clone(a));
+        }
+        let hit = shared.analysis_cache.get(key, shape)?;
+        self.shape_memo = Some((*key, shape.to_vec(), Arc::clone(&hit)));
+        Some(hit)
     }
 
     /// The decision for a text against a given catalog, without the cache or a server (unit

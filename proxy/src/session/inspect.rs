@@ -59,10 +59,9 @@ impl<'a> Inspector<'a> {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         // Bytes the client sent before the session became ready are handled first.
-        match self.buffered(client).await? {
-            Next::Go => self.flush_server(server).await?,
-            Next::ClientDone => return self.flush_server(server).await,
-            Next::Spent => return Err(self.spent(client, server).await),
+        let next = self.buffered(client).await?;
+        if !self.settle(next, client, server).await? {
+            return Ok(());
         }
         // Made once (a fresh wait per message registered and removed two waiters each time),
         // and polled only when a token wakes it.
@@ -79,10 +78,8 @@ impl<'a> Inspector<'a> {
                 f = client.read_frame() => {
                     let Some(f) = f? else { return Ok(()) };
                     let next = if self.on_client(f).await? { self.buffered(client).await? } else { Next::ClientDone };
-                    match next {
-                        Next::Go => self.flush_server(server).await?,
-                        Next::ClientDone => return self.flush_server(server).await,
-                        Next::Spent => return Err(self.spent(client, server).await),
+                    if !self.settle(next, client, server).await? {
+                        return Ok(());
                     }
                 }
                 f = server.read_frame() => {
@@ -160,6 +157,25 @@ impl<'a> Inspector<'a> {
             } else {
                 self.shared.audit.log(a.event);
             }
+        }
+    }
+
+    /// Sends what the client's frames produced for the server; `false` when the session ends
+    /// with that (the client terminated), an error when the probe budget ended it.
+    async fn settle<C, S>(
+        &mut self,
+        next: Next,
+        client: &mut Conn<C>,
+        server: &mut Conn<S>,
+    ) -> Result<bool, SessionError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match next {
+            Next::Go => self.flush_server(server).await.map(|()| true),
+            Next::ClientDone => self.flush_server(server).await.map(|()| false),
+            Next::Spent => Err(self.spent(client, server).await),
         }
     }
 
