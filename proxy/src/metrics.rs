@@ -113,6 +113,8 @@ metrics! {
         pub analysis_count: Striped,
         pub analysis_cache_hits: Striped,
         pub analysis_cache_misses: Striped,
+        /// Of the hits, texts matched to a remembered text of their shape without a scan.
+        pub analysis_template_matches: Striped,
         /// `pgveil_rules_reloads_total{result}`.
         pub reloads_ok: AtomicU64,
         pub reloads_rejected: AtomicU64,
@@ -191,6 +193,12 @@ impl Metrics {
         self.bytes_server_to_client.add(to_client);
     }
 
+    /// [`Metrics::analysis`] of a hit whose text matched a remembered one of its shape.
+    pub fn analysis_by_template(&self, nanos: u64) {
+        self.analysis_template_matches.add(1);
+        self.analysis(nanos, true);
+    }
+
     pub fn analysis(&self, nanos: u64, cache_hit: bool) {
         self.analysis_seconds_sum.add(nanos);
         self.analysis_count.add(1);
@@ -257,8 +265,16 @@ impl Metrics {
             self.analysis_seconds_sum.get() as f64 / 1e9,
             self.analysis_count.get()
         );
-        head(&mut out, "pgveil_analysis_cache_total", "counter", "Statement analysis cache lookups, by result.");
-        let _ = writeln!(out, "pgveil_analysis_cache_total{{result=\"hit\"}} {}", self.analysis_cache_hits.get());
+        head(
+            &mut out,
+            "pgveil_analysis_cache_total",
+            "counter",
+            "Statement analysis cache lookups, by result (template: matched a remembered text of its shape without a scan).",
+        );
+        let template = self.analysis_template_matches.get();
+        let hits = self.analysis_cache_hits.get().saturating_sub(template);
+        let _ = writeln!(out, "pgveil_analysis_cache_total{{result=\"hit\"}} {hits}");
+        let _ = writeln!(out, "pgveil_analysis_cache_total{{result=\"template\"}} {template}");
         let _ = writeln!(out, "pgveil_analysis_cache_total{{result=\"miss\"}} {}", self.analysis_cache_misses.get());
         head(&mut out, "pgveil_rules_reloads_total", "counter", "Rules file reloads, by result.");
         let _ = writeln!(out, "pgveil_rules_reloads_total{{result=\"ok\"}} {}", n(&self.reloads_ok));

@@ -248,6 +248,54 @@ async fn pgbench_modes_have_no_failures_and_match_direct() {
     let _ = pgbench;
 }
 
+/// pgbench's TPC-B and select-only scripts in the simple protocol as a role with a masked
+/// column on `pgbench_accounts` (which the scripts never read): every statement substituted,
+/// none failed, the balances as direct, and most texts decided by matching a remembered text
+/// of their shape (debug builds check each such match against the server's scanner).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_through_a_masked_session_matches_direct() {
+    const RULES: &str = "version: 1\ncolumns:\n  public.pgbench_accounts.filler: { mask: redact }\n";
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let bin = cluster.bin.join("pgbench");
+    let init = std::process::Command::new(&bin)
+        .args(["-i", "-s", "1", "-q", "-h"])
+        .arg(&cluster.socket_dir)
+        .args(["-p", &cluster.port.to_string(), "-U", "postgres", &db.name])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    cluster.psql_admin(&db.name, "GRANT ALL ON ALL TABLES IN SCHEMA public TO app_user").unwrap();
+    let p = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
+    let port = p.port().to_string();
+    for script in [&["-b", "tpcb-like"][..], &["-S"][..]] {
+        let out = std::process::Command::new(&bin)
+            .env("PGPASSWORD", "app_user_pw")
+            .env("PGSSLMODE", "disable")
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "app_user", &db.name])
+            .args(["-n", "-c", "4", "-j", "2", "-t", "250", "-M", "simple"])
+            .args(script)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{script:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("number of transactions actually processed: 1000/1000"), "{script:?}: {text}");
+        assert!(text.contains("number of failed transactions: 0"), "{script:?}: {text}");
+    }
+    let sum = "SELECT sum(abalance), (SELECT sum(bbalance) FROM pgbench_branches), count(*) FROM pgbench_accounts";
+    let via = psql(&cluster.psql_bin(), &url(p.port(), "app_user", &db.name, "sslmode=disable"), sum);
+    assert_eq!(stdout(&via), cluster.psql_admin(&db.name, sum).unwrap(), "{}", stderr(&via));
+    let metrics = p.shared.metrics.render();
+    let template = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pgveil_analysis_cache_total{result=\"template\"} "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_default();
+    // 1,000 select-only transactions and the TPC-B statements with a positive delta.
+    assert!(template > 1000, "texts matched to a template: {template}\n{metrics}");
+    crate::leaks::assert_layers_held(&p.shared);
+}
+
 /// Reads server messages until a ReadyForQuery, returning the raw bytes.
 async fn read_until_ready(s: &mut tokio::net::TcpStream) -> Vec<u8> {
     let mut out = Vec::new();

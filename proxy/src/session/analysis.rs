@@ -176,10 +176,23 @@ pub struct SessionRules {
     uncertain: Vec<String>,
     path_key: u64,
     temp: Vec<String>,
-    /// The last analysis found under a shape key, with that key and text: a session repeating
-    /// one statement with new literals (the simple protocol's way) skips the shared cache,
-    /// whose shard lock every session thread would otherwise take on each statement.
-    shape_memo: Option<(Key, Vec<u8>, Arc<Analysis>)>,
+    /// The last analyses found under shape keys, latest first: a session repeating its
+    /// statements with new literals (the simple protocol's way) skips the shared cache,
+    /// whose shard lock every session thread would otherwise take on each statement, and
+    /// mostly the scan too.
+    shape_memo: Vec<ShapeMemo>,
+}
+
+/// Shapes a session remembers: a transaction's worth of statements (pgbench's TPC-B has 5).
+const SHAPE_MEMO: usize = 8;
+
+#[derive(Debug)]
+struct ShapeMemo {
+    key: Key,
+    shape: Vec<u8>,
+    analysis: Arc<Analysis>,
+    /// A text of that shape, to match the next one against without scanning it.
+    template: Option<rules::sql::Template>,
 }
 
 impl SessionRules {
@@ -208,7 +221,7 @@ impl SessionRules {
             uncertain: Vec::new(),
             path_key: 0,
             temp: Vec::new(),
-            shape_memo: None,
+            shape_memo: Vec::new(),
         };
         rules.rekey();
         rules
@@ -334,12 +347,19 @@ impl SessionRules {
         };
         // Statements that differ only in literals (the simple protocol's way of passing
         // values) share one analysis, keyed by the server scanner's tokens.
+        if let Some(decided) = self.by_template(shared, &key, text) {
+            shared.metrics.analysis_by_template(nanos(started));
+            return decided;
+        }
         let scanned = rules::sql::Scanned::new(text);
         let shaped = scanned
             .as_ref()
             .and_then(|s| rules::sql::shape_key_of(text, s))
             .map(|k| (Key { text_hash: text_hash(k.as_bytes()), shape: true, ..key }, k.into_bytes()));
-        let found = shaped.as_ref().and_then(|(k, shape)| self.by_shape(shared, k, shape));
+        let found = match (&shaped, &scanned) {
+            (Some((k, shape)), Some(scanned)) => self.by_shape(shared, k, shape, text, scanned),
+            _ => None,
+        };
         if let Some(hit) = found {
             // Not stored again under its exact text: texts that differ only in literals are
             // mostly one-offs, and storing each filled the cache (and pgveil's memory) with
@@ -406,17 +426,74 @@ impl SessionRules {
     }
 
     /// The analysis filed under a shape: the session's last one when it is that shape's, else
-    /// the shared cache's (remembered for the next statement).
-    fn by_shape(&mut self, shared: &Shared, key: &Key, shape: &[u8]) -> Option<Arc<Analysis>> {
-        if let Some((k, s, a)) = &self.shape_memo
-            && k == key
-            && s.as_slice() == shape
-        {
-            return Some(Arc::clone(a));
-        }
-        let hit = shared.analysis_cache.get(key, shape)?;
-        self.shape_memo = Some((*key, shape.to_vec(), Arc::clone(&hit)));
+    /// the shared cache's (remembered for the next statement, with this text as the template
+    /// the next text is matched against).
+    fn by_shape(
+        &mut self,
+        shared: &Shared,
+        key: &Key,
+        shape: &[u8],
+        text: &str,
+        scanned: &rules::sql::Scanned,
+    ) -> Option<Arc<Analysis>> {
+        let at = self.shape_memo.iter().position(|m| m.key == *key && m.shape == shape);
+        let memo = match at {
+            Some(at) => {
+                let mut memo = self.shape_memo.remove(at);
+                if memo.template.is_none() {
+                    memo.template = rules::sql::Template::new(text, scanned);
+                }
+                memo
+            }
+            None => ShapeMemo {
+                key: *key,
+                shape: shape.to_vec(),
+                analysis: shared.analysis_cache.get(key, shape)?,
+                template: rules::sql::Template::new(text, scanned),
+            },
+        };
+        let hit = Arc::clone(&memo.analysis);
+        self.shape_memo.insert(0, memo);
+        self.shape_memo.truncate(SHAPE_MEMO);
         Some(hit)
+    }
+
+    /// A remembered shape-keyed decision applied to a text that matches its template
+    /// (same bytes but for plain literals): the same shape, so the same analysis, with the
+    /// text's tokens made without the scanner. `None` sends the text the long way.
+    fn by_template(
+        &mut self,
+        #[cfg_attr(not(debug_assertions), allow(unused))] shared: &Shared,
+        key: &Key,
+        text: &str,
+    ) -> Option<Decided> {
+        let (at, scanned) = self.shape_memo.iter().enumerate().find_map(|(at, memo)| {
+            let current = memo.key.identity == key.identity
+                && memo.key.policy_generation == key.policy_generation
+                && memo.key.catalog_generation == key.catalog_generation;
+            if !current {
+                return None;
+            }
+            Some((at, memo.template.as_ref()?.scan(text)?))
+        })?;
+        // Latest first, so the shapes in use are the ones kept.
+        self.shape_memo.get_mut(..=at)?.rotate_right(1);
+        let memo = self.shape_memo.first()?;
+        #[cfg(debug_assertions)]
+        if Some(&scanned) != rules::sql::Scanned::new(text).as_ref() {
+            // Debug builds (the tests) check every match against the scanner itself.
+            tracing::error!(statement = text, "a template's tokens differ from the scanner's");
+            shared.metrics.substitution_check_failures_total.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let analysis = Arc::clone(&memo.analysis);
+        match &analysis.rewrite {
+            None => Some(analysis.into()),
+            Some(rw) => {
+                let rewritten = rw.apply_to(text, &scanned)?;
+                Some(Decided { analysis, text: Some(Arc::from(rewritten)) })
+            }
+        }
     }
 
     /// The decision for a text against a given catalog, without the cache or a server (unit

@@ -47,7 +47,7 @@ pub fn shape_key(sql: &str) -> Option<String> {
 
 /// One scan of a text by the server's scanner, shared by its shape key and the rewrite of a
 /// cached shape (scanning is most of what a cache hit costs).
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Scanned(pub(crate) Vec<pb::ScanToken>);
 
 impl Scanned {
@@ -128,4 +128,289 @@ pub fn shape_key_of(sql: &str, scanned: &Scanned) -> Option<String> {
         key.push('\u{1f}');
     }
     Some(key)
+}
+
+/// A scanned text that later texts are matched against without scanning them: a text that
+/// equals it byte for byte except in its literals, each of them plain (digits only, or
+/// `'…'` without a backslash) and bounded by bytes that cannot join a neighbouring token,
+/// scans to the same tokens, literals moved. A session repeating one statement with other
+/// values (the simple protocol's way of passing them) pays a byte comparison, not a scan.
+///
+/// Why the tokens are the same: the scanner reads left to right. Before each literal the two
+/// texts hold the same bytes, the byte before the literal cannot extend a token into a digit
+/// or a quote (whitespace, `(`, `,`, `=`, `<`, `>`), so the literal starts a token in both.
+/// The literal ends where the recognizer says: digits are followed by a byte no number can
+/// continue with; a quoted string ends at a quote not doubled, and no newline follows it
+/// before the next token (PostgreSQL joins `'a'` newline `'b'` into one string). After it the
+/// texts again hold the same bytes. The unit tests check this against the scanner itself.
+#[derive(Debug, Clone)]
+pub struct Template {
+    text: String,
+    tokens: Vec<pb::ScanToken>,
+}
+
+/// How a plain literal is spelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plain {
+    Digits,
+    Quoted,
+}
+
+fn literal_kind(token: i32) -> bool {
+    matches!(
+        pb::Token::try_from(token),
+        Ok(pb::Token::Sconst
+            | pb::Token::Usconst
+            | pb::Token::Iconst
+            | pb::Token::Fconst
+            | pb::Token::Bconst
+            | pb::Token::Xconst)
+    )
+}
+
+/// Bytes after which a digit or a quote always starts a new token.
+fn safe_before(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'(' | b',' | b'=' | b'<' | b'>')
+}
+
+/// The length of the plain literal of kind `kind` at the start of `s`, if one is there and
+/// what follows it cannot continue it.
+fn plain_at(s: &[u8], kind: Plain) -> Option<usize> {
+    let end = match kind {
+        Plain::Digits => {
+            let n = s.iter().take_while(|b| b.is_ascii_digit()).count();
+            // No number continues with these (`.`, `e`, letters, `_` and `x` would).
+            let next = s.get(n).copied();
+            if n == 0
+                || !next.is_none_or(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b')' | b']' | b',' | b';' | b':'))
+            {
+                return None;
+            }
+            n
+        }
+        Plain::Quoted => {
+            if s.first() != Some(&b'\'') {
+                return None;
+            }
+            let mut i = 1usize;
+            loop {
+                match s.get(i)? {
+                    b'\\' | 0 => return None,
+                    b'\'' if s.get(i.saturating_add(1)) == Some(&b'\'') => i = i.saturating_add(2),
+                    b'\'' => break,
+                    _ => i = i.saturating_add(1),
+                }
+            }
+            let end = i.saturating_add(1);
+            // A newline after horizontal whitespace could continue the string (`'a'` newline `'b'`).
+            let rest = s.get(end..).unwrap_or_default();
+            let blank = rest.iter().take_while(|b| matches!(b, b' ' | b'\t' | 0x0c)).count();
+            if matches!(rest.get(blank), Some(b'\n' | b'\r' | 0x0b)) {
+                return None;
+            }
+            end
+        }
+    };
+    Some(end)
+}
+
+/// The plain spelling of a scanned literal, `None` for any other (`E'…'`, `$$…$$`, `1.5`, …).
+fn plain_of(text: &str) -> Option<Plain> {
+    let b = text.as_bytes();
+    let kind = if b.first()?.is_ascii_digit() { Plain::Digits } else { Plain::Quoted };
+    (plain_at(b, kind)? == b.len()).then_some(kind)
+}
+
+impl Template {
+    /// A template of a scanned text, if every literal of it is plain and bounded as
+    /// [`Template::scan`] requires (any other text could never match it).
+    pub fn new(sql: &str, scanned: &Scanned) -> Option<Template> {
+        for t in &scanned.0 {
+            if literal_kind(t.token) {
+                let start = usize::try_from(t.start).ok()?;
+                plain_of(sql.get(start..usize::try_from(t.end).ok()?)?)?;
+                if start.checked_sub(1).is_some_and(|p| !sql.as_bytes().get(p).copied().is_some_and(safe_before)) {
+                    return None;
+                }
+            }
+        }
+        Some(Template { text: sql.to_owned(), tokens: scanned.0.clone() })
+    }
+
+    /// The scan of `sql` when it is this template's text with other plain literals: the
+    /// scanner's tokens exactly (the unit tests hold it to that), made without running it.
+    pub fn scan(&self, sql: &str) -> Option<Scanned> {
+        let (old, new) = (self.text.as_bytes(), sql.as_bytes());
+        let mut tokens = Vec::with_capacity(self.tokens.len());
+        // Where the current stretch of equal bytes starts in each text.
+        let (mut o, mut n) = (0usize, 0usize);
+        for t in &self.tokens {
+            let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
+            if !literal_kind(t.token) {
+                let shift = |p: usize| i32::try_from(p.checked_sub(o)?.checked_add(n)?).ok();
+                tokens.push(pb::ScanToken { start: shift(start)?, end: shift(end)?, ..*t });
+                continue;
+            }
+            let same = old.get(o..start)?;
+            let at = n.checked_add(same.len())?;
+            if new.get(n..at)? != same
+                || start.checked_sub(1).is_some_and(|p| !old.get(p).copied().is_some_and(safe_before))
+            {
+                return None;
+            }
+            let kind = plain_of(self.text.get(start..end)?)?;
+            let len = plain_at(new.get(at..)?, kind)?;
+            let literal_end = at.checked_add(len)?;
+            let token = match kind {
+                Plain::Quoted => pb::Token::Sconst,
+                // The scanner's rule: an integer that does not fit 32 bits is a numeric constant.
+                Plain::Digits if sql.get(at..literal_end)?.parse::<i32>().is_ok() => pb::Token::Iconst,
+                Plain::Digits => pb::Token::Fconst,
+            };
+            tokens.push(pb::ScanToken {
+                start: i32::try_from(at).ok()?,
+                end: i32::try_from(literal_end).ok()?,
+                token: token as i32,
+                ..*t
+            });
+            (o, n) = (end, literal_end);
+        }
+        (old.get(o..)? == new.get(n..)?).then_some(Scanned(tokens))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Statements with `@` where a literal goes, in the contexts clients write them and in
+    /// contexts chosen to trip a recognizer (neighbours that join tokens, comments, casts).
+    const BASES: &[&str] = &[
+        "SELECT abalance FROM pgbench_accounts WHERE aid = @;",
+        "SELECT a FROM t WHERE b=@ AND c<>@",
+        "SELECT a FROM t WHERE b IN (@,@, @)",
+        "SELECT a FROM t WHERE b = @::int4 AND c = @::text",
+        "SELECT a[@] FROM t WHERE f(@,@)>@",
+        "SELECT a FROM t WHERE b = @\n AND c = @\n",
+        "SELECT a FROM t WHERE b = @ /* c */ AND c = @ -- d\n",
+        "UPDATE t SET a = @ WHERE id = @; SELECT @",
+        "SELECT a FROM t WHERE b =-@ AND c = +@ AND d = x@ AND e = 1.@",
+        "SELECT a FROM t WHERE b = @ @ AND c = @\t@",
+        "SELECT @ FROM t WHERE b = U&@ AND c = E@ AND d = X@",
+        "INSERT INTO h (a, b) VALUES (@, @)",
+        "SELECT a FROM t WHERE b = @.@ OR c = @e@",
+        "SELECT $1, a FROM t WHERE b = @ AND $$x$$ = @",
+    ];
+
+    fn fill(base: &str, values: &[String]) -> String {
+        let mut out = String::new();
+        let mut values = values.iter().cycle();
+        for (i, part) in base.split('@').enumerate() {
+            if i > 0 {
+                out.push_str(values.next().map_or("", String::as_str));
+            }
+            out.push_str(part);
+        }
+        out
+    }
+
+    fn real_scan(sql: &str) -> Option<Vec<pb::ScanToken>> {
+        scan_tokens(sql)
+    }
+
+    fn fast_scan(template_text: &str, sql: &str) -> Option<Vec<pb::ScanToken>> {
+        let template = Template::new(template_text, &Scanned::new(template_text)?)?;
+        template.scan(sql).map(|s| s.0)
+    }
+
+    #[test]
+    fn texts_of_one_template_scan_as_the_scanner_scans_them() {
+        let base = "SELECT abalance FROM pgbench_accounts WHERE aid = @;";
+        let template = fill(base, &["1".into()]);
+        for v in ["42", "2147483647", "2147483648", "99999999999999999999999", "007"] {
+            let sql = fill(base, &[v.into()]);
+            assert_eq!(fast_scan(&template, &sql), real_scan(&sql), "{sql}");
+            assert!(fast_scan(&template, &sql).is_some(), "{sql} matches its template");
+        }
+        let strings = "SELECT a FROM t WHERE b = @ AND c IN (@, @)";
+        let template = fill(strings, &["'x'".into()]);
+        for v in ["''", "'it''s'", "'ünï'", "'a b -- c'", "'/* x'"] {
+            let sql = fill(strings, &[v.into()]);
+            assert_eq!(fast_scan(&template, &sql), real_scan(&sql), "{sql}");
+            assert!(fast_scan(&template, &sql).is_some(), "{sql} matches its template");
+        }
+    }
+
+    #[test]
+    fn texts_a_scanner_would_split_otherwise_do_not_match() {
+        let base = "SELECT a FROM t WHERE b = @ AND c = 1";
+        let template = fill(base, &["'x'".into()]);
+        for v in ["'a'\n'b'", "'a\\'", "E'a'", "'a'  \n 'b'", "1", "'a'b", "$$a$$"] {
+            let sql = fill(base, &[v.into()]);
+            let fast = fast_scan(&template, &sql);
+            assert!(fast.is_none() || fast == real_scan(&sql), "{sql}");
+        }
+        let template = fill(base, &["5".into()]);
+        for v in ["5.0", "5e3", "5x", "5_0", "0x10", "'5'", "5 5", "-5"] {
+            let sql = fill(base, &[v.into()]);
+            assert_eq!(fast_scan(&template, &sql), None, "{sql}");
+        }
+        assert_eq!(fast_scan("SELECT 1", "SELECT 1 "), None, "other bytes around the literals");
+        assert_eq!(fast_scan("SELECT E'a'", "SELECT E'b'"), None, "no template of other spellings");
+    }
+
+    /// Any bytes from an alphabet of token joiners, put where the template has literals or
+    /// anywhere else: whenever the template matches, its tokens are the scanner's.
+    fn value() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::prop_oneof![
+            3 => proptest::string::string_regex("[0-9]{1,12}[ \n.e_x;:),]?").expect("regex"),
+            3 => proptest::string::string_regex("'[a-z' \\\\\n\t]{0,6}'[ \t\n']{0,3}").expect("regex"),
+            1 => proptest::string::string_regex("[0-9'\\\\ \n\t.e_xa;:()$/*,-]{0,8}").expect("regex"),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(10_000))]
+        #[test]
+        fn a_matched_text_scans_exactly_as_the_scanner_scans_it(
+            base in proptest::sample::select(BASES),
+            seed in proptest::sample::select(&["1", "'a'", "12345", "''"][..]),
+            values in proptest::collection::vec(value(), 1..4),
+            cut in 0usize..80,
+            insert in value(),
+        ) {
+            let template = fill(base, &[seed.to_owned()]);
+            let mut sql = fill(base, &values);
+            if cut % 3 == 0 {
+                let at = (cut * 7) % (sql.len() + 1);
+                if sql.is_char_boundary(at) {
+                    sql.insert_str(at, &insert);
+                }
+            }
+            if let Some(fast) = fast_scan(&template, &sql) {
+                proptest::prop_assert_eq!(Some(fast), real_scan(&sql), "{:?} against {:?}", sql, template);
+            }
+        }
+
+        /// Plain literals in every slot: the template matches (the fast path is taken), and
+        /// scans as the scanner does.
+        #[test]
+        fn plain_literals_always_match(
+            base in proptest::sample::select(&BASES[..4]),
+            seed in proptest::sample::select(&["1", "'a'"][..]),
+            values in proptest::collection::vec("[0-9]{1,25}|'([^'\\\\\u{0}]|'')*'", 1..6),
+        ) {
+            let template = fill(base, &[seed.to_owned()]);
+            let digits = seed.starts_with('1');
+            let values: Vec<String> = values.into_iter().map(|v| match (digits, v.starts_with('\'')) {
+                (true, true) => "7".to_owned(),
+                (false, false) => format!("'{v}'"),
+                _ => v,
+            }).collect();
+            let sql = fill(base, &values);
+            let fast = fast_scan(&template, &sql);
+            proptest::prop_assert!(fast.is_some(), "{:?} against {:?}", sql, template);
+            proptest::prop_assert_eq!(fast, real_scan(&sql), "{:?}", sql);
+        }
+    }
 }
