@@ -159,24 +159,25 @@ impl DbCatalog {
     /// The snapshot, reloaded first if it is stale or old. Fails closed: an error here means
     /// masked sessions must not run statements.
     pub async fn current(&self, config: &Config, metrics: &Metrics) -> Result<Arc<Catalog>, CatalogError> {
-        self.refresh(config, metrics, None).await?;
+        self.refresh(config, metrics, Instant::now(), None).await?;
         Ok(self.snapshot())
     }
 
-    /// Reloads if needed: with `after: None`, when the snapshot is stale, old or missing; with
-    /// `after: Some(t)` (a statement that arrived at `t` names a relation the snapshot lacks),
-    /// unless a reload already started after `t`. Forced reloads are spaced out by waiting,
+    /// Reloads if needed (`now`: the caller's clock reading): with `after: None`, when the
+    /// snapshot is stale, old or missing; with `after: Some(t)` (a statement that arrived at
+    /// `t` names a relation the snapshot lacks), unless a reload already started after `t`. Forced reloads are spaced out by waiting,
     /// never by skipping, and the wait holds no lock, so other sessions are not held up by it;
     /// callers that need a reload at the same time share one.
     pub async fn refresh(
         &self,
         config: &Config,
         metrics: &Metrics,
+        now: Instant,
         after: Option<Instant>,
     ) -> Result<(), CatalogError> {
         if after.is_none()
             && !self.stale.load(Ordering::Acquire)
-            && since_start(Instant::now()) < self.fresh_until.load(Ordering::Acquire)
+            && since_start(now) < self.fresh_until.load(Ordering::Acquire)
         {
             return Ok(());
         }

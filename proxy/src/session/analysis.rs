@@ -318,7 +318,7 @@ impl SessionRules {
         // Fresh enough (or reloaded) first; the snapshot itself is taken only when the caches
         // miss (an Arc shared by every session: its count is a cache line they would all
         // write on every statement).
-        match self.catalog.refresh(&shared.config, &shared.metrics, None).await {
+        match self.catalog.refresh(&shared.config, &shared.metrics, started, None).await {
             Ok(()) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "catalog unavailable; blocking statements of masked sessions");
@@ -330,26 +330,29 @@ impl SessionRules {
                 .into();
             }
         };
-        let key = Key {
-            identity: self.path_key,
-            policy_generation: self.generation,
-            catalog_generation: self.catalog.generation(),
-            text_hash: text_hash(sql),
-            shape: false,
-        };
-        if let Some(hit) = shared.analysis_cache.get(&key, sql) {
-            shared.metrics.analysis(nanos(started), true);
-            return hit.into();
-        }
         let Ok(text) = std::str::from_utf8(sql) else {
             return Arc::new(blocked("unanalysable", "the statement is not valid UTF-8", "send statements in UTF-8"))
                 .into();
         };
+        let mut key = Key {
+            identity: self.path_key,
+            policy_generation: self.generation,
+            catalog_generation: self.catalog.generation(),
+            text_hash: 0,
+            shape: false,
+        };
         // Statements that differ only in literals (the simple protocol's way of passing
-        // values) share one analysis, keyed by the server scanner's tokens.
+        // values) share one analysis, keyed by the server scanner's tokens; a text matching
+        // a remembered text of its shape is that shape's without a scan (nor a hash of it:
+        // under the simple protocol the exact text is mostly new).
         if let Some(decided) = self.by_template(shared, &key, text) {
-            shared.metrics.analysis_by_template(nanos(started));
+            shared.metrics.analysis_hit(true);
             return decided;
+        }
+        key.text_hash = text_hash(sql);
+        if let Some(hit) = shared.analysis_cache.get(&key, sql) {
+            shared.metrics.analysis_hit(false);
+            return hit.into();
         }
         let scanned = rules::sql::Scanned::new(text);
         let shaped = scanned
@@ -366,13 +369,13 @@ impl SessionRules {
             // them under a read-write pgbench (benches/load/run.sh).
             match &hit.rewrite {
                 None => {
-                    shared.metrics.analysis(nanos(started), true);
+                    shared.metrics.analysis_hit(false);
                     return hit.into();
                 }
                 // The rewrite is in tokens: applied to this text's own literals.
                 Some(rw) => {
                     if let Some(rewritten) = scanned.as_ref().and_then(|s| rw.apply_to(text, s)) {
-                        shared.metrics.analysis(nanos(started), true);
+                        shared.metrics.analysis_hit(false);
                         return Decided { analysis: hit, text: Some(Arc::from(rewritten)) };
                     }
                 }
@@ -387,7 +390,7 @@ impl SessionRules {
             // A relation the snapshot does not know: maybe created since. Reload once (waiting
             // out the refresh rate limit rather than skipping it) and decide again; if it is
             // still unknown, the server answers for it (42P01).
-            match self.catalog.refresh(&shared.config, &shared.metrics, Some(started)).await {
+            match self.catalog.refresh(&shared.config, &shared.metrics, Instant::now(), Some(started)).await {
                 Ok(()) => {
                     generation = self.catalog.generation();
                     let fresh = self.catalog.snapshot();
@@ -421,7 +424,7 @@ impl SessionRules {
         // The exact text too: repeated statements (the extended protocol's Parse) then skip
         // even the scan. The cache is scan-resistant, so one-off texts are evicted first.
         shared.analysis_cache.put(Key { catalog_generation: generation, ..key }, sql, &analysis);
-        shared.metrics.analysis(nanos(started), false);
+        shared.metrics.analysis_miss(nanos(started));
         analysis.into()
     }
 
@@ -441,16 +444,15 @@ impl SessionRules {
             Some(at) => {
                 let mut memo = self.shape_memo.remove(at);
                 if memo.template.is_none() {
-                    memo.template = rules::sql::Template::new(text, scanned);
+                    memo.template = rules::sql::Template::new(text, scanned, memo.analysis.rewrite.as_ref());
                 }
                 memo
             }
-            None => ShapeMemo {
-                key: *key,
-                shape: shape.to_vec(),
-                analysis: shared.analysis_cache.get(key, shape)?,
-                template: rules::sql::Template::new(text, scanned),
-            },
+            None => {
+                let analysis = shared.analysis_cache.get(key, shape)?;
+                let template = rules::sql::Template::new(text, scanned, analysis.rewrite.as_ref());
+                ShapeMemo { key: *key, shape: shape.to_vec(), analysis, template }
+            }
         };
         let hit = Arc::clone(&memo.analysis);
         self.shape_memo.insert(0, memo);
@@ -467,33 +469,40 @@ impl SessionRules {
         key: &Key,
         text: &str,
     ) -> Option<Decided> {
-        let (at, scanned) = self.shape_memo.iter().enumerate().find_map(|(at, memo)| {
+        let (at, matched) = self.shape_memo.iter().enumerate().find_map(|(at, memo)| {
             let current = memo.key.identity == key.identity
                 && memo.key.policy_generation == key.policy_generation
                 && memo.key.catalog_generation == key.catalog_generation;
             if !current {
                 return None;
             }
-            Some((at, memo.template.as_ref()?.scan(text)?))
+            Some((at, memo.template.as_ref()?.apply(text)?))
         })?;
         // Latest first, so the shapes in use are the ones kept.
         self.shape_memo.get_mut(..=at)?.rotate_right(1);
         let memo = self.shape_memo.first()?;
         #[cfg(debug_assertions)]
-        if Some(&scanned) != rules::sql::Scanned::new(text).as_ref() {
-            // Debug builds (the tests) check every match against the scanner itself.
-            tracing::error!(statement = text, "a template's tokens differ from the scanner's");
-            shared.metrics.substitution_check_failures_total.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        let analysis = Arc::clone(&memo.analysis);
-        match &analysis.rewrite {
-            None => Some(analysis.into()),
-            Some(rw) => {
-                let rewritten = rw.apply_to(text, &scanned)?;
-                Some(Decided { analysis, text: Some(Arc::from(rewritten)) })
+        {
+            // Debug builds (the tests) check every match against the long way: the scanner's
+            // tokens and the shape's rewrite applied to them.
+            use rules::sql::Matched;
+            let scanned = rules::sql::Scanned::new(text);
+            let long_way = match &memo.analysis.rewrite {
+                None => Some(Matched::AsIs),
+                Some(rw) => scanned.as_ref().and_then(|s| rw.apply_to(text, s)).map(Matched::Rewritten),
+            };
+            let tokens = memo.template.as_ref().and_then(|t| t.scan(text));
+            if long_way.as_ref() != Some(&matched) || tokens.is_none() || tokens != scanned {
+                tracing::error!(statement = text, "a template's match differs from the scanner's");
+                shared.metrics.substitution_check_failures_total.fetch_add(1, Ordering::Relaxed);
+                return None;
             }
         }
+        let analysis = Arc::clone(&memo.analysis);
+        Some(match matched {
+            rules::sql::Matched::AsIs => analysis.into(),
+            rules::sql::Matched::Rewritten(t) => Decided { analysis, text: Some(Arc::from(t)) },
+        })
     }
 
     /// The decision for a text against a given catalog, without the cache or a server (unit

@@ -147,6 +147,25 @@ pub fn shape_key_of(sql: &str, scanned: &Scanned) -> Option<String> {
 pub struct Template {
     text: String,
     tokens: Vec<pb::ScanToken>,
+    /// Byte ranges of its literals.
+    literals: Vec<(usize, usize)>,
+    /// The text to send for a text of this template, if its shape is rewritten.
+    rewritten: Option<Vec<Out>>,
+}
+
+/// A piece of the text sent for a text matching a template.
+#[derive(Debug, Clone)]
+enum Out {
+    Fixed(String),
+    /// The template's literal number `i`, as the matching text spells it.
+    Literal(usize),
+}
+
+/// What a text matching a template is sent as.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Matched {
+    AsIs,
+    Rewritten(String),
 }
 
 /// How a plain literal is spelled.
@@ -222,61 +241,135 @@ fn plain_of(text: &str) -> Option<Plain> {
 }
 
 impl Template {
-    /// A template of a scanned text, if every literal of it is plain and bounded as
-    /// [`Template::scan`] requires (any other text could never match it).
-    pub fn new(sql: &str, scanned: &Scanned) -> Option<Template> {
+    /// A template of a scanned text whose shape's rewrite (if any) is `rewrite`, if every
+    /// literal of it is plain and bounded as [`Template::scan`] requires (any other text could
+    /// never match it).
+    pub fn new(sql: &str, scanned: &Scanned, rewrite: Option<&super::Rewrite>) -> Option<Template> {
+        let mut literals = Vec::new();
         for t in &scanned.0 {
             if literal_kind(t.token) {
-                let start = usize::try_from(t.start).ok()?;
-                plain_of(sql.get(start..usize::try_from(t.end).ok()?)?)?;
+                let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
+                plain_of(sql.get(start..end)?)?;
                 if start.checked_sub(1).is_some_and(|p| !sql.as_bytes().get(p).copied().is_some_and(safe_before)) {
                     return None;
                 }
+                literals.push((start, end));
             }
         }
-        Some(Template { text: sql.to_owned(), tokens: scanned.0.clone() })
+        let rewritten = match rewrite {
+            Some(rw) => Some(compile(rw, sql, scanned, &literals)?),
+            None => None,
+        };
+        Some(Template { text: sql.to_owned(), tokens: scanned.0.clone(), literals, rewritten })
+    }
+
+    /// The byte ranges of the literals of `sql`, in order, when it is this template's text
+    /// with other plain literals.
+    fn literals_of(&self, sql: &str) -> Option<Vec<(usize, usize)>> {
+        let (old, new) = (self.text.as_bytes(), sql.as_bytes());
+        let mut found = Vec::with_capacity(self.literals.len());
+        // Where the current stretch of equal bytes starts in each text.
+        let (mut o, mut n) = (0usize, 0usize);
+        for &(start, end) in &self.literals {
+            let same = old.get(o..start)?;
+            let at = n.checked_add(same.len())?;
+            if new.get(n..at)? != same {
+                return None;
+            }
+            let kind = plain_of(self.text.get(start..end)?)?;
+            let literal_end = at.checked_add(plain_at(new.get(at..)?, kind)?)?;
+            found.push((at, literal_end));
+            (o, n) = (end, literal_end);
+        }
+        (old.get(o..)? == new.get(n..)?).then_some(found)
     }
 
     /// The scan of `sql` when it is this template's text with other plain literals: the
     /// scanner's tokens exactly (the unit tests hold it to that), made without running it.
     pub fn scan(&self, sql: &str) -> Option<Scanned> {
-        let (old, new) = (self.text.as_bytes(), sql.as_bytes());
+        let found = self.literals_of(sql)?;
+        let mut literals = self.literals.iter().zip(&found).peekable();
         let mut tokens = Vec::with_capacity(self.tokens.len());
-        // Where the current stretch of equal bytes starts in each text.
+        // The shift of the tokens after the last literal passed.
         let (mut o, mut n) = (0usize, 0usize);
         for t in &self.tokens {
-            let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
-            if !literal_kind(t.token) {
-                let shift = |p: usize| i32::try_from(p.checked_sub(o)?.checked_add(n)?).ok();
-                tokens.push(pb::ScanToken { start: shift(start)?, end: shift(end)?, ..*t });
+            let start = usize::try_from(t.start).ok()?;
+            if let Some(&(&(old_start, old_end), &(at, end))) = literals.peek()
+                && old_start == start
+            {
+                let token = if sql.get(at..end)?.starts_with('\'') {
+                    pb::Token::Sconst
+                } else if sql.get(at..end)?.parse::<i32>().is_ok() {
+                    // The scanner's rule: an integer that does not fit 32 bits is a numeric constant.
+                    pb::Token::Iconst
+                } else {
+                    pb::Token::Fconst
+                };
+                tokens.push(pb::ScanToken {
+                    start: i32::try_from(at).ok()?,
+                    end: i32::try_from(end).ok()?,
+                    token: token as i32,
+                    ..*t
+                });
+                (o, n) = (old_end, end);
+                literals.next();
                 continue;
             }
-            let same = old.get(o..start)?;
-            let at = n.checked_add(same.len())?;
-            if new.get(n..at)? != same
-                || start.checked_sub(1).is_some_and(|p| !old.get(p).copied().is_some_and(safe_before))
-            {
-                return None;
-            }
-            let kind = plain_of(self.text.get(start..end)?)?;
-            let len = plain_at(new.get(at..)?, kind)?;
-            let literal_end = at.checked_add(len)?;
-            let token = match kind {
-                Plain::Quoted => pb::Token::Sconst,
-                // The scanner's rule: an integer that does not fit 32 bits is a numeric constant.
-                Plain::Digits if sql.get(at..literal_end)?.parse::<i32>().is_ok() => pb::Token::Iconst,
-                Plain::Digits => pb::Token::Fconst,
-            };
-            tokens.push(pb::ScanToken {
-                start: i32::try_from(at).ok()?,
-                end: i32::try_from(literal_end).ok()?,
-                token: token as i32,
-                ..*t
-            });
-            (o, n) = (end, literal_end);
+            let shift = |p: usize| i32::try_from(p.checked_sub(o)?.checked_add(n)?).ok();
+            tokens.push(pb::ScanToken { start: shift(start)?, end: shift(usize::try_from(t.end).ok()?)?, ..*t });
         }
-        (old.get(o..)? == new.get(n..)?).then_some(Scanned(tokens))
+        Some(Scanned(tokens))
     }
+
+    /// What `sql` is sent as, when it is this template's text with other plain literals:
+    /// the template's rewrite with `sql`'s literals in it.
+    pub fn apply(&self, sql: &str) -> Option<Matched> {
+        let found = self.literals_of(sql)?;
+        let Some(pieces) = &self.rewritten else { return Some(Matched::AsIs) };
+        let mut out = String::with_capacity(self.text.len().saturating_mul(2));
+        for p in pieces {
+            match p {
+                Out::Fixed(t) => out.push_str(t),
+                Out::Literal(i) => {
+                    let &(a, b) = found.get(*i)?;
+                    out.push_str(sql.get(a..b)?);
+                }
+            }
+        }
+        Some(Matched::Rewritten(out))
+    }
+}
+
+/// A rewrite of a template's text as fixed text and the places its literals go.
+fn compile(rw: &super::Rewrite, sql: &str, scanned: &Scanned, literals: &[(usize, usize)]) -> Option<Vec<Out>> {
+    let toks = super::tokens::Tokens::from_scan(sql, &scanned.0)?;
+    let mut pieces: Vec<Out> = Vec::new();
+    let fixed = |pieces: &mut Vec<Out>, t: &str| match pieces.last_mut() {
+        Some(Out::Fixed(f)) => f.push_str(t),
+        _ if t.is_empty() => {}
+        _ => pieces.push(Out::Fixed(t.to_owned())),
+    };
+    let mut whole = true;
+    rw.emit(sql, &toks, |span| match span {
+        super::tokens::Span::Text(t) => fixed(&mut pieces, t),
+        super::tokens::Span::Copy(a, b) => {
+            let mut from = a;
+            for (i, &(s, e)) in literals.iter().enumerate() {
+                if e <= a || s >= b {
+                    continue;
+                }
+                if s < a || e > b {
+                    whole = false; // a literal cut in two: never the case for token ranges
+                    return;
+                }
+                fixed(&mut pieces, sql.get(from..s).unwrap_or_default());
+                pieces.push(Out::Literal(i));
+                from = e;
+            }
+            fixed(&mut pieces, sql.get(from..b).unwrap_or_default());
+        }
+    })?;
+    whole.then_some(pieces)
 }
 
 #[cfg(test)]
@@ -319,7 +412,7 @@ mod tests {
     }
 
     fn fast_scan(template_text: &str, sql: &str) -> Option<Vec<pb::ScanToken>> {
-        let template = Template::new(template_text, &Scanned::new(template_text)?)?;
+        let template = Template::new(template_text, &Scanned::new(template_text)?, None)?;
         template.scan(sql).map(|s| s.0)
     }
 

@@ -89,6 +89,13 @@ impl<'a> Tokens<'a> {
     }
 }
 
+/// A piece of a rewritten text: new text, or a byte range of the client's.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Span<'s> {
+    Text(&'s str),
+    Copy(usize, usize),
+}
+
 /// One replaced token range `[from, to)`; `from == to` inserts before token `from`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Edit {
@@ -131,40 +138,57 @@ impl Rewrite {
 
     /// [`Rewrite::apply`] with the text's tokens at hand.
     pub(crate) fn apply_with(&self, sql: &str, toks: &Tokens<'_>) -> Option<String> {
-        if toks.len() != self.tokens {
-            return None;
-        }
-        let extra: usize = self
-            .edits
+        let mut out = String::with_capacity(sql.len().saturating_add(self.extra_len()));
+        self.emit(sql, toks, |span| match span {
+            Span::Text(t) => out.push_str(t),
+            Span::Copy(a, b) => out.push_str(sql.get(a..b).unwrap_or_default()),
+        })?;
+        Some(out)
+    }
+
+    /// An estimate of what the rewrite adds to a text's length.
+    fn extra_len(&self) -> usize {
+        self.edits
             .iter()
             .flat_map(|e| &e.pieces)
             .map(|p| match p {
                 Piece::Text(t) => t.len(),
                 Piece::Tokens(..) => 32,
             })
-            .sum();
-        let mut out = String::with_capacity(sql.len().saturating_add(extra));
+            .sum()
+    }
+
+    /// The rewritten text of `sql` as spans, in order: new text, or byte ranges of `sql`
+    /// (checked to lie in it). `None` if its tokens do not fit.
+    pub(crate) fn emit<'s>(&'s self, sql: &str, toks: &Tokens<'_>, mut out: impl FnMut(Span<'s>)) -> Option<()> {
+        if toks.len() != self.tokens {
+            return None;
+        }
+        fn copy<'s>(sql: &str, a: usize, b: usize, out: &mut impl FnMut(Span<'s>)) -> Option<()> {
+            sql.get(a..b)?;
+            out(Span::Copy(a, b));
+            Some(())
+        }
         let mut copied = 0usize;
         for e in &self.edits {
             let start = if e.from < toks.len() { toks.toks.get(e.from)?.start } else { sql.len() };
             if start < copied || e.to < e.from {
                 return None; // overlapping edits: never produce half a rewrite
             }
-            out.push_str(sql.get(copied..start)?);
+            copy(sql, copied, start, &mut out)?;
             for p in &e.pieces {
                 match p {
-                    Piece::Text(t) => out.push_str(t),
+                    Piece::Text(t) => out(Span::Text(t)),
                     Piece::Tokens(a, b) => {
                         let s = toks.toks.get(*a)?.start;
                         let end = toks.toks.get(b.checked_sub(1)?)?.end;
-                        out.push_str(sql.get(s..end)?);
+                        copy(sql, s, end, &mut out)?;
                     }
                 }
             }
             copied = if e.to > e.from { toks.toks.get(e.to.checked_sub(1)?)?.end } else { start };
         }
-        out.push_str(sql.get(copied..)?);
-        Some(out)
+        copy(sql, copied, sql.len(), &mut out)
     }
 
     /// Maps a 1-based character position the server reports in the rewritten text back to
