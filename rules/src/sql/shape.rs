@@ -153,6 +153,22 @@ pub struct Template {
     rewritten: Option<Vec<Out>>,
 }
 
+/// Literals a template may have (more go the long way): the matching text's are found
+/// without an allocation.
+const MAX_LITERALS: usize = 32;
+
+/// Byte ranges of a matching text's literals.
+struct Found {
+    spans: [(usize, usize); MAX_LITERALS],
+    len: usize,
+}
+
+impl Found {
+    fn spans(&self) -> &[(usize, usize)] {
+        self.spans.get(..self.len).unwrap_or_default()
+    }
+}
+
 /// A piece of the text sent for a text matching a template.
 #[derive(Debug, Clone)]
 enum Out {
@@ -256,6 +272,9 @@ impl Template {
                 literals.push((start, end));
             }
         }
+        if literals.len() > MAX_LITERALS {
+            return None;
+        }
         let rewritten = match rewrite {
             Some(rw) => Some(compile(rw, sql, scanned, &literals)?),
             None => None,
@@ -265,9 +284,9 @@ impl Template {
 
     /// The byte ranges of the literals of `sql`, in order, when it is this template's text
     /// with other plain literals.
-    fn literals_of(&self, sql: &str) -> Option<Vec<(usize, usize)>> {
+    fn literals_of(&self, sql: &str) -> Option<Found> {
         let (old, new) = (self.text.as_bytes(), sql.as_bytes());
-        let mut found = Vec::with_capacity(self.literals.len());
+        let mut found = Found { spans: [(0, 0); MAX_LITERALS], len: 0 };
         // Where the current stretch of equal bytes starts in each text.
         let (mut o, mut n) = (0usize, 0usize);
         for &(start, end) in &self.literals {
@@ -278,7 +297,8 @@ impl Template {
             }
             let kind = plain_of(self.text.get(start..end)?)?;
             let literal_end = at.checked_add(plain_at(new.get(at..)?, kind)?)?;
-            found.push((at, literal_end));
+            *found.spans.get_mut(found.len)? = (at, literal_end);
+            found.len = found.len.saturating_add(1);
             (o, n) = (end, literal_end);
         }
         (old.get(o..)? == new.get(n..)?).then_some(found)
@@ -288,7 +308,7 @@ impl Template {
     /// scanner's tokens exactly (the unit tests hold it to that), made without running it.
     pub fn scan(&self, sql: &str) -> Option<Scanned> {
         let found = self.literals_of(sql)?;
-        let mut literals = self.literals.iter().zip(&found).peekable();
+        let mut literals = self.literals.iter().zip(found.spans()).peekable();
         let mut tokens = Vec::with_capacity(self.tokens.len());
         // The shift of the tokens after the last literal passed.
         let (mut o, mut n) = (0usize, 0usize);
@@ -331,7 +351,7 @@ impl Template {
             match p {
                 Out::Fixed(t) => out.push_str(t),
                 Out::Literal(i) => {
-                    let &(a, b) = found.get(*i)?;
+                    let &(a, b) = found.spans().get(*i)?;
                     out.push_str(sql.get(a..b)?);
                 }
             }
@@ -450,6 +470,14 @@ mod tests {
         }
         assert_eq!(fast_scan("SELECT 1", "SELECT 1 "), None, "other bytes around the literals");
         assert_eq!(fast_scan("SELECT E'a'", "SELECT E'b'"), None, "no template of other spellings");
+    }
+
+    #[test]
+    fn texts_with_more_literals_than_a_template_holds_go_the_long_way() {
+        let list = |n: usize, v: &str| format!("SELECT a FROM t WHERE b IN ({})", vec![v; n].join(", "));
+        let (most, more) = (list(MAX_LITERALS, "1"), list(MAX_LITERALS + 1, "1"));
+        assert!(fast_scan(&most, &list(MAX_LITERALS, "22")).is_some());
+        assert_eq!(fast_scan(&more, &list(MAX_LITERALS + 1, "22")), None);
     }
 
     /// Any bytes from an alphabet of token joiners, put where the template has literals or

@@ -250,7 +250,7 @@ impl Relay {
                             Some(rewritten) => {
                                 // The statement PostgreSQL runs for this session (I2).
                                 messages::tagged_parts(&mut self.to_server, b'Q', &[rewritten.as_bytes(), b"\0"]);
-                                q.source = Some(Source { original: slice_of(&f, text), decided: decided.clone() });
+                                q.source = Some(Source { original: slice_of(&f, text), decided });
                             }
                             None => self.to_server.put_slice(f.as_bytes()),
                         }
