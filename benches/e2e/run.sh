@@ -51,6 +51,11 @@ for round in $(seq "$ROUNDS"); do
     for c in $CLIENTS; do
       run=("${TARGETS[@]}")
       [[ " $TLS_MODES " == *" $mode "* && " $TLS_CLIENTS " == *" $c "* ]] && run+=("${TLS_TARGETS[@]}")
+      # Every other round runs the targets in reverse, so a drift of the machine during a
+      # round (caches warming, a noisy neighbour) does not always favour the same target.
+      if (( round % 2 == 0 )); then
+        for (( i = 0, j = ${#run[@]} - 1; i < j; i++, j-- )); do t=${run[i]}; run[i]=${run[j]}; run[j]=$t; done
+      fi
       for t in "${run[@]}"; do
         IFS='|' read -r name port user pid sslmode <<<"$t"
         before=$(cpu_ticks "$pid")
@@ -61,7 +66,7 @@ for round in $(seq "$ROUNDS"); do
         tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
         failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
         cpu_us=$(awk -v d=$((after - before)) -v tick="$TICK" -v tx="$tx" 'BEGIN { if (tx > 0) printf "%.1f", d / tick * 1e6 / tx; else print 0 }')
-        printf 'pgbench\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$c" "$name" "$tps" "$lat" "$cpu_us" "${failed:-0}" >> "$RAW"
+        printf 'pgbench\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$c" "$name" "$tps" "$lat" "$cpu_us" "${failed:-0}" "$round" >> "$RAW"
       done
     done
   done
@@ -70,7 +75,7 @@ for round in $(seq "$ROUNDS"); do
     start=$(date +%s.%N)
     PGSSLMODE=$sslmode "$BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U "$user" -d bench -c "SELECT * FROM big" > /dev/null
     end=$(date +%s.%N)
-    printf 'big\t-\t1\t%s\t%s\t-\t-\t0\n' "$name" "$(awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }')" >> "$RAW"
+    printf 'big\t-\t1\t%s\t%s\t-\t-\t0\t%s\n' "$name" "$(awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }')" "$round" >> "$RAW"
   done
 done
 
@@ -85,7 +90,8 @@ wait "${IDLE[@]}"
 per_conn=$(( (rss1 - rss0) * 1024 / 200 ))
 
 HOST=$(hostname); DATE=$(date +%F)
-OUT="benches/results/$DATE-$HOST.md"
+# RUN names one of several runs of a day: results/<date>-<host>-<RUN>.md.
+OUT="benches/results/$DATE-$HOST${RUN:+-$RUN}.md"
 python3 - "$RAW" "$OUT" "$ROUNDS" "$SECS" "$per_conn" <<'PY'
 import sys, statistics, platform, os, subprocess
 raw, out, rounds, secs, per_conn = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
@@ -96,7 +102,7 @@ cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip("
 lines = [f"# pgveil end-to-end benchmark, {os.path.basename(out)[:-3]}", "",
          f"Machine: {os.cpu_count()} cores ({cpu}), {round(os.sysconf('SC_PAGE_SIZE')*os.sysconf('SC_PHYS_PAGES')/2**30)} GiB; "
          f"PostgreSQL and every proxy on the same machine over loopback. {rounds} interleaved rounds of {secs} s per run.", "",
-         "Command: `ROUNDS=%s SECONDS_PER_RUN=%s benches/e2e/run.sh`" % (rounds, secs), "",
+         "Command: `ROUNDS=%s SECONDS_PER_RUN=%s benches/e2e/run.sh` (odd rounds run the targets in order, even rounds in reverse)" % (rounds, secs), "",
          "## pgbench -S (select-only), median TPS over rounds", "",
          "| mode | clients | target | TPS (median) | spread % | vs direct | vs PgBouncer | latency ms | added µs | proxy CPU µs/tx | failed |",
          "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -112,6 +118,22 @@ for (mode, c, name), rs in sorted(groups.items(), key=lambda k: (k[0][0], int(k[
     failed = sum(int(x[7]) for x in rs)
     added = (med(lat) - dl) * 1000
     lines.append(f"| {mode} | {c} | {name} | {med(tps):.0f} | {spread(tps):.0f} | {med(tps)/d:.2f} | {med(tps)/b:.2f} | {med(lat):.3f} | {added:+.0f} | {med(cpu_us) if name != 'direct' else 0:.1f} | {failed} |")
+# Ratios within one round (the two runs minutes apart at most), then their median and range
+# over rounds: steadier than a ratio of medians when the machine drifts between rounds.
+lines += ["", "## Paired ratios: per round, then median (min–max) over rounds", "",
+          "| mode | clients | nomask / exempt TPS | masked / exempt TPS | exempt / PgBouncer TPS | exempt / PgBouncer CPU per tx |",
+          "|---|---|---|---|---|---|"]
+by_round = {}
+for r in rows:
+    if r[0] == "pgbench" and len(r) > 8:
+        by_round.setdefault((r[1], r[2], r[8]), {})[r[3]] = (float(r[4]), float(r[6]))
+def paired(mode, c, a, b, field):
+    xs = [v[a][field] / v[b][field] for (m, cc, _), v in by_round.items()
+          if m == mode and cc == c and a in v and b in v and v[b][field] > 0]
+    return f"{med(xs):.2f} ({min(xs):.2f}–{max(xs):.2f})" if xs else "–"
+for mode, c in sorted({(m, c) for (m, c, _) in by_round}, key=lambda k: (k[0], int(k[1]))):
+    lines.append(f"| {mode} | {c} | {paired(mode, c, 'pgveil-nomask', 'pgveil-exempt', 0)} | {paired(mode, c, 'pgveil-masked', 'pgveil-exempt', 0)} "
+                 f"| {paired(mode, c, 'pgveil-exempt', 'pgbouncer', 0)} | {paired(mode, c, 'pgveil-exempt', 'pgbouncer', 1)} |")
 lines += ["", "Rows named -tls use TLS on the client leg (sslmode=require; PgBouncer with client_tls_sslmode=allow, which",
           "serves TLS clients exactly as require does) and compare with direct-tls and pgbouncer-tls; the others are plaintext.",
           "Proxy CPU is the proxy process's user+system time (from /proc) divided by transactions."]
