@@ -455,8 +455,12 @@ impl SessionRules {
             }
         };
         let hit = Arc::clone(&memo.analysis);
-        self.shape_memo.insert(0, memo);
-        self.shape_memo.truncate(SHAPE_MEMO);
+        // Long statements are not remembered by the session (the shared cache, bounded in
+        // bytes, still has them): a session holds at most SHAPE_MEMO short ones.
+        if memo.shape.len() <= rules::sql::MAX_TEMPLATE_TEXT {
+            self.shape_memo.insert(0, memo);
+            self.shape_memo.truncate(SHAPE_MEMO);
+        }
         Some(hit)
     }
 

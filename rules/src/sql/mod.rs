@@ -35,7 +35,7 @@ use crate::mask::Mask;
 use crate::policy::{Mode, SessionPolicy};
 
 pub use checks::unsafe_encoding;
-pub use shape::{Matched, Scanned, Template, shape_key, shape_key_of};
+pub use shape::{MAX_TEMPLATE_TEXT, Matched, Scanned, Template, shape_key, shape_key_of};
 pub use tokens::Rewrite;
 pub use usage::{ColumnUse, Use};
 

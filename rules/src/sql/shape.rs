@@ -153,6 +153,10 @@ pub struct Template {
     rewritten: Option<Vec<Out>>,
 }
 
+/// The longest text made a template (a session keeps a few; longer texts are not the
+/// repeated OLTP statements templates are for).
+pub const MAX_TEMPLATE_TEXT: usize = 16 * 1024;
+
 /// Literals a template may have (more go the long way): the matching text's are found
 /// without an allocation.
 const MAX_LITERALS: usize = 32;
@@ -261,6 +265,9 @@ impl Template {
     /// literal of it is plain and bounded as [`Template::scan`] requires (any other text could
     /// never match it).
     pub fn new(sql: &str, scanned: &Scanned, rewrite: Option<&super::Rewrite>) -> Option<Template> {
+        if sql.len() > MAX_TEMPLATE_TEXT {
+            return None;
+        }
         let mut literals = Vec::new();
         for t in &scanned.0 {
             if literal_kind(t.token) {
