@@ -560,6 +560,9 @@ impl Relay {
 
     /// Drops portals no name denotes and no pending response refers to.
     fn forget_unused_portals(&mut self) {
+        if self.portals.is_empty() {
+            return; // the simple protocol's case, on every ReadyForQuery
+        }
         let named: std::collections::HashSet<u64> = self.portal_names.values().copied().collect();
         let pending: std::collections::HashSet<u64> = self
             .expect
