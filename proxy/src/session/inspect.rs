@@ -257,8 +257,11 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     if buf.is_empty() {
         return Ok(());
     }
-    let out = buf.split();
-    counter.add(u64::try_from(out.len()).unwrap_or(u64::MAX));
-    to.write_all(&out).await?;
+    counter.add(u64::try_from(buf.len()).unwrap_or(u64::MAX));
+    // Written from the buffer and then cleared, which keeps its allocation for the next
+    // message without sharing it (a split made it shared: two atomic counts per flush).
+    // A failed write ends the session, so what is left in the buffer then does not matter.
+    to.write_all(buf).await?;
+    buf.clear();
     to.flush().await
 }
