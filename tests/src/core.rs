@@ -198,6 +198,26 @@ async fn wrong_cancel_key_does_nothing() {
     assert!(query.await.unwrap().is_ok(), "the query ran to completion");
 }
 
+/// pgbench's tables at scale 1 in `db`, readable and writable by app_user.
+fn pgbench_init(cluster: &pg::Cluster, db: &str) {
+    let init = std::process::Command::new(cluster.bin.join("pgbench"))
+        .args(["-i", "-s", "1", "-q", "-h"])
+        .arg(&cluster.socket_dir)
+        .args(["-p", &cluster.port.to_string(), "-U", "postgres", db])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    cluster.psql_admin(db, "GRANT ALL ON ALL TABLES IN SCHEMA public TO app_user").unwrap();
+}
+
+/// Checks that a pgbench run processed all `n` transactions and failed none.
+fn pgbench_ok(out: &std::process::Output, n: u32, what: &str) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{what}: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("number of transactions actually processed: {n}/{n}")), "{what}: {text}");
+    assert!(text.contains("number of failed transactions: 0"), "{what}: {text}");
+}
+
 fn pgbench(bin: &std::path::Path, conn_args: &[String], args: &[&str]) -> std::process::Output {
     std::process::Command::new(bin).args(conn_args).args(args).output().expect("run pgbench")
 }
@@ -219,14 +239,7 @@ async fn pgbench_modes_have_no_failures_and_match_direct() {
             db.name.clone(),
         ]
     };
-    let init = std::process::Command::new(&bin)
-        .args(["-i", "-s", "1", "-q", "-h"])
-        .arg(&cluster.socket_dir)
-        .args(["-p", &cluster.port.to_string(), "-U", "postgres", &db.name])
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    cluster.psql_admin(&db.name, "GRANT ALL ON ALL TABLES IN SCHEMA public TO app_user").unwrap();
+    pgbench_init(cluster, &db.name);
     for mode in ["simple", "extended", "prepared"] {
         let out = std::process::Command::new(&bin)
             .env("PGPASSWORD", "app_user_pw")
@@ -235,10 +248,7 @@ async fn pgbench_modes_have_no_failures_and_match_direct() {
             .args(["-n", "-c", "8", "-j", "2", "-t", "300", "-M", mode])
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{mode}: {text}{}", String::from_utf8_lossy(&out.stderr));
-        assert!(text.contains("number of transactions actually processed: 2400/2400"), "{mode}: {text}");
-        assert!(text.contains("number of failed transactions: 0"), "{mode}: {text}");
+        pgbench_ok(&out, 2400, mode);
     }
     // Same data through the proxy and direct.
     let sum = "SELECT sum(abalance), sum(bbalance) FROM pgbench_accounts, (SELECT sum(bbalance) bbalance FROM pgbench_branches) b";
@@ -258,14 +268,7 @@ async fn pgbench_through_a_masked_session_matches_direct() {
     let cluster = pg::cluster();
     let db = cluster.fresh_db();
     let bin = cluster.bin.join("pgbench");
-    let init = std::process::Command::new(&bin)
-        .args(["-i", "-s", "1", "-q", "-h"])
-        .arg(&cluster.socket_dir)
-        .args(["-p", &cluster.port.to_string(), "-U", "postgres", &db.name])
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    cluster.psql_admin(&db.name, "GRANT ALL ON ALL TABLES IN SCHEMA public TO app_user").unwrap();
+    pgbench_init(cluster, &db.name);
     let p = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
     let port = p.port().to_string();
     // A rewritten statement with several literals, one of them a string.
@@ -286,10 +289,7 @@ async fn pgbench_through_a_masked_session_matches_direct() {
             .args(script)
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{script:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
-        assert!(text.contains("number of transactions actually processed: 1000/1000"), "{script:?}: {text}");
-        assert!(text.contains("number of failed transactions: 0"), "{script:?}: {text}");
+        pgbench_ok(&out, 1000, &format!("{script:?}"));
     }
     let sum = "SELECT sum(abalance), (SELECT sum(bbalance) FROM pgbench_branches), count(*) FROM pgbench_accounts";
     let via = psql(&cluster.psql_bin(), &url(p.port(), "app_user", &db.name, "sslmode=disable"), sum);

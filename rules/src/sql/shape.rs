@@ -102,16 +102,7 @@ pub fn shape_key_of(sql: &str, scanned: &Scanned) -> Option<String> {
         } else if head.is_none() {
             head = Some(text);
         }
-        let literal = matches!(
-            pb::Token::try_from(t.token),
-            Ok(pb::Token::Sconst
-                | pb::Token::Usconst
-                | pb::Token::Iconst
-                | pb::Token::Fconst
-                | pb::Token::Bconst
-                | pb::Token::Xconst)
-        );
-        if literal {
+        if literal_kind(t.token) {
             key.push('$');
         } else {
             if is_sensitive(text) {
@@ -195,6 +186,7 @@ enum Plain {
     Quoted,
 }
 
+/// Whether a scanner token is a literal (any spelling).
 fn literal_kind(token: i32) -> bool {
     matches!(
         pb::Token::try_from(token),
@@ -400,7 +392,7 @@ fn compile(rw: &super::Rewrite, sql: &str, scanned: &Scanned, literals: &[(usize
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Statements with `@` where a literal goes, in the contexts clients write them and in
@@ -422,7 +414,8 @@ mod tests {
         "SELECT $1, a FROM t WHERE b = @ AND $$x$$ = @",
     ];
 
-    fn fill(base: &str, values: &[String]) -> String {
+    /// `base` with its `@`s replaced by `values` in turn (cycling).
+    pub(crate) fn fill(base: &str, values: &[String]) -> String {
         let mut out = String::new();
         let mut values = values.iter().cycle();
         for (i, part) in base.split('@').enumerate() {
@@ -445,19 +438,21 @@ mod tests {
 
     #[test]
     fn texts_of_one_template_scan_as_the_scanner_scans_them() {
-        let base = "SELECT abalance FROM pgbench_accounts WHERE aid = @;";
-        let template = fill(base, &["1".into()]);
-        for v in ["42", "2147483647", "2147483648", "99999999999999999999999", "007"] {
-            let sql = fill(base, &[v.into()]);
-            assert_eq!(fast_scan(&template, &sql), real_scan(&sql), "{sql}");
-            assert!(fast_scan(&template, &sql).is_some(), "{sql} matches its template");
-        }
-        let strings = "SELECT a FROM t WHERE b = @ AND c IN (@, @)";
-        let template = fill(strings, &["'x'".into()]);
-        for v in ["''", "'it''s'", "'ünï'", "'a b -- c'", "'/* x'"] {
-            let sql = fill(strings, &[v.into()]);
-            assert_eq!(fast_scan(&template, &sql), real_scan(&sql), "{sql}");
-            assert!(fast_scan(&template, &sql).is_some(), "{sql} matches its template");
+        let cases: [(&str, &str, &[&str]); 2] = [
+            (
+                "SELECT abalance FROM pgbench_accounts WHERE aid = @;",
+                "1",
+                &["42", "2147483647", "2147483648", "99999999999999999999999", "007"],
+            ),
+            ("SELECT a FROM t WHERE b = @ AND c IN (@, @)", "'x'", &["''", "'it''s'", "'ünï'", "'a b -- c'", "'/* x'"]),
+        ];
+        for (base, seed, values) in cases {
+            let template = fill(base, &[seed.into()]);
+            for v in values {
+                let sql = fill(base, &[(*v).into()]);
+                assert_eq!(fast_scan(&template, &sql), real_scan(&sql), "{sql}");
+                assert!(fast_scan(&template, &sql).is_some(), "{sql} matches its template");
+            }
         }
     }
 

@@ -767,17 +767,6 @@ const REWRITTEN_SHAPES: &[&str] = &[
     "UPDATE customers SET name = @ WHERE id = @",
 ];
 
-fn fill_shape(shape: &str, values: &[String]) -> String {
-    let mut out = String::new();
-    for (i, part) in shape.split('@').enumerate() {
-        if i > 0 {
-            out.push_str(values.get((i - 1) % values.len().max(1)).map_or("1", String::as_str));
-        }
-        out.push_str(part);
-    }
-    out
-}
-
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
     /// A text matching a remembered text of its shape is sent exactly as the long way (scan,
@@ -791,7 +780,7 @@ proptest::proptest! {
         let session = policy().for_identity(&Identity::new(APP.iter().copied()));
         let catalog = crate::catalog::example();
         let seed = if quoted { "'a@b.c'" } else { "1" };
-        let first = fill_shape(shape, &[seed.to_owned()]);
+        let first = crate::sql::shape::tests::fill(shape, &[seed.to_owned()]);
         let analysis = Analyzer::new(&session, &catalog, "app_user").analyze(&first);
         let Some(rw) = analysis.rewrite else { return Ok(()) };
         let scanned = crate::sql::Scanned::new(&first).unwrap();
@@ -801,7 +790,7 @@ proptest::proptest! {
             (true, false) => format!("'{v}'"),
             _ => v,
         }).collect();
-        let sql = fill_shape(shape, &values);
+        let sql = crate::sql::shape::tests::fill(shape, &values);
         let long_way = rw.apply(&sql).map(crate::sql::Matched::Rewritten);
         proptest::prop_assert!(long_way.is_some(), "{}", sql);
         proptest::prop_assert_eq!(template.apply(&sql), long_way, "{}", sql);
