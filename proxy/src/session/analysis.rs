@@ -428,9 +428,9 @@ impl SessionRules {
         analysis.into()
     }
 
-    /// The analysis filed under a shape: the session's last one when it is that shape's, else
-    /// the shared cache's (remembered for the next statement, with this text as the template
-    /// the next text is matched against).
+    /// The analysis filed under a shape: the one the session remembers for it, else the
+    /// shared cache's (then remembered, with this text as the template later texts are
+    /// matched against).
     fn by_shape(
         &mut self,
         shared: &Shared,
@@ -464,9 +464,10 @@ impl SessionRules {
         Some(hit)
     }
 
-    /// A remembered shape-keyed decision applied to a text that matches its template
-    /// (same bytes but for plain literals): the same shape, so the same analysis, with the
-    /// text's tokens made without the scanner. `None` sends the text the long way.
+    /// A remembered shape's decision for a text that matches its template (same bytes but
+    /// for plain literals): the same shape, so the same analysis, and the shape's compiled
+    /// rewrite with this text's literals, all without the scanner. `None` sends the text the
+    /// long way.
     fn by_template(
         &mut self,
         #[cfg_attr(not(debug_assertions), allow(unused))] shared: &Shared,
