@@ -149,6 +149,13 @@ fn analysis(c: &mut Criterion) {
     c.bench_function("rewrite_cached_shape_prescanned", |b| {
         b.iter(|| rw.apply_to(other, &scanned));
     });
+    // As the proxy does it since templates: the text matched to a remembered one of its
+    // shape and the compiled rewrite filled with its literals, no scan.
+    let first = rules::sql::Scanned::new(masked).unwrap();
+    let template = rules::sql::Template::new(masked, &first, Some(&rw)).unwrap();
+    c.bench_function("rewrite_cached_shape_template", |b| {
+        b.iter(|| template.apply(other));
+    });
 }
 
 criterion_group!(benches, rewrite, analysis);
