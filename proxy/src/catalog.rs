@@ -165,9 +165,10 @@ impl DbCatalog {
 
     /// Reloads if needed (`now`: the caller's clock reading): with `after: None`, when the
     /// snapshot is stale, old or missing; with `after: Some(t)` (a statement that arrived at
-    /// `t` names a relation the snapshot lacks), unless a reload already started after `t`. Forced reloads are spaced out by waiting,
-    /// never by skipping, and the wait holds no lock, so other sessions are not held up by it;
-    /// callers that need a reload at the same time share one.
+    /// `t` names a relation the snapshot lacks), unless a reload already started after `t`.
+    /// Forced reloads are spaced out by waiting, never by skipping, and the wait holds no lock,
+    /// so other sessions are not held up by it; callers that need a reload at the same time
+    /// share one.
     pub async fn refresh(
         &self,
         config: &Config,

@@ -39,10 +39,7 @@ impl Workers {
         let mut handles = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
-            // I/O and timers only: with `enable_all` the process driver reaped orphaned child
-            // processes on every park of every session thread (0.35% of the inspected relay's
-            // samples under pgbench); sessions spawn no processes and take no signals.
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             handles.push(runtime.handle().clone());
             let stop = stop.clone();
             let thread = std::thread::Builder::new().name(format!("pgveil-session-{i}")).spawn(move || {

@@ -137,7 +137,6 @@ pub fn shape_key_of(sql: &str, scanned: &Scanned) -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct Template {
     text: String,
-    tokens: Vec<pb::ScanToken>,
     /// Byte ranges of its literals.
     literals: Vec<(usize, usize)>,
     /// The text to send for a text of this template, if its shape is rewritten.
@@ -278,16 +277,22 @@ impl Template {
             Some(rw) => Some(compile(rw, sql, scanned, &literals)?),
             None => None,
         };
-        Some(Template { text: sql.to_owned(), tokens: scanned.0.clone(), literals, rewritten })
+        Some(Template { text: sql.to_owned(), literals, rewritten })
     }
 
     /// The byte ranges of the literals of `sql`, in order, when it is this template's text
     /// with other plain literals.
     fn literals_of(&self, sql: &str) -> Option<Found> {
         let (old, new) = (self.text.as_bytes(), sql.as_bytes());
+        // The bytes before the first literal settle most mismatches (a session's other
+        // shapes), before anything is set up.
+        let head = self.literals.first().map_or(old.len(), |&(start, _)| start);
+        if new.get(..head)? != old.get(..head)? {
+            return None;
+        }
         let mut found = Found { spans: [(0, 0); MAX_LITERALS], len: 0 };
         // Where the current stretch of equal bytes starts in each text.
-        let (mut o, mut n) = (0usize, 0usize);
+        let (mut o, mut n) = (head, head);
         for &(start, end) in &self.literals {
             let same = old.get(o..start)?;
             let at = n.checked_add(same.len())?;
@@ -304,14 +309,17 @@ impl Template {
     }
 
     /// The scan of `sql` when it is this template's text with other plain literals: the
-    /// scanner's tokens exactly (the unit tests hold it to that), made without running it.
+    /// template's tokens with the literals moved, which the unit tests and debug builds hold
+    /// to be the scanner's tokens of `sql` (the proxy's path, [`Template::apply`], needs no
+    /// tokens; this scans the template's own text).
     pub fn scan(&self, sql: &str) -> Option<Scanned> {
         let found = self.literals_of(sql)?;
+        let own = scan_tokens(&self.text)?;
         let mut literals = self.literals.iter().zip(found.spans()).peekable();
-        let mut tokens = Vec::with_capacity(self.tokens.len());
+        let mut tokens = Vec::with_capacity(own.len());
         // The shift of the tokens after the last literal passed.
         let (mut o, mut n) = (0usize, 0usize);
-        for t in &self.tokens {
+        for t in &own {
             let start = usize::try_from(t.start).ok()?;
             if let Some(&(&(old_start, old_end), &(at, end))) = literals.peek()
                 && old_start == start
