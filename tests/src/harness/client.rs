@@ -49,3 +49,40 @@ pub fn stderr(o: &Output) -> String {
 pub fn url(port: u16, role: &str, db: &str, extra: &str) -> String {
     format!("host=127.0.0.1 port={port} user={role} password={role}_pw dbname={db} {extra}")
 }
+
+/// The (pid, secret key) of the first BackendKeyData in a server→client byte stream.
+pub fn backend_key(stream: &[u8]) -> Option<(i32, Vec<u8>)> {
+    let mut rest = stream;
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let msg = rest.get(..1 + len)?;
+        if msg[0] == b'K' && len >= 8 {
+            return Some((i32::from_be_bytes([msg[5], msg[6], msg[7], msg[8]]), msg[9..].to_vec()));
+        }
+        rest = &rest[1 + len..];
+    }
+    None
+}
+
+/// Sends a CancelRequest the way libpq's `PQcancel` does: over a new plaintext connection,
+/// then waits until the other end closes it. PostgreSQL closes it only after signalling the
+/// backend (twice: the pid and its process group), so a statement sent after this returns
+/// cannot be hit by this cancel. tokio-postgres's `cancel_query` returns as soon as the request
+/// is written, and libpq's comment in `internal_cancel` names what that allows: "we might issue
+/// another command only to find that our cancel zaps that command instead".
+pub async fn cancel_and_wait(addr: std::net::SocketAddr, pid: i32, key: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect for the cancel");
+    let mut request = Vec::with_capacity(12 + key.len());
+    request.extend_from_slice(&u32::try_from(12 + key.len()).expect("key length").to_be_bytes());
+    request.extend_from_slice(&80_877_102u32.to_be_bytes());
+    request.extend_from_slice(&pid.to_be_bytes());
+    request.extend_from_slice(key);
+    conn.write_all(&request).await.expect("send the cancel request");
+    let mut sink = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(20), conn.read_to_end(&mut sink))
+        .await
+        .expect("the cancel connection is closed")
+        .expect("read to the cancel connection's end");
+    assert!(sink.is_empty(), "a cancel request gets no answer, only a close: {sink:?}");
+}

@@ -16,6 +16,12 @@ pub struct Recorder {
 impl Recorder {
     /// Listens on loopback and relays each connection to `target`.
     pub async fn start(target: SocketAddr) -> Recorder {
+        Recorder::start_capped(target, usize::MAX).await
+    }
+
+    /// As `start`, recording only the first `cap` bytes (for long streams of which only the
+    /// start matters: the handshake's BackendKeyData, say).
+    pub async fn start_capped(target: SocketAddr, cap: usize) -> Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind recorder");
         let addr = listener.local_addr().expect("addr");
         let bytes = Arc::new(Mutex::new(Vec::new()));
@@ -36,7 +42,11 @@ impl Recorder {
                         match sr.read(&mut buf).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
-                                sink.lock().expect("recorder lock").extend_from_slice(&buf[..n]);
+                                {
+                                    let mut kept = sink.lock().expect("recorder lock");
+                                    let room = cap.saturating_sub(kept.len()).min(n);
+                                    kept.extend_from_slice(&buf[..room]);
+                                }
                                 if cw.write_all(&buf[..n]).await.is_err() {
                                     break;
                                 }
