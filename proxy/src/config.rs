@@ -273,6 +273,9 @@ pub struct Limits {
     /// runtime, shared with the rest of the proxy).
     #[serde(with = "workers")]
     pub workers: Workers,
+    /// Pump sessions whose two legs are both plaintext TCP with `splice(2)` through a pipe
+    /// (the bytes never enter user space) instead of copying them.
+    pub splice: bool,
 }
 
 /// `limits.workers`.
@@ -325,6 +328,7 @@ impl Default for Limits {
             blocks_per_session: Some(Budget { max: 20, per: Duration::from_secs(60) }),
             quarantine: None,
             workers: Workers::Auto,
+            splice: false,
         }
     }
 }

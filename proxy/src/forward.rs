@@ -1,9 +1,12 @@
 //! Zero-copy forwarding for sessions that need no inspection: after startup the two streams
-//! are joined by a byte pump. Its only contract is byte-for-byte fidelity.
+//! are joined by a byte pump. Its only contract is byte-for-byte fidelity. Where both legs
+//! are plaintext TCP and `limits.splice` is on, the bytes move through a pipe with
+//! `splice(2)` and never enter user space.
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
+use tokio::net::TcpStream;
 
 use crate::Shared;
 use crate::conn::Conn;
@@ -12,6 +15,11 @@ use crate::error::SessionError;
 /// Buffer size per direction: large enough that a big result moves in few syscalls.
 const PUMP_BUFFER: usize = 64 * 1024;
 
+/// A stream that may be plaintext TCP underneath (then the pump can splice it).
+pub trait PlainTcp {
+    fn plain_tcp(&self) -> Option<&TcpStream>;
+}
+
 pub async fn pump<C, S>(
     shared: &Arc<Shared>,
     client: &mut Conn<C>,
@@ -19,8 +27,8 @@ pub async fn pump<C, S>(
     killed: &tokio_util::sync::CancellationToken,
 ) -> Result<(), SessionError>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + PlainTcp,
+    S: AsyncRead + AsyncWrite + Unpin + PlainTcp,
 {
     // Bytes already read past the last frame we handled belong to the other side first.
     if !client.rbuf.is_empty() {
@@ -33,6 +41,24 @@ where
     }
     client.flush().await?;
     server.flush().await?;
+    if shared.config.limits.splice
+        && let (Some(c), Some(s)) = (client.io.plain_tcp(), server.io.plain_tcp())
+        && let Some(pipes) = Pipes::new()
+    {
+        let ended = WhenWoken::new(async {
+            tokio::select! {
+                () = shared.hard_stop.cancelled() => SessionError::Shutdown,
+                () = killed.cancelled() => SessionError::Terminated,
+            }
+        });
+        let (to_server, to_client) = tokio::select! {
+            biased;
+            r = splice_both(c, s, &pipes) => r?,
+            e = ended => return Err(e),
+        };
+        shared.metrics.forwarded(to_server, to_client);
+        return Ok(());
+    }
     let mut c = Watched { io: &mut client.io, failed: false };
     let mut s = Watched { io: &mut server.io, failed: false };
     let ended = WhenWoken::new(async {
@@ -54,6 +80,85 @@ where
         // The side whose read or write failed is the one that went away.
         Err(e) if s.failed && !c.failed => Err(SessionError::UpstreamIo(e)),
         Err(e) => Err(SessionError::ClientIo(e)),
+    }
+}
+
+/// The largest splice asked for at once (a pipe holds 64 KiB unless resized).
+const SPLICE_CHUNK: usize = 64 * 1024;
+
+/// One pipe per direction, made when a session starts pumping. None when the process is out
+/// of descriptors: the session is then pumped through user space instead.
+struct Pipes {
+    up: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
+    down: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
+}
+
+impl Pipes {
+    fn new() -> Option<Pipes> {
+        let flags = rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK;
+        let up = rustix::pipe::pipe_with(flags).ok()?;
+        let down = rustix::pipe::pipe_with(flags).ok()?;
+        Some(Pipes { up, down })
+    }
+}
+
+/// Both directions until both have ended; (bytes to the server, bytes to the client).
+async fn splice_both(client: &TcpStream, server: &TcpStream, pipes: &Pipes) -> Result<(u64, u64), SessionError> {
+    let up = async {
+        splice_one_way(client, server, &pipes.up).await.map_err(|e| match e {
+            Side::From(e) => SessionError::ClientIo(e),
+            Side::To(e) => SessionError::UpstreamIo(e),
+        })
+    };
+    let down = async {
+        splice_one_way(server, client, &pipes.down).await.map_err(|e| match e {
+            Side::From(e) => SessionError::UpstreamIo(e),
+            Side::To(e) => SessionError::ClientIo(e),
+        })
+    };
+    tokio::try_join!(up, down)
+}
+
+/// Which end of one direction failed.
+enum Side {
+    From(std::io::Error),
+    To(std::io::Error),
+}
+
+/// Moves what `from` sends to `to` through `pipe` until `from` ends, then ends `to`'s
+/// writing side (as the copying pump does). The pipe is always empty when `from` is read, so a
+/// splice that would block is waiting for the socket named in its readiness, never the pipe.
+async fn splice_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &(std::os::fd::OwnedFd, std::os::fd::OwnedFd),
+) -> Result<u64, Side> {
+    use rustix::pipe::{SpliceFlags, splice};
+    let (out_of_pipe, into_pipe) = pipe;
+    let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+    let mut total = 0u64;
+    loop {
+        let n = from
+            .async_io(Interest::READABLE, || Ok(splice(from, None, into_pipe, None, SPLICE_CHUNK, flags)?))
+            .await
+            .map_err(Side::From)?;
+        if n == 0 {
+            return match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
+                Ok(()) => Ok(total),
+                // The other side may have closed already.
+                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(total),
+                Err(e) => Err(Side::To(e)),
+            };
+        }
+        let mut left = n;
+        while left > 0 {
+            let m = to
+                .async_io(Interest::WRITABLE, || Ok(splice(out_of_pipe, None, to, None, left, flags)?))
+                .await
+                .map_err(Side::To)?;
+            left = left.saturating_sub(m);
+        }
+        total = total.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
     }
 }
 

@@ -15,6 +15,15 @@ use crate::tls::{ALPN_POSTGRESQL, ServerTls};
 
 pub type ClientStream = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
 
+impl crate::forward::PlainTcp for ClientStream {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Either::Left(tcp) => Some(tcp),
+            Either::Right(_) => None,
+        }
+    }
+}
+
 /// What the client asked for.
 #[derive(Debug)]
 #[allow(

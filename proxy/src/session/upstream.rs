@@ -12,6 +12,15 @@ use crate::session::SessionError;
 
 pub type ServerStream = Either<Either<TcpStream, UnixStream>, tokio_rustls::client::TlsStream<TcpStream>>;
 
+impl crate::forward::PlainTcp for ServerStream {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Either::Left(Either::Left(tcp)) => Some(tcp),
+            _ => None,
+        }
+    }
+}
+
 /// Opens a connection to PostgreSQL, negotiating TLS as `upstream.tls` says. The whole of it
 /// (TCP, SSLRequest, TLS handshake) is bounded by `upstream.connect_timeout`: a server that
 /// accepts but never answers costs the session a clear error, not a hang.
