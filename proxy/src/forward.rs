@@ -4,6 +4,8 @@
 //! `splice(2)` and never enter user space.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::TcpStream;
@@ -41,45 +43,40 @@ where
     }
     client.flush().await?;
     server.flush().await?;
-    if shared.config.limits.splice
-        && let (Some(c), Some(s)) = (client.io.plain_tcp(), server.io.plain_tcp())
-        && let Some(pipes) = Pipes::new()
-    {
-        let ended = WhenWoken::new(async {
-            tokio::select! {
-                () = shared.hard_stop.cancelled() => SessionError::Shutdown,
-                () = killed.cancelled() => SessionError::Terminated,
-            }
-        });
-        let (to_server, to_client) = tokio::select! {
-            biased;
-            r = splice_both(c, s, &pipes) => r?,
-            e = ended => return Err(e),
-        };
-        shared.metrics.forwarded(to_server, to_client);
-        return Ok(());
-    }
-    let mut c = Watched { io: &mut client.io, failed: false };
-    let mut s = Watched { io: &mut server.io, failed: false };
     let ended = WhenWoken::new(async {
         tokio::select! {
             () = shared.hard_stop.cancelled() => SessionError::Shutdown,
             () = killed.cancelled() => SessionError::Terminated,
         }
     });
+    if shared.config.limits.splice
+        && let (Some(c), Some(s)) = (client.io.plain_tcp(), server.io.plain_tcp())
+        && let Some(pipes) = Pipes::new()
+    {
+        let moved = (AtomicU64::new(0), AtomicU64::new(0));
+        let spliced = tokio::select! {
+            biased;
+            r = splice_both(c, s, &pipes, &moved) => r,
+            e = ended => Err(e),
+        };
+        shared.metrics.forwarded(moved.0.load(Relaxed), moved.1.load(Relaxed));
+        return spliced;
+    }
+    let mut c = Watched { io: &mut client.io, failed: false, written: 0 };
+    let mut s = Watched { io: &mut server.io, failed: false, written: 0 };
     let copied = tokio::select! {
         biased;
-        r = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut s, PUMP_BUFFER, PUMP_BUFFER) => r,
-        e = ended => return Err(e),
+        r = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut s, PUMP_BUFFER, PUMP_BUFFER) => Ok(r),
+        e = ended => Err(e),
     };
+    // Counted however the session ended: most clients close without a Terminate.
+    shared.metrics.forwarded(s.written, c.written);
     match copied {
-        Ok((to_server, to_client)) => {
-            shared.metrics.forwarded(to_server, to_client);
-            Ok(())
-        }
+        Err(e) => Err(e),
+        Ok(Ok(_)) => Ok(()),
         // The side whose read or write failed is the one that went away.
-        Err(e) if s.failed && !c.failed => Err(SessionError::UpstreamIo(e)),
-        Err(e) => Err(SessionError::ClientIo(e)),
+        Ok(Err(e)) if s.failed && !c.failed => Err(SessionError::UpstreamIo(e)),
+        Ok(Err(e)) => Err(SessionError::ClientIo(e)),
     }
 }
 
@@ -102,21 +99,27 @@ impl Pipes {
     }
 }
 
-/// Both directions until both have ended; (bytes to the server, bytes to the client).
-async fn splice_both(client: &TcpStream, server: &TcpStream, pipes: &Pipes) -> Result<(u64, u64), SessionError> {
+/// Both directions until both have ended, counting (bytes to the server, bytes to the client)
+/// in `moved` as they go.
+async fn splice_both(
+    client: &TcpStream,
+    server: &TcpStream,
+    pipes: &Pipes,
+    moved: &(AtomicU64, AtomicU64),
+) -> Result<(), SessionError> {
     let up = async {
-        splice_one_way(client, server, &pipes.up).await.map_err(|e| match e {
+        splice_one_way(client, server, &pipes.up, &moved.0).await.map_err(|e| match e {
             Side::From(e) => SessionError::ClientIo(e),
             Side::To(e) => SessionError::UpstreamIo(e),
         })
     };
     let down = async {
-        splice_one_way(server, client, &pipes.down).await.map_err(|e| match e {
+        splice_one_way(server, client, &pipes.down, &moved.1).await.map_err(|e| match e {
             Side::From(e) => SessionError::UpstreamIo(e),
             Side::To(e) => SessionError::ClientIo(e),
         })
     };
-    tokio::try_join!(up, down)
+    tokio::try_join!(up, down).map(|_| ())
 }
 
 /// Which end of one direction failed.
@@ -132,11 +135,11 @@ async fn splice_one_way(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &(std::os::fd::OwnedFd, std::os::fd::OwnedFd),
-) -> Result<u64, Side> {
+    moved: &AtomicU64,
+) -> Result<(), Side> {
     use rustix::pipe::{SpliceFlags, splice};
     let (out_of_pipe, into_pipe) = pipe;
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
-    let mut total = 0u64;
     loop {
         let n = from
             .async_io(Interest::READABLE, || Ok(splice(from, None, into_pipe, None, SPLICE_CHUNK, flags)?))
@@ -144,9 +147,9 @@ async fn splice_one_way(
             .map_err(Side::From)?;
         if n == 0 {
             return match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
-                Ok(()) => Ok(total),
+                Ok(()) => Ok(()),
                 // The other side may have closed already.
-                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(total),
+                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(()),
                 Err(e) => Err(Side::To(e)),
             };
         }
@@ -157,8 +160,8 @@ async fn splice_one_way(
                 .await
                 .map_err(Side::To)?;
             left = left.saturating_sub(m);
+            moved.fetch_add(u64::try_from(m).unwrap_or(u64::MAX), Relaxed);
         }
-        total = total.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
     }
 }
 
@@ -167,6 +170,8 @@ async fn splice_one_way(
 struct Watched<'a, S> {
     io: &'a mut S,
     failed: bool,
+    /// Bytes written to this stream so far.
+    written: u64,
 }
 
 impl<S> Watched<'_, S> {
@@ -197,6 +202,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut *self.io).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.written = self.written.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+        }
         self.note(r)
     }
 
@@ -293,9 +301,21 @@ mod tests {
     async fn a_failure_names_the_side_that_failed() {
         let (mut a, b) = tokio::io::duplex(64);
         drop(b);
-        let mut w = Watched { io: &mut a, failed: false };
+        let mut w = Watched { io: &mut a, failed: false, written: 0 };
         let e = tokio::io::AsyncWriteExt::write_all(&mut w, b"hello").await;
         assert!(e.is_err());
         assert!(w.failed);
+    }
+
+    #[tokio::test]
+    async fn bytes_written_are_counted_as_they_go() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let mut w = Watched { io: &mut a, failed: false, written: 0 };
+        tokio::io::AsyncWriteExt::write_all(&mut w, b"hello").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut w, b", world").await.unwrap();
+        assert_eq!(w.written, 12);
+        let mut got = [0u8; 12];
+        tokio::io::AsyncReadExt::read_exact(&mut b, &mut got).await.unwrap();
+        assert_eq!(&got, b"hello, world");
     }
 }
