@@ -24,7 +24,7 @@ for round in $(seq "$ROUNDS"); do
     P=$!
     out=$(PGSSLMODE=disable "$BIN/pgbench" -n -S -M "$MODE" -c 8 -j 2 -T "$SECS" -h 127.0.0.1 -p "$VEIL_PORT" -U "$user" bench 2>&1)
     wait "$P" || true
-    tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+    tx=$(tx_of "$out")
     by=$(perf report -i "$WORK/perf.data" --stdio --sort comm -F sample,comm 2>/dev/null | grep -v '^#' \
       | awk -v tx="$tx" 'NF >= 2 && ($2 ~ /postgres|pgbench|pgveil|swapper/) { printf "%s %.1f, ", $2, $1 / 999 * 1e6 / tx }')
     echo "| $round | $user | $tx | ${by%, } |"

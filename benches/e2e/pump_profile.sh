@@ -35,7 +35,6 @@ TARGETS+=("${VEILS[@]}")
 bench() { # mode port user -> pgbench output
   PGSSLMODE=disable "$BIN/pgbench" -n -S -M "$1" -c "$CLIENTS" -j 2 -T "$SECS" -h 127.0.0.1 -p "$2" -U "$3" bench 2>&1
 }
-txs() { sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p'; }
 RAW="$WORK/raw.tsv"; : > "$RAW"
 for round in $(seq "$ROUNDS"); do
   for mode in $MODES; do
@@ -44,7 +43,7 @@ for round in $(seq "$ROUNDS"); do
       c0=$(cpu_ticks "$pid"); s0=$(ctx_switches "$pid")
       out=$(bench "$mode" "$port" "$user")
       c1=$(cpu_ticks "$pid"); s1=$(ctx_switches "$pid")
-      tx=$(txs <<<"$out"); tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
+      tx=$(tx_of "$out"); tps=$(tps_of "$out")
       printf 'run\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$name" "$tps" \
         "$(awk -v d=$((c1 - c0)) -v t="$TICK" -v x="$tx" 'BEGIN { printf "%.2f", d / t * 1e6 / x }')" \
         "$(awk -v d=$((s1 - s0)) -v x="$tx" 'BEGIN { printf "%.3f", d / x }')" >> "$RAW"
@@ -57,7 +56,7 @@ for mode in $MODES; do
     IFS='|' read -r name port user pid <<<"$t"
     strace -c -f -q -o "$WORK/strace.txt" -p "$pid" & ST=$!
     sleep 0.5
-    tx=$(bench "$mode" "$port" "$user" | txs)
+    tx=$(tx_of "$(bench "$mode" "$port" "$user")")
     kill -INT $ST; wait $ST 2>/dev/null || true
     awk -v x="$tx" -v m="$mode" -v n="$name" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" { printf "sys\t%s\t%s\t%s\t%.3f\n", m, n, $NF, $4 / x }' "$WORK/strace.txt" >> "$RAW"
   done

@@ -68,9 +68,9 @@ for round in $(seq "$ROUNDS"); do
         before=$(cpu_ticks "$pid")
         out=$(PGSSLMODE=$sslmode "$BIN/pgbench" -n -S -M "$mode" -c "$c" -j "$(( c < 2 ? 1 : 2 ))" -T "$SECS" -h 127.0.0.1 -p "$port" -U "$user" bench 2>&1) || { echo "$name $mode c=$c failed: $out" >&2; exit 1; }
         after=$(cpu_ticks "$pid")
-        tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
-        lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
-        tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+        tps=$(tps_of "$out")
+        lat=$(latency_of "$out")
+        tx=$(tx_of "$out")
         failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
         cpu_us=$(awk -v d=$((after - before)) -v tick="$TICK" -v tx="$tx" 'BEGIN { if (tx > 0) printf "%.1f", d / tick * 1e6 / tx; else print 0 }')
         printf 'pgbench\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$c" "$name" "$tps" "$lat" "$cpu_us" "${failed:-0}" "$round" >> "$RAW"
@@ -81,7 +81,7 @@ for round in $(seq "$ROUNDS"); do
     IFS='|' read -r name port user pid sslmode script <<<"$t"
     # pgbench discards the rows libpq received (psql's formatting dominated this row before).
     out=$(PGSSLMODE=$sslmode "$BIN/pgbench" -n -f "$WORK/${script:-big.sql}" -t 3 -c 1 -h 127.0.0.1 -p "$port" -U "$user" bench 2>&1) || { echo "$name big failed: $out" >&2; exit 1; }
-    lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
+    lat=$(latency_of "$out")
     printf 'big\t-\t1\t%s\t%s\t-\t-\t0\t%s\n' "$name" "$(awk -v l="$lat" 'BEGIN { printf "%.3f", l / 1000 }')" "$round" >> "$RAW"
   done
 done

@@ -31,8 +31,8 @@ for round in $(seq "$ROUNDS"); do
         before=$(cpu_ticks "$pid")
         out=$(PGSSLMODE=disable "$BIN/pgbench" -n -S -M "$mode" -c "$c" -j "$(( c < 2 ? 1 : 2 ))" -T "$SECS" -h 127.0.0.1 -p "$port" -U bench_exempt bench 2>&1) || { echo "$name failed: $out" >&2; exit 1; }
         after=$(cpu_ticks "$pid")
-        tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
-        tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+        tps=$(tps_of "$out")
+        tx=$(tx_of "$out")
         us=$(awk -v d=$((after - before)) -v tick="$TICK" -v tx="$tx" 'BEGIN { printf "%.1f", d / tick * 1e6 / tx }')
         printf 'pgbench %s c=%s\t%s\t%s\t%s\t%s\n' "$mode" "$c" "$name" "$round" "$tps" "$us" >> "$RAW"
       done

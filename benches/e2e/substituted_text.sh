@@ -37,8 +37,8 @@ for round in $(seq "$ROUNDS"); do
       out=$("$BIN/pgbench" -n -f "$WORK/$v.sql" -M "$mode" -c 8 -j 2 -T "$SECS" -h 127.0.0.1 -p "$PG_PORT" -U postgres bench 2>&1)
       sleep 0.3 # the backends exit and are reaped after pgbench ends
       after=$(pg_ticks)
-      tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
-      tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+      tps=$(tps_of "$out")
+      tx=$(tx_of "$out")
       us=$(awk -v d=$((after - before)) -v tick="$TICK" -v tx="$tx" 'BEGIN { printf "%.1f", d / tick * 1e6 / tx }')
       printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$mode" "$v" "$tps" "$us" >> "$RAW"
     done

@@ -52,6 +52,7 @@ fdS=$(fds); rssS=$(rss_kb)
 
 # 1. Hold HOLD idle masked sessions.
 coproc HOLDER { python3 benches/load/hold.py 127.0.0.1 "$VEIL_PORT" "$HOLD" bench_masked bench; }
+holder_pid=$HOLDER_PID # bash unsets HOLDER_PID once the coprocess has exited
 read -r held_line <&"${HOLDER[0]}"
 held=$(awk '{print $2}' <<<"$held_line"); hold_failed=$(awk '{print $4}' <<<"$held_line")
 sleep 1
@@ -65,15 +66,15 @@ SAMPLER=$!; PIDS+=("$SAMPLER")
 bench_out=$("$BIN/pgbench" -n -c "$CLIENTS" -j 2 -T "$LOAD_SECS" -h 127.0.0.1 -p "$VEIL_PORT" -U bench_nomask bench 2>&1) && bench_rc=0 || bench_rc=$?
 kill "$SAMPLER" 2>/dev/null || true
 read -r peak peak_fd < <(awk -v r="$peak" -v f="$peak_fd" '{ if ($1 > r) r = $1; if ($2 > f) f = $2 } END { print r, f }' "$WORK/samples")
-tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$bench_out")
-tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$bench_out")
+tps=$(tps_of "$bench_out")
+tx=$(tx_of "$bench_out")
 failed_tx=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$bench_out")
-lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$bench_out")
+lat=$(latency_of "$bench_out")
 
 echo >&"${HOLDER[1]}"
 read -r alive_line <&"${HOLDER[0]}"
 alive=$(awk '{print $2}' <<<"$alive_line")
-wait "$HOLDER_PID" 2>/dev/null || true
+wait "$holder_pid" 2>/dev/null || true
 
 # 2. Everyone has left: descriptors back to the baseline.
 for _ in $(seq 50); do [ "$(fds)" -le "$fd0" ] && break; sleep 0.2; done
