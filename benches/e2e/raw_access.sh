@@ -39,7 +39,7 @@ for round in $(seq "$ROUNDS"); do
         after=$(cpu_ticks "$pid")
         tps=$(tps_of "$out")
         tx=$(tx_of "$out")
-        cpu=$(awk -v d=$((after - before)) -v tick="$TICK" -v tx="$tx" 'BEGIN { printf "%.1f", d / tick * 1e6 / tx }')
+        cpu=$(per_tx_us $((after - before)) "$tx")
         printf '%s\t%s\t%s\t%s\t%s\n' "$mode" "$c" "$name" "$tps" "$cpu" >> "$RAW"
       done
     done

@@ -72,7 +72,7 @@ for round in $(seq "$ROUNDS"); do
         lat=$(latency_of "$out")
         tx=$(tx_of "$out")
         failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
-        cpu_us=$(awk -v d=$((after - before)) -v tick="$TICK" -v tx="$tx" 'BEGIN { if (tx > 0) printf "%.1f", d / tick * 1e6 / tx; else print 0 }')
+        cpu_us=$(per_tx_us $((after - before)) "$tx")
         printf 'pgbench\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$c" "$name" "$tps" "$lat" "$cpu_us" "${failed:-0}" "$round" >> "$RAW"
       done
     done

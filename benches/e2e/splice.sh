@@ -33,7 +33,7 @@ for round in $(seq "$ROUNDS"); do
         after=$(cpu_ticks "$pid")
         tps=$(tps_of "$out")
         tx=$(tx_of "$out")
-        us=$(awk -v d=$((after - before)) -v tick="$TICK" -v tx="$tx" 'BEGIN { printf "%.1f", d / tick * 1e6 / tx }')
+        us=$(per_tx_us $((after - before)) "$tx")
         printf 'pgbench %s c=%s\t%s\t%s\t%s\t%s\n' "$mode" "$c" "$name" "$round" "$tps" "$us" >> "$RAW"
       done
     done

@@ -39,7 +39,7 @@ for round in $(seq "$ROUNDS"); do
       after=$(pg_ticks)
       tps=$(tps_of "$out")
       tx=$(tx_of "$out")
-      us=$(awk -v d=$((after - before)) -v tick="$TICK" -v tx="$tx" 'BEGIN { printf "%.1f", d / tick * 1e6 / tx }')
+      us=$(per_tx_us $((after - before)) "$tx")
       printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$mode" "$v" "$tps" "$us" >> "$RAW"
     done
   done
