@@ -79,6 +79,7 @@ pub(crate) struct Relay {
     /// A search_path change to apply when the Query being sent completes.
     deferred_path: Option<Option<Vec<String>>>,
     plan_memo: Option<state::PlanMemo>,
+    portal_memo: Option<state::PortalMemo>,
 }
 
 /// A relay for one session of `roles` under `rules_yaml`, with the example catalog installed
@@ -143,6 +144,7 @@ impl Relay {
             idle: true,
             deferred_path: None,
             plan_memo: None,
+            portal_memo: None,
         }
     }
 

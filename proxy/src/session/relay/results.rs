@@ -33,6 +33,12 @@ impl Relay {
         })
     }
 
+    /// What a remembered row plan was built from besides the description: the catalog
+    /// snapshot's and the policy's generations.
+    fn generations(&self) -> (u64, u64) {
+        (self.rules.catalog.generation(), self.shared.policy_generation.load(Relaxed))
+    }
+
     pub(super) fn row_description(&mut self, f: &Frame) -> Result<(), SessionError> {
         let parse = || messages::row_description(f).map(Arc::new).ok_or(SessionError::UnexpectedServerMessage(b'T'));
         match self.expect.front_mut() {
@@ -49,22 +55,49 @@ impl Relay {
             }
             Some(Expect::DescribePortal { portal, swallow }) => {
                 let (portal, swallow) = (*portal, *swallow);
-                let fields = parse()?;
+                let statement = self.portals.get(&portal).map(|p| Arc::clone(&p.plan));
+                let generations = self.generations();
+                let remembered = self
+                    .portal_memo
+                    .as_ref()
+                    .filter(|m| {
+                        m.generations == generations
+                            && statement.as_ref().is_some_and(|s| Arc::ptr_eq(&m.statement, s))
+                            && m.desc == f.as_bytes()
+                    })
+                    .map(|m| (Arc::clone(&m.fields), Arc::clone(&m.plan)));
+                let (fields, row_plan) = match (remembered, &statement) {
+                    (Some(known), _) => (known.0, Some(known.1)),
+                    (None, Some(statement)) => {
+                        let fields = parse()?;
+                        let formats: Vec<i16> = fields.iter().map(|fd| fd.format).collect();
+                        let plan =
+                            Arc::new(self.origin_plan(&fields, |i| rows::format_at(&formats, i), &statement.outputs));
+                        self.portal_memo = Some(super::state::PortalMemo {
+                            // A copy: the frame shares the read buffer, which must not be kept.
+                            desc: bytes::Bytes::copy_from_slice(f.as_bytes()),
+                            statement: Arc::clone(statement),
+                            generations,
+                            fields: Arc::clone(&fields),
+                            plan: Arc::clone(&plan),
+                        });
+                        (fields, Some(plan))
+                    }
+                    (None, None) => (parse()?, None),
+                };
                 self.expect.pop_front();
-                let mut plan = None;
                 if let Some(p) = self.portals.get_mut(&portal) {
                     p.desc = Some(fields);
-                    p.row_plan = None;
-                    plan = Some(Arc::clone(&p.plan));
+                    p.row_plan = row_plan;
                 }
                 if !swallow {
-                    self.forward_described(f, plan.as_deref());
+                    self.forward_described(f, statement.as_deref());
                 }
             }
             Some(Expect::Query(q)) => {
                 let analysis = Arc::clone(&q.analysis);
                 let idx = q.idx;
-                let generations = (self.rules.catalog.generation(), self.shared.policy_generation.load(Relaxed));
+                let generations = self.generations();
                 let remembered = self
                     .plan_memo
                     .as_ref()

@@ -72,6 +72,19 @@ pub(super) struct PlanMemo {
     pub plan: Arc<RowPlan>,
 }
 
+/// The last Describe('P') answer's row plan: a client that binds and describes one prepared
+/// statement per execution (libpq's `PQexecPrepared` does) gets the same description each
+/// time, and its plan is reused while the statement's plan, the catalog and the policy are
+/// the ones it was built for.
+#[derive(Debug)]
+pub(super) struct PortalMemo {
+    pub desc: bytes::Bytes,
+    pub statement: Arc<StatementPlan>,
+    pub generations: (u64, u64),
+    pub fields: Arc<Vec<FieldDesc>>,
+    pub plan: Arc<RowPlan>,
+}
+
 /// The client's text of a statement the server runs rewritten, to map error positions back.
 #[derive(Debug, Clone)]
 pub(super) struct Source {

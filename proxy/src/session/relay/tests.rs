@@ -771,6 +771,36 @@ fn a_remembered_row_plan_still_masks_and_is_not_reused_across_analyses() {
 }
 
 #[test]
+fn a_remembered_portal_row_plan_still_masks_and_follows_its_statement_and_description() {
+    let mut h = harness(APP);
+    let remembered = |h: &Harness| h.relay.portal_memo.as_ref().map(|m| Arc::as_ptr(&m.plan));
+    let execute_once = |h: &mut Harness, stmt: &str, desc: (&str, u32, i16), cell: &str| {
+        h.clients(vec![bind("", stmt, &[]), describe(b'P', ""), execute("", 0), sync()]);
+        h.server(vec![empty(b'2'), row_desc(&[desc]), data_row(&[cell]), complete("SELECT 1"), ready()]);
+        let got = h.received();
+        messages::first_cell(&got[2]).unwrap().to_vec()
+    };
+    h.clients(vec![parse("s1", "SELECT 1"), parse("s2", "SELECT 2"), sync()]);
+    h.server(vec![empty(b'1'), empty(b'1'), ready()]);
+    h.received();
+    // One statement executed twice with the same description (as PQexecPrepared does): the
+    // second execution reuses the plan, and a cell claiming a protected origin is still masked.
+    let mut plans = Vec::new();
+    for _ in 0..2 {
+        assert_eq!(execute_once(&mut h, "s1", ("ssn", CUSTOMERS, 4), "900-00-0001"), b"***-**-0001");
+        plans.push(remembered(&h));
+    }
+    assert!(plans[0].is_some() && plans[0] == plans[1], "the plan was reused");
+    // Another statement with the same description is planned anew, masked all the same.
+    assert_eq!(execute_once(&mut h, "s2", ("ssn", CUSTOMERS, 4), "900-00-0002"), b"***-**-0002");
+    assert_ne!(remembered(&h), plans[0]);
+    // Another description of the first statement is not the remembered one: `name` is not
+    // masked for this role.
+    assert_eq!(execute_once(&mut h, "s1", ("name", CUSTOMERS, 2), "Ada"), b"Ada");
+    assert_eq!(execute_once(&mut h, "s1", ("ssn", CUSTOMERS, 4), "900-00-0003"), b"***-**-0003");
+}
+
+#[test]
 fn an_exempt_session_is_observed_never_blocked_or_masked() {
     let mut h = harness_with(RULES, &["dba"], |c| c.audit.raw_access = true);
     let f = q("DO $$ BEGIN PERFORM 1; END $$");
