@@ -37,6 +37,8 @@ fn cases(rng: &mut rand::rngs::StdRng) -> Vec<(Mask, PgType, &'static str, Vec<S
         "a-b",
         "'quote'",
         "back\\slash",
+        "12\n34",
+        "tail\n",
     ]
     .iter()
     .map(|s| (*s).to_owned())
