@@ -159,6 +159,10 @@ async fn splice_one_way(
                 .async_io(Interest::WRITABLE, || Ok(splice(out_of_pipe, None, to, None, left, flags)?))
                 .await
                 .map_err(Side::To)?;
+            if m == 0 {
+                // A pipe holding `left` bytes never yields none; do not spin if it does.
+                return Err(Side::To(std::io::ErrorKind::WriteZero.into()));
+            }
             left = left.saturating_sub(m);
             moved.fetch_add(u64::try_from(m).unwrap_or(u64::MAX), Relaxed);
         }
