@@ -78,8 +78,9 @@ pub(crate) struct Relay {
     idle: bool,
     /// A search_path change to apply when the Query being sent completes.
     deferred_path: Option<Option<Vec<String>>>,
-    plan_memo: Option<state::PlanMemo>,
-    portal_memo: Option<state::PortalMemo>,
+    /// The last simple-protocol result's row plan, and the last Describe('P') answer's.
+    plan_memo: Option<state::PlanMemo<(Arc<rules::sql::Analysis>, usize)>>,
+    portal_memo: Option<state::PlanMemo<Arc<rules::sql::StatementPlan>>>,
 }
 
 /// A relay for one session of `roles` under `rules_yaml`, with the example catalog installed

@@ -10,6 +10,7 @@ use rules::Mode;
 use rules::sql::{RowLimit, StatementPlan};
 
 use super::expect::Expect;
+use super::state::PlanMemo;
 use super::{Relay, is_ddl_tag};
 use crate::audit::{Event, EventKind};
 use crate::protocol::Frame;
@@ -57,30 +58,16 @@ impl Relay {
                 let (portal, swallow) = (*portal, *swallow);
                 let statement = self.portals.get(&portal).map(|p| Arc::clone(&p.plan));
                 let generations = self.generations();
-                let remembered = self
-                    .portal_memo
-                    .as_ref()
-                    .filter(|m| {
-                        m.generations == generations
-                            && statement.as_ref().is_some_and(|s| Arc::ptr_eq(&m.statement, s))
-                            && m.desc == f.as_bytes()
-                    })
-                    .map(|m| (Arc::clone(&m.fields), Arc::clone(&m.plan)));
+                let same = |m: &Arc<StatementPlan>| statement.as_ref().is_some_and(|s| Arc::ptr_eq(m, s));
+                let remembered = PlanMemo::get(self.portal_memo.as_ref(), same, generations, f);
                 let (fields, row_plan) = match (remembered, &statement) {
-                    (Some(known), _) => (known.0, Some(known.1)),
+                    (Some((fields, plan)), _) => (fields, Some(plan)),
                     (None, Some(statement)) => {
                         let fields = parse()?;
                         let formats: Vec<i16> = fields.iter().map(|fd| fd.format).collect();
                         let plan =
                             Arc::new(self.origin_plan(&fields, |i| rows::format_at(&formats, i), &statement.outputs));
-                        self.portal_memo = Some(super::state::PortalMemo {
-                            // A copy: the frame shares the read buffer, which must not be kept.
-                            desc: bytes::Bytes::copy_from_slice(f.as_bytes()),
-                            statement: Arc::clone(statement),
-                            generations,
-                            fields: Arc::clone(&fields),
-                            plan: Arc::clone(&plan),
-                        });
+                        self.portal_memo = Some(PlanMemo::new(Arc::clone(statement), f, generations, &fields, &plan));
                         (fields, Some(plan))
                     }
                     (None, None) => (parse()?, None),
@@ -98,31 +85,16 @@ impl Relay {
                 let analysis = Arc::clone(&q.analysis);
                 let idx = q.idx;
                 let generations = self.generations();
-                let remembered = self
-                    .plan_memo
-                    .as_ref()
-                    .filter(|m| {
-                        m.idx == idx
-                            && m.generations == generations
-                            && Arc::ptr_eq(&m.analysis, &analysis)
-                            && m.desc == f.as_bytes()
-                    })
-                    .map(|m| Arc::clone(&m.plan));
-                let plan = match remembered {
-                    Some(plan) => plan,
+                let same = |(a, i): &(Arc<rules::sql::Analysis>, usize)| *i == idx && Arc::ptr_eq(a, &analysis);
+                let plan = match PlanMemo::get(self.plan_memo.as_ref(), same, generations, f) {
+                    Some((_, plan)) => plan,
                     None => {
                         let fields = parse()?;
                         let analysed = analysis.statements.get(idx).map_or(&[][..], |p| &p.outputs[..]);
                         let formats: Vec<i16> = fields.iter().map(|fd| fd.format).collect();
                         let plan = Arc::new(self.origin_plan(&fields, |i| rows::format_at(&formats, i), analysed));
-                        self.plan_memo = Some(super::state::PlanMemo {
-                            // A copy: the frame shares the read buffer, which must not be kept.
-                            desc: bytes::Bytes::copy_from_slice(f.as_bytes()),
-                            analysis: Arc::clone(&analysis),
-                            idx,
-                            generations,
-                            plan: Arc::clone(&plan),
-                        });
+                        self.plan_memo =
+                            Some(PlanMemo::new((Arc::clone(&analysis), idx), f, generations, &fields, &plan));
                         plan
                     }
                 };

@@ -59,30 +59,45 @@ impl QueryState {
     }
 }
 
-/// The row plan of the last simple-protocol result: the next result with the same
-/// RowDescription bytes, for the same analysis and statement, under the same catalog and
-/// rules, gets the same plan (a simple-protocol workload describes the same result for every
-/// literal it sends).
+/// A row plan remembered with the RowDescription it was built from, under the catalog and
+/// policy generations of the time, for `key`: the result it answered (a Query's analysis and
+/// statement index, or a portal's statement plan, compared by identity). A simple-protocol
+/// workload describes the same result for every literal it sends, and libpq's
+/// `PQexecPrepared` describes its portal at every execution: the next description with the
+/// same bytes, for the same key and generations, gets the same plan.
 #[derive(Debug)]
-pub(super) struct PlanMemo {
+pub(super) struct PlanMemo<K> {
+    pub key: K,
     pub desc: bytes::Bytes,
-    pub analysis: Arc<Analysis>,
-    pub idx: usize,
-    pub generations: (u64, u64),
-    pub plan: Arc<RowPlan>,
-}
-
-/// The last Describe('P') answer's row plan: a client that binds and describes one prepared
-/// statement per execution (libpq's `PQexecPrepared` does) gets the same description each
-/// time, and its plan is reused while the statement's plan, the catalog and the policy are
-/// the ones it was built for.
-#[derive(Debug)]
-pub(super) struct PortalMemo {
-    pub desc: bytes::Bytes,
-    pub statement: Arc<StatementPlan>,
     pub generations: (u64, u64),
     pub fields: Arc<Vec<FieldDesc>>,
     pub plan: Arc<RowPlan>,
+}
+
+impl<K> PlanMemo<K> {
+    pub fn new(
+        key: K,
+        desc: &Frame,
+        generations: (u64, u64),
+        fields: &Arc<Vec<FieldDesc>>,
+        plan: &Arc<RowPlan>,
+    ) -> Self {
+        // A copy: the frame shares the read buffer, which must not be kept.
+        let desc = bytes::Bytes::copy_from_slice(desc.as_bytes());
+        PlanMemo { key, desc, generations, fields: Arc::clone(fields), plan: Arc::clone(plan) }
+    }
+
+    /// The remembered description and plan, when `same` says the key is this result's and
+    /// `desc` is the remembered description under the same generations.
+    pub fn get(
+        memo: Option<&Self>,
+        same: impl Fn(&K) -> bool,
+        generations: (u64, u64),
+        desc: &Frame,
+    ) -> Option<(Arc<Vec<FieldDesc>>, Arc<RowPlan>)> {
+        memo.filter(|m| m.generations == generations && same(&m.key) && m.desc == desc.as_bytes())
+            .map(|m| (Arc::clone(&m.fields), Arc::clone(&m.plan)))
+    }
 }
 
 /// The client's text of a statement the server runs rewritten, to map error positions back.
