@@ -53,6 +53,7 @@ where
         && let (Some(c), Some(s)) = (client.io.plain_tcp(), server.io.plain_tcp())
         && let Some(pipes) = Pipes::new()
     {
+        // Atomics only because the session's future must be Send; one task touches them.
         let moved = (AtomicU64::new(0), AtomicU64::new(0));
         let spliced = tokio::select! {
             biased;
@@ -69,7 +70,7 @@ where
         r = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut s, PUMP_BUFFER, PUMP_BUFFER) => Ok(r),
         e = ended => Err(e),
     };
-    // Counted however the session ended: most clients close without a Terminate.
+    // Counted however the session ended: an I/O error or an operator's stop too.
     shared.metrics.forwarded(s.written, c.written);
     match copied {
         Err(e) => Err(e),
