@@ -276,6 +276,17 @@ pub struct Limits {
     /// Pump sessions whose two legs are both plaintext TCP with `splice(2)` through a pipe
     /// (the bytes never enter user space) instead of copying them.
     pub splice: bool,
+    /// Where sessions whose two legs are plaintext TCP are pumped: `loop` (the pump threads'
+    /// own event loops) or `copy` (tokio's copy in the session's task).
+    pub pump: Pump,
+}
+
+/// `limits.pump`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pump {
+    Loop,
+    Copy,
 }
 
 /// `limits.workers`.
@@ -329,6 +340,7 @@ impl Default for Limits {
             quarantine: None,
             workers: Workers::Auto,
             splice: false,
+            pump: Pump::Loop,
         }
     }
 }

@@ -34,6 +34,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Conn { io, rbuf, dir }
     }
 
+    /// The stream and the direction its frames come from (its read buffer must be empty).
+    pub fn into_io(self) -> (S, Direction) {
+        debug_assert!(self.rbuf.is_empty());
+        (self.io, self.dir)
+    }
+
     /// Reads the next whole frame; `Ok(None)` at a clean end of stream between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, SessionError> {
         loop {

@@ -53,6 +53,9 @@ pub enum SessionError {
     ServerRefusedStartup,
     #[error("the proxy is shutting down")]
     Shutdown,
+    /// A fault of pgveil's own (a pump thread gone); the session ends.
+    #[error("pgveil: {0}")]
+    Internal(&'static str),
     /// Ended by containment (an operator, a quarantine); the session says why.
     #[error("the session was terminated")]
     Terminated,
@@ -100,7 +103,7 @@ impl SessionError {
             | Self::UnexpectedServerMessage(_)
             | Self::ServerRefusedStartup => Side::Upstream,
             Self::Terminated | Self::Refused(_) | Self::Policy(_) => Side::Policy,
-            Self::Shutdown => Side::Internal,
+            Self::Shutdown | Self::Internal(_) => Side::Internal,
         }
     }
 
@@ -148,6 +151,7 @@ impl SessionError {
                 "Ask the operator to set auth.mode: scram in pgveil's configuration, or connect with channel_binding=disable.",
             ),
             Self::Shutdown => ErrorResponse::fatal(ADMIN_SHUTDOWN, "pgveil: terminating connection because the proxy is shutting down"),
+            Self::Internal(_) => ErrorResponse::fatal(INTERNAL_ERROR, "pgveil: internal error; closing the session"),
             Self::Refused(e) => (**e).clone(),
             Self::Terminated => ErrorResponse::fatal(ADMIN_SHUTDOWN, "pgveil: session terminated"),
             Self::Policy(why) => ErrorResponse::fatal(INSUFFICIENT_PRIVILEGE, format!("pgveil: {why}; closing the session")),

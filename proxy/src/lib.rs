@@ -82,6 +82,8 @@ pub struct Shared {
     pub auth_failures: dashmap::DashMap<std::net::IpAddr, (u32, std::time::Instant)>,
     /// Live sessions, the probe budget's quarantines, operator actions.
     pub containment: containment::Containment,
+    /// The pump threads, started with the first session pumped on them.
+    pub pump_loops: forward::event_loop::Lazy,
     mock_secret: [u8; 32],
 }
 
@@ -140,6 +142,7 @@ impl Shared {
             verifiers: dashmap::DashMap::new(),
             auth_failures: dashmap::DashMap::new(),
             containment: containment::Containment::default(),
+            pump_loops: forward::event_loop::Lazy::default(),
             mock_secret: rand::random(),
         })
     }

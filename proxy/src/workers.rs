@@ -11,6 +11,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
+/// How many threads `limits.workers` asks for: session threads, and as many pump threads
+/// (`shared`: one per core for the pump).
+pub fn threads_for(setting: crate::config::Workers) -> usize {
+    match setting {
+        crate::config::Workers::Auto | crate::config::Workers::Shared => {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        }
+        crate::config::Workers::Threads(n) => n,
+    }
+}
+
 /// The session runtimes. Dropping it (or [`Workers::stop`]) ends the threads after their
 /// runtimes' tasks are dropped.
 #[derive(Debug)]
@@ -24,12 +35,10 @@ pub struct Workers {
 impl Workers {
     /// Starts the session threads `limits.workers` asks for (none for `shared`).
     pub fn start(setting: crate::config::Workers) -> std::io::Result<Option<Workers>> {
-        let n = match setting {
-            crate::config::Workers::Shared => return Ok(None),
-            crate::config::Workers::Auto => std::thread::available_parallelism().map_or(1, |p| p.get()),
-            crate::config::Workers::Threads(n) => n,
-        };
-        Self::threads(n).map(Some)
+        if setting == crate::config::Workers::Shared {
+            return Ok(None);
+        }
+        Self::threads(threads_for(setting)).map(Some)
     }
 
     /// Starts `n` session threads.

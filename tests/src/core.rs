@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use proxy::config::{ClientTlsMode, UpstreamTls};
+use proxy::config::{ClientTlsMode, Pump, UpstreamTls};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::client::{backend_key, cancel_and_wait, connect_plain, connect_tls, psql, stderr, stdout, url};
@@ -349,8 +349,9 @@ async fn raw_session(port: u16, db: &str, queries: &[&str]) -> Vec<Vec<u8>> {
     replies
 }
 
-/// Through the pump copying and through the pump splicing (`limits.splice`: both legs are
-/// plaintext TCP here), every server byte arrives unchanged, a multi-megabyte result included.
+/// Through each pump (both legs are plaintext TCP here): the pump threads' event loops, tokio's
+/// copy (`limits.pump: copy`) and splicing (`limits.splice`), every server byte arrives
+/// unchanged, a multi-megabyte result included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_messages_reach_the_client_byte_for_byte() {
     let cluster = pg::cluster();
@@ -371,8 +372,12 @@ async fn server_messages_reach_the_client_byte_for_byte() {
         "SELECT g, repeat(md5(g::text), 2000) FROM generate_series(1, 100) g",
     ];
     let direct = raw_session(cluster.port, &db.name, &queries).await;
-    for splice in [false, true] {
-        let p = harness_proxy::spawn_with(cluster, |c| c.limits.splice = splice).await;
+    for (pump, splice) in [(Pump::Loop, false), (Pump::Copy, false), (Pump::Copy, true)] {
+        let p = harness_proxy::spawn_with(cluster, |c| {
+            c.limits.pump = pump;
+            c.limits.splice = splice;
+        })
+        .await;
         let proxied = raw_session(p.port(), &db.name, &queries).await;
         for ((q, d), v) in queries.iter().zip(&direct).zip(&proxied) {
             assert!(d.len() > 5, "{q}: direct reply too short");
@@ -380,7 +385,7 @@ async fn server_messages_reach_the_client_byte_for_byte() {
             assert!(!answered, "{q}: run in an aborted transaction, compared nothing");
             assert!(
                 d == v,
-                "splice {splice}, {q}: the proxy changed the server's bytes ({} vs {} bytes)",
+                "{pump:?}, splice {splice}, {q}: the proxy changed the server's bytes ({} vs {} bytes)",
                 d.len(),
                 v.len()
             );
@@ -397,7 +402,7 @@ async fn server_messages_reach_the_client_byte_for_byte() {
         }
         assert!(
             counted().unwrap_or_default() >= 6_000_000,
-            "splice {splice}: bytes counted: {:?}\n{}",
+            "{pump:?}, splice {splice}: bytes counted: {:?}\n{}",
             counted(),
             p.shared.metrics.render()
         );

@@ -22,6 +22,17 @@ impl crate::forward::PlainTcp for ClientStream {
             Either::Right(_) => None,
         }
     }
+
+    fn into_plain_tcp(self) -> Result<TcpStream, Self> {
+        match self {
+            Either::Left(tcp) => Ok(tcp),
+            tls @ Either::Right(_) => Err(tls),
+        }
+    }
+
+    fn from_plain_tcp(tcp: TcpStream) -> Self {
+        Either::Left(tcp)
+    }
 }
 
 /// What the client asked for.

@@ -69,7 +69,24 @@ pub async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let _enter = span.enter();
     let mut client = Conn::new(client, Direction::FromClient, leftover);
     let registered = shared.containment.register(&info);
-    if let Err(e) = serve_session(&shared, &info, &mut client, &startup, &registered.live).await {
+    let live = &registered.live;
+    let ended = match serve_session(&shared, &info, &mut client, &startup, live).await {
+        Ok(Some(server)) => {
+            let (ended, back) = crate::forward::pump(&shared, client, server, live.killed()).await;
+            let Some(back) = back else {
+                // The client's socket was lost with a pump thread: nothing more can be said.
+                if let Err(e) = ended {
+                    report(&shared, &info, &e);
+                }
+                return;
+            };
+            client = back;
+            ended.map_err(|e| stopped_why(e, live))
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = ended {
         report(&shared, &info, &e);
         if let Some(resp) = e.to_client() {
             let _ = client.write_all(&resp.to_bytes()).await;
@@ -79,13 +96,27 @@ pub async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let _ = client.io.shutdown().await;
 }
 
+/// An operator's stop is told to the client with the reason containment recorded.
+fn stopped_why(e: SessionError, live: &crate::containment::Live) -> SessionError {
+    match e {
+        SessionError::Terminated => SessionError::Refused(Box::new(messages::ErrorResponse::fatal(
+            messages::sqlstate::ADMIN_SHUTDOWN,
+            live.why(),
+        ))),
+        other => other,
+    }
+}
+
+/// Logs the session in and, when it is inspected, relays it to its end. A session no rule
+/// applies to comes back as its server leg, for the caller to pump (the pump may take both
+/// sockets off this task's runtime, so it needs them owned).
 async fn serve_session(
     shared: &Arc<Shared>,
     info: &SessionInfo,
     client: &mut Conn<ClientStream>,
     startup: &Startup,
     live: &Arc<crate::containment::Live>,
-) -> Result<(), SessionError> {
+) -> Result<Option<Conn<ServerStream>>, SessionError> {
     if shared.stop_accepting.is_cancelled() {
         return Err(SessionError::Shutdown);
     }
@@ -151,11 +182,11 @@ async fn serve_session(
     };
     match relayed {
         auth::Relayed::Ok => {}
-        auth::Relayed::Failed if shared.config.auth.mode == crate::config::AuthMode::Scram => return Ok(()),
+        auth::Relayed::Failed if shared.config.auth.mode == crate::config::AuthMode::Scram => return Ok(None),
         auth::Relayed::Failed => {
             shared.metrics.auth_failures_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             shared.audit.log(Event::session(EventKind::AuthFailed, info));
-            return Ok(());
+            return Ok(None);
         }
     }
     // The server may still refuse the login (an unknown database is reported after the
@@ -192,20 +223,10 @@ async fn serve_session(
     client.write_all(ready.as_bytes()).await?;
     client.flush().await?;
     tracing::debug!(inspected = rules.is_some(), "session ready");
-    let ended = match rules {
-        None => crate::forward::pump(shared, client, &mut server, live.killed()).await,
-        Some(rules) => {
-            live.inspected.store(true, std::sync::atomic::Ordering::Relaxed);
-            inspect::Inspector::new(shared, info, rules, backend, live).run(client, &mut server).await
-        }
-    };
-    match ended {
-        Err(SessionError::Terminated) => Err(SessionError::Refused(Box::new(messages::ErrorResponse::fatal(
-            messages::sqlstate::ADMIN_SHUTDOWN,
-            live.why(),
-        )))),
-        other => other,
-    }
+    let Some(rules) = rules else { return Ok(Some(server)) };
+    live.inspected.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ended = inspect::Inspector::new(shared, info, rules, backend, live).run(client, &mut server).await;
+    ended.map(|()| None).map_err(|e| stopped_why(e, live))
 }
 
 /// Decides, once the server accepted the login, whether this session is inspected: it is

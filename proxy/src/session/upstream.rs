@@ -19,6 +19,17 @@ impl crate::forward::PlainTcp for ServerStream {
             _ => None,
         }
     }
+
+    fn into_plain_tcp(self) -> Result<TcpStream, Self> {
+        match self {
+            Either::Left(Either::Left(tcp)) => Ok(tcp),
+            other => Err(other),
+        }
+    }
+
+    fn from_plain_tcp(tcp: TcpStream) -> Self {
+        Either::Left(Either::Left(tcp))
+    }
 }
 
 /// Opens a connection to PostgreSQL, negotiating TLS as `upstream.tls` says. The whole of it

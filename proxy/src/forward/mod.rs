@@ -1,13 +1,18 @@
 //! Zero-copy forwarding for sessions that need no inspection: after startup the two streams
 //! are joined by a byte pump. Its only contract is byte-for-byte fidelity. Where both legs
-//! are plaintext TCP and `limits.splice` is on, the bytes move through a pipe with
-//! `splice(2)` and never enter user space.
+//! are plaintext TCP the sockets go to a pump thread's event loop (`event_loop`), or with
+//! `limits.splice` the bytes move through a pipe (`splice`); TLS legs are copied by tokio in
+//! the session's task.
+
+pub mod event_loop;
+mod splice;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 
-use tokio::io::{AsyncRead, AsyncWrite, Interest};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::Shared;
@@ -17,22 +22,49 @@ use crate::error::SessionError;
 /// Buffer size per direction: large enough that a big result moves in few syscalls.
 const PUMP_BUFFER: usize = 64 * 1024;
 
-/// A stream that may be plaintext TCP underneath (then the pump can splice it).
-pub trait PlainTcp {
+/// A stream that may be plaintext TCP underneath (then the pump can splice it or hand it to
+/// a pump thread).
+pub trait PlainTcp: Sized {
     fn plain_tcp(&self) -> Option<&TcpStream>;
+    /// The TCP stream, or the stream unchanged when it is not plaintext TCP.
+    fn into_plain_tcp(self) -> Result<TcpStream, Self>;
+    fn from_plain_tcp(tcp: TcpStream) -> Self;
 }
 
+/// Joins the two legs until the session ends. The client's connection comes back (for the
+/// last word to the client) unless it was lost with a pump thread.
 pub async fn pump<C, S>(
     shared: &Arc<Shared>,
-    client: &mut Conn<C>,
-    server: &mut Conn<S>,
+    mut client: Conn<C>,
+    mut server: Conn<S>,
     killed: &tokio_util::sync::CancellationToken,
-) -> Result<(), SessionError>
+) -> (Result<(), SessionError>, Option<Conn<C>>)
 where
     C: AsyncRead + AsyncWrite + Unpin + PlainTcp,
     S: AsyncRead + AsyncWrite + Unpin + PlainTcp,
 {
     // Bytes already read past the last frame we handled belong to the other side first.
+    if let Err(e) = hand_over_buffered(&mut client, &mut server).await {
+        return (Err(e), Some(client));
+    }
+    let limits = &shared.config.limits;
+    if limits.pump == crate::config::Pump::Loop
+        && !limits.splice
+        && client.io.plain_tcp().is_some()
+        && server.io.plain_tcp().is_some()
+        && let Some(loops) = shared.pump_loops.get(crate::workers::threads_for(limits.workers))
+    {
+        return on_loop(shared, loops, client, server, killed).await;
+    }
+    let ended = in_task(shared, &mut client, &mut server, killed).await;
+    (ended, Some(client))
+}
+
+async fn hand_over_buffered<C, S>(client: &mut Conn<C>, server: &mut Conn<S>) -> Result<(), SessionError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     if !client.rbuf.is_empty() {
         let pending = client.rbuf.split();
         server.write_all(&pending).await?;
@@ -42,22 +74,95 @@ where
         client.write_all(&pending).await?;
     }
     client.flush().await?;
-    server.flush().await?;
-    let ended = WhenWoken::new(async {
+    server.flush().await
+}
+
+/// The session's end signals: the operator's stop and the end of the grace period.
+fn ended(shared: &Shared, killed: &tokio_util::sync::CancellationToken) -> impl Future<Output = SessionError> {
+    let (hard_stop, killed) = (shared.hard_stop.clone(), killed.clone());
+    WhenWoken::new(async move {
         tokio::select! {
-            () = shared.hard_stop.cancelled() => SessionError::Shutdown,
+            () = hard_stop.cancelled() => SessionError::Shutdown,
             () = killed.cancelled() => SessionError::Terminated,
         }
-    });
+    })
+}
+
+/// Pumps on one of the pump threads: the sockets leave this task's runtime until the session
+/// ends or is stopped.
+async fn on_loop<C, S>(
+    shared: &Arc<Shared>,
+    loops: &event_loop::Loops,
+    client: Conn<C>,
+    server: Conn<S>,
+    killed: &tokio_util::sync::CancellationToken,
+) -> (Result<(), SessionError>, Option<Conn<C>>)
+where
+    C: AsyncRead + AsyncWrite + Unpin + PlainTcp,
+    S: AsyncRead + AsyncWrite + Unpin + PlainTcp,
+{
+    let (client, direction) = client.into_io();
+    let (server, _) = server.into_io();
+    // Both are plaintext TCP (checked by the caller); tokio gives them up deregistered and
+    // non-blocking.
+    let (Ok(c), Ok(s)) = (client.into_plain_tcp(), server.into_plain_tcp()) else {
+        return (Err(SessionError::Internal("pump: a leg is not plaintext TCP")), None);
+    };
+    let (c, s) = match (c.into_std(), s.into_std()) {
+        (Ok(c), Ok(s)) => (c, s),
+        (Err(e), _) => return (Err(SessionError::ClientIo(e)), None),
+        (_, Err(e)) => return (Err(SessionError::UpstreamIo(e)), None),
+    };
+    let Some(mut ticket) = loops.submit(c, s) else {
+        return (Err(SessionError::Internal("pump: the pump thread is gone")), None);
+    };
+    let mut stopped = None;
+    let answer = tokio::select! {
+        biased;
+        answer = &mut ticket.ended => answer,
+        e = ended(shared, killed) => {
+            stopped = Some(e);
+            loops.stop(&ticket);
+            (&mut ticket.ended).await
+        }
+    };
+    let Ok(answer) = answer else {
+        return (Err(SessionError::Internal("pump: the pump thread ended with the session")), None);
+    };
+    shared.metrics.forwarded(answer.to_server, answer.to_client);
+    let result = match (answer.outcome, stopped) {
+        (event_loop::Outcome::Closed, _) => Ok(()),
+        (event_loop::Outcome::Stopped, stopped) => Err(stopped.unwrap_or(SessionError::Shutdown)),
+        (event_loop::Outcome::ClientIo(e), _) => Err(SessionError::ClientIo(e)),
+        (event_loop::Outcome::UpstreamIo(e), _) => Err(SessionError::UpstreamIo(e)),
+    };
+    // Back on this task's runtime, for the session's last word to the client.
+    let client =
+        TcpStream::from_std(answer.client).ok().map(|c| Conn::new(C::from_plain_tcp(c), direction, BytesMut::new()));
+    (result, client)
+}
+
+/// Pumps in the session's own task: tokio's bidirectional copy, or splicing.
+async fn in_task<C, S>(
+    shared: &Arc<Shared>,
+    client: &mut Conn<C>,
+    server: &mut Conn<S>,
+    killed: &tokio_util::sync::CancellationToken,
+) -> Result<(), SessionError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + PlainTcp,
+    S: AsyncRead + AsyncWrite + Unpin + PlainTcp,
+{
+    let ended = ended(shared, killed);
     if shared.config.limits.splice
         && let (Some(c), Some(s)) = (client.io.plain_tcp(), server.io.plain_tcp())
-        && let Some(pipes) = Pipes::new()
+        && let Some(pipes) = splice::Pipes::new()
     {
         // Atomics only because the session's future must be Send; one task touches them.
         let moved = (AtomicU64::new(0), AtomicU64::new(0));
         let spliced = tokio::select! {
             biased;
-            r = splice_both(c, s, &pipes, &moved) => r,
+            r = splice::splice_both(c, s, &pipes, &moved) => r,
             e = ended => Err(e),
         };
         shared.metrics.forwarded(moved.0.load(Relaxed), moved.1.load(Relaxed));
@@ -78,95 +183,6 @@ where
         // The side whose read or write failed is the one that went away.
         Ok(Err(e)) if s.failed && !c.failed => Err(SessionError::UpstreamIo(e)),
         Ok(Err(e)) => Err(SessionError::ClientIo(e)),
-    }
-}
-
-/// The largest splice asked for at once (a pipe holds 64 KiB unless resized).
-const SPLICE_CHUNK: usize = 64 * 1024;
-
-/// One pipe per direction, made when a session starts pumping. None when the process is out
-/// of descriptors: the session is then pumped through user space instead.
-struct Pipes {
-    up: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
-    down: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
-}
-
-impl Pipes {
-    fn new() -> Option<Pipes> {
-        let flags = rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK;
-        let up = rustix::pipe::pipe_with(flags).ok()?;
-        let down = rustix::pipe::pipe_with(flags).ok()?;
-        Some(Pipes { up, down })
-    }
-}
-
-/// Both directions until both have ended, counting (bytes to the server, bytes to the client)
-/// in `moved` as they go.
-async fn splice_both(
-    client: &TcpStream,
-    server: &TcpStream,
-    pipes: &Pipes,
-    moved: &(AtomicU64, AtomicU64),
-) -> Result<(), SessionError> {
-    let up = async {
-        splice_one_way(client, server, &pipes.up, &moved.0).await.map_err(|e| match e {
-            Side::From(e) => SessionError::ClientIo(e),
-            Side::To(e) => SessionError::UpstreamIo(e),
-        })
-    };
-    let down = async {
-        splice_one_way(server, client, &pipes.down, &moved.1).await.map_err(|e| match e {
-            Side::From(e) => SessionError::UpstreamIo(e),
-            Side::To(e) => SessionError::ClientIo(e),
-        })
-    };
-    tokio::try_join!(up, down).map(|_| ())
-}
-
-/// Which end of one direction failed.
-enum Side {
-    From(std::io::Error),
-    To(std::io::Error),
-}
-
-/// Moves what `from` sends to `to` through `pipe` until `from` ends, then ends `to`'s
-/// writing side (as the copying pump does). The pipe is always empty when `from` is read, so a
-/// splice that would block is waiting for the socket named in its readiness, never the pipe.
-async fn splice_one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    pipe: &(std::os::fd::OwnedFd, std::os::fd::OwnedFd),
-    moved: &AtomicU64,
-) -> Result<(), Side> {
-    use rustix::pipe::{SpliceFlags, splice};
-    let (out_of_pipe, into_pipe) = pipe;
-    let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
-    loop {
-        let n = from
-            .async_io(Interest::READABLE, || Ok(splice(from, None, into_pipe, None, SPLICE_CHUNK, flags)?))
-            .await
-            .map_err(Side::From)?;
-        if n == 0 {
-            return match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
-                Ok(()) => Ok(()),
-                // The other side may have closed already.
-                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(()),
-                Err(e) => Err(Side::To(e)),
-            };
-        }
-        let mut left = n;
-        while left > 0 {
-            let m = to
-                .async_io(Interest::WRITABLE, || Ok(splice(out_of_pipe, None, to, None, left, flags)?))
-                .await
-                .map_err(Side::To)?;
-            if m == 0 {
-                // A pipe holding `left` bytes never yields none; do not spin if it does.
-                return Err(Side::To(std::io::ErrorKind::WriteZero.into()));
-            }
-            left = left.saturating_sub(m);
-            moved.fetch_add(u64::try_from(m).unwrap_or(u64::MAX), Relaxed);
-        }
     }
 }
 
