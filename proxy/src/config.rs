@@ -560,6 +560,15 @@ mod tests {
     }
 
     #[test]
+    fn pump_choice() {
+        let pump = |src: &str| Config::from_yaml_with_env(src, "t.yaml", std::iter::empty()).map(|c| c.limits.pump);
+        assert_eq!(pump("").unwrap(), Pump::Loop);
+        assert_eq!(pump("limits: {pump: copy}\n").unwrap(), Pump::Copy);
+        assert_eq!(pump("limits: {pump: loop}\n").unwrap(), Pump::Loop);
+        assert!(pump("limits: {pump: uring}\n").is_err());
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(duration::parse("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(duration::parse("2m"), Some(Duration::from_secs(120)));

@@ -61,6 +61,8 @@ pub struct Ticket {
 enum Command {
     Add(Job),
     Stop(u64),
+    /// The `Loops` is dropped: the thread ends, closing what it still pumps.
+    Exit,
 }
 
 struct Job {
@@ -72,7 +74,9 @@ struct Job {
 
 struct Lane {
     commands: mpsc::Sender<Command>,
-    waker: Waker,
+    /// Shared with the thread: the eventfd must outlive the wake-up `Drop` sends, or the
+    /// thread would never see it (a closed descriptor leaves the epoll set with its event).
+    waker: Arc<Waker>,
 }
 
 /// The pump threads. Dropping it ends them; sessions still on them are closed.
@@ -94,9 +98,13 @@ impl Loops {
         let mut lanes = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
             let poll = Poll::new()?;
-            let waker = Waker::new(poll.registry(), WAKE)?;
+            let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
             let (commands, inbox) = mpsc::channel();
-            std::thread::Builder::new().name(format!("pgveil-pump-{i}")).spawn(move || run(poll, &inbox))?;
+            let kept = Arc::clone(&waker);
+            std::thread::Builder::new().name(format!("pgveil-pump-{i}")).spawn(move || {
+                run(poll, &inbox);
+                drop(kept);
+            })?;
             lanes.push(Lane { commands, waker });
         }
         Ok(Loops { lanes, next_lane: AtomicUsize::new(0), next_id: AtomicU64::new(0) })
@@ -122,6 +130,14 @@ impl Loops {
         let lane = self.lanes.get(lane)?;
         lane.commands.send(command).ok()?;
         lane.waker.wake().ok()
+    }
+}
+
+impl Drop for Loops {
+    fn drop(&mut self) {
+        for lane in 0..self.lanes.len() {
+            let _ = self.send(lane, Command::Exit);
+        }
     }
 }
 
@@ -335,7 +351,7 @@ fn run(mut poll: Poll, inbox: &mpsc::Receiver<Command>) {
                     }
                     Err(mpsc::TryRecvError::Empty) => break,
                     // The proxy is shutting down: remaining sessions close with the thread.
-                    Err(mpsc::TryRecvError::Disconnected) => return,
+                    Ok(Command::Exit) | Err(mpsc::TryRecvError::Disconnected) => return,
                 }
             }
         }
@@ -487,6 +503,17 @@ mod tests {
         let mut three = [0u8; 3];
         client.read_exact(&mut three).unwrap();
         assert_eq!(&three, b"bye");
+    }
+
+    #[test]
+    fn dropping_the_loops_ends_their_threads() {
+        let loops = Loops::start(2).unwrap();
+        let (_client, client_in) = pair();
+        let (_server, server_in) = pair();
+        let ticket = loops.submit(client_in, server_in).unwrap();
+        drop(loops);
+        // The thread ended and dropped the session with it: its answer never comes.
+        assert!(ticket.ended.blocking_recv().is_err());
     }
 
     #[test]
