@@ -2,7 +2,8 @@
 # Load and shutdown, through the release pgveil binary against a throwaway PostgreSQL:
 #   0. a storm of malformed clients (STORM rounds of each kind): all answered or closed, and
 #      descriptors and memory back to the baseline;
-#   1. HOLD (default 1,000) idle client connections of a masked role held open, plus pgbench
+#   1. HOLD (default 1,000) idle client connections of HOLD_ROLE (default bench_masked, an
+#      inspected role; bench_exempt holds pumped ones) held open, plus pgbench
 #      (tpcb-like, read-write) with CLIENTS (default 64) clients of an inspected role for
 #      LOAD_SECS (default 60) seconds: pgbench must report zero failed transactions and every
 #      held connection must still answer afterwards;
@@ -18,6 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 HOLD=${HOLD:-1000}
+HOLD_ROLE=${HOLD_ROLE:-bench_masked}
 CLIENTS=${CLIENTS:-64}
 LOAD_SECS=${LOAD_SECS:-60}
 GRACE=${GRACE:-10}
@@ -39,6 +41,8 @@ check() { if eval "$2"; then echo "  ok    $1"; else echo "  FAIL  $1"; FAIL=1; 
 # Warm up: the catalog connection and one session of each role, so the baseline includes them.
 "${PSQLV[@]}" -U bench_masked -c "SELECT abalance FROM pgbench_accounts WHERE aid = 1" >/dev/null
 "${PSQLV[@]}" -U bench_nomask -c "SELECT 1" >/dev/null
+# An exempt session starts the pump threads (their descriptors are part of the baseline).
+"${PSQLV[@]}" -U bench_exempt -c "SELECT 1" >/dev/null
 sleep 1
 fd0=$(fds); rss0=$(rss_kb)
 
@@ -50,8 +54,8 @@ storm_total=$(awk '{print $2}' <<<"$storm_line"); storm_ok=$(awk '{print $4}' <<
 for _ in $(seq 50); do [ "$(fds)" -le "$fd0" ] && break; sleep 0.2; done
 fdS=$(fds); rssS=$(rss_kb)
 
-# 1. Hold HOLD idle masked sessions.
-coproc HOLDER { python3 benches/load/hold.py 127.0.0.1 "$VEIL_PORT" "$HOLD" bench_masked bench; }
+# 1. Hold HOLD idle sessions of HOLD_ROLE.
+coproc HOLDER { python3 benches/load/hold.py 127.0.0.1 "$VEIL_PORT" "$HOLD" "$HOLD_ROLE" bench; }
 holder_pid=$HOLDER_PID # bash unsets HOLDER_PID once the coprocess has exited
 read -r held_line <&"${HOLDER[0]}"
 held=$(awk '{print $2}' <<<"$held_line"); hold_failed=$(awk '{print $4}' <<<"$held_line")
@@ -101,19 +105,19 @@ wait "$BENCH2" 2>/dev/null || true
 audited=$(grep -c '"event":"query_blocked"' "$AUDIT" || true)
 
 HOST=$(hostname); DATE=$(date +%F)
-OUT="benches/results/load-$DATE-$HOST.md"
+OUT="benches/results/load-$DATE-$HOST${RUN:+-$RUN}.md"  # RUN= names a second run of the day
 cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
 {
   echo "# pgveil load and shutdown, $DATE"
   echo
   echo "Machine: $(nproc) cores ($cpu), $(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo) GiB; PostgreSQL $("$BIN/postgres" --version | awk '{print $3}') and pgveil (release) on loopback."
-  echo "Command: \`HOLD=$HOLD CLIENTS=$CLIENTS LOAD_SECS=$LOAD_SECS benches/load/run.sh\`"
+  echo "Command: \`HOLD=$HOLD HOLD_ROLE=$HOLD_ROLE CLIENTS=$CLIENTS LOAD_SECS=$LOAD_SECS benches/load/run.sh\`"
   echo
   echo "| measure | value |"
   echo "|---|---|"
   echo "| malformed clients (garbage, bad lengths, truncated/smuggled startup, bad messages, invalid UTF-8) | $storm_ok of $storm_total answered with an error or closed |"
   echo "| after the storm: descriptors / RSS vs baseline | $fdS vs $fd0 / $((rssS/1024)) vs $((rss0/1024)) MiB |"
-  echo "| idle connections held (masked role) | $held (failed to open: $hold_failed) |"
+  echo "| idle connections held ($HOLD_ROLE) | $held (failed to open: $hold_failed) |"
   echo "| held connections answering after the load | $alive |"
   echo "| pgbench tpcb-like, $CLIENTS clients × ${LOAD_SECS} s (inspected role) | $tx transactions, $tps TPS, latency $lat ms |"
   echo "| pgbench failed transactions / exit code | ${failed_tx:-0} / $bench_rc |"
