@@ -41,8 +41,9 @@ check() { if eval "$2"; then echo "  ok    $1"; else echo "  FAIL  $1"; FAIL=1; 
 # Warm up: the catalog connection and one session of each role, so the baseline includes them.
 "${PSQLV[@]}" -U bench_masked -c "SELECT abalance FROM pgbench_accounts WHERE aid = 1" >/dev/null
 "${PSQLV[@]}" -U bench_nomask -c "SELECT 1" >/dev/null
-# An exempt session starts the pump threads (their descriptors are part of the baseline).
-"${PSQLV[@]}" -U bench_exempt -c "SELECT 1" >/dev/null
+# A plaintext exempt session starts the pump threads (their descriptors, an epoll set and an
+# eventfd each, are part of the baseline).
+PGSSLMODE=disable "${PSQLV[@]}" -U bench_exempt -c "SELECT 1" >/dev/null
 sleep 1
 fd0=$(fds); rss0=$(rss_kb)
 
