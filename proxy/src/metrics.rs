@@ -85,6 +85,8 @@ metrics! {
             "Audit lines dropped: only connection-level events while the log is failing and its queue is full.",
         /// 1 while the audit log cannot be written.
         audit_failing: "gauge" "pgveil_audit_failing" "1 while the audit log cannot be written.",
+        /// Sessions on the pump threads now (`limits.pump: loop`).
+        pump_loop_sessions: "gauge" "pgveil_pump_loop_sessions" "Sessions pumped by the pump threads now.",
         tls_handshake_failures_total: "counter" "pgveil_tls_handshake_failures_total" "Client TLS handshakes that failed.",
         auth_failures_total: "counter" "pgveil_auth_failures_total" "Failed client logins.",
         cancel_requests_total: "counter" "pgveil_cancel_requests_total" "Cancel requests received.",

@@ -378,6 +378,24 @@ async fn server_messages_reach_the_client_byte_for_byte() {
             c.limits.splice = splice;
         })
         .await;
+        let on_loops = || {
+            p.shared
+                .metrics
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix("pgveil_pump_loop_sessions ")?.parse::<u64>().ok())
+        };
+        assert_eq!(on_loops(), Some(0), "{pump:?}: before any session");
+        let open = connect_plain(&url(p.port(), "trust_user", &db.name, "sslmode=disable")).await.unwrap();
+        open.simple_query("SELECT 1").await.unwrap();
+        let expected = u64::from(pump == Pump::Loop && !splice);
+        assert_eq!(on_loops(), Some(expected), "{pump:?}, splice {splice}: sessions on the pump threads");
+        drop(open);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while on_loops() != Some(0) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(on_loops(), Some(0), "{pump:?}: a closed session leaves the pump threads");
         let proxied = raw_session(p.port(), &db.name, &queries).await;
         for ((q, d), v) in queries.iter().zip(&direct).zip(&proxied) {
             assert!(d.len() > 5, "{q}: direct reply too short");

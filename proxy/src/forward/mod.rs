@@ -116,6 +116,7 @@ where
     let Some(mut ticket) = loops.submit(c, s) else {
         return (Err(SessionError::Internal("pump: the pump thread is gone")), None);
     };
+    let _on_loop = Gauged::up(&shared.metrics.pump_loop_sessions);
     let mut stopped = None;
     let answer = tokio::select! {
         biased;
@@ -140,6 +141,22 @@ where
     let client =
         TcpStream::from_std(answer.client).ok().map(|c| Conn::new(C::from_plain_tcp(c), direction, BytesMut::new()));
     (result, client)
+}
+
+/// One more on a gauge while it lives (however the session's future ends).
+struct Gauged<'a>(&'a AtomicU64);
+
+impl<'a> Gauged<'a> {
+    fn up(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        Gauged(gauge)
+    }
+}
+
+impl Drop for Gauged<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Pumps in the session's own task: tokio's bidirectional copy, or splicing.
