@@ -6,7 +6,7 @@
 //! PgBouncer's.
 //!
 //! A direction reads only while nothing it read is still unwritten, so a slow reader holds
-//! at most one buffer's worth per direction (allocated only then) and backpressure reaches
+//! at most one buffer's worth per direction (allocated only then, freed once written) and backpressure reaches
 //! the sender through TCP, as with the copying pump. The session's task stays on its runtime,
 //! parked on the loop's answer and on the session's end signals; the sockets come back with
 //! the answer, so the task can still tell the client why it was stopped.
@@ -158,6 +158,9 @@ struct Way {
 struct Ready {
     read: bool,
     write: bool,
+    /// The peer's end of stream (or an error) has been signalled: it raises no further edge,
+    /// so reading stays ready until a read returns it.
+    read_closed: bool,
 }
 
 struct Session {
@@ -212,8 +215,11 @@ fn turn(
                 Err(e) => return Err(Failed::To(e)),
             }
         }
-        way.pending.clear();
-        way.written = 0;
+        if way.pending.capacity() > 0 {
+            // Given back once written: an idle session holds no buffer of its own.
+            way.pending = Vec::new();
+            way.written = 0;
+        }
         if way.ended || !from_ready.read {
             return Ok(Turn::Idle);
         }
@@ -238,8 +244,9 @@ fn turn(
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(Failed::From(e)),
         };
-        // A short read emptied the socket: more data would raise a new edge.
-        if n < buf.len() {
+        // A short read emptied the socket: more data would raise a new edge. An end of stream
+        // that came with the data would not, so it is read next.
+        if n < buf.len() && !from_ready.read_closed {
             from_ready.read = false;
         }
         let mut off = 0;
@@ -321,7 +328,8 @@ fn run(mut poll: Poll, inbox: &mpsc::Receiver<Command>) {
             let slot = event.token().0 >> 1;
             let Some(Some(session)) = slots.get_mut(slot) else { continue };
             if let Some(r) = session.ready.get_mut(event.token().0 & 1) {
-                r.read |= event.is_readable() || event.is_read_closed() || event.is_error();
+                r.read_closed |= event.is_read_closed() || event.is_error();
+                r.read |= event.is_readable() || r.read_closed;
                 r.write |= event.is_writable() || event.is_write_closed() || event.is_error();
             }
             if !std::mem::replace(&mut session.queued, true) {
@@ -370,7 +378,7 @@ fn add(poll: &mut Poll, slots: &mut Vec<Option<Session>>, free: &mut Vec<usize>,
         .registry()
         .register(&mut client, Token(slot << 1), both)
         .and_then(|()| poll.registry().register(&mut server, Token((slot << 1) | 1), both));
-    let ready = Ready { read: true, write: true };
+    let ready = Ready { read: true, write: true, read_closed: false };
     let session = Session {
         id: job.id,
         client,
@@ -432,6 +440,9 @@ mod tests {
     fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let outside = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        // A pump that stops moving bytes fails the test instead of hanging it.
+        outside.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        outside.set_write_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
         let (inside, _) = listener.accept().unwrap();
         inside.set_nonblocking(true).unwrap();
         (outside, inside)
@@ -479,6 +490,34 @@ mod tests {
         let ended = ticket.ended.blocking_recv().unwrap();
         assert!(matches!(ended.outcome, Outcome::Closed), "{:?}", ended.outcome);
         assert_eq!((ended.to_server, ended.to_client), (4 << 20, 4 << 20));
+    }
+
+    /// Data and the end of stream behind it, both already queued when the pump first reads:
+    /// the short read of the data must not leave the end unread (the session would never end).
+    #[test]
+    fn an_end_of_stream_that_arrived_with_the_last_bytes_ends_the_session() {
+        let loops = Loops::start(1).unwrap();
+        let (mut client, client_in) = pair();
+        let (mut server, server_in) = pair();
+        client.write_all(b"hello").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        server.write_all(b"bye").unwrap();
+        server.shutdown(Shutdown::Write).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut ticket = loops.submit(client_in, server_in).unwrap();
+        let (mut up, mut down) = (Vec::new(), Vec::new());
+        server.read_to_end(&mut up).unwrap();
+        client.read_to_end(&mut down).unwrap();
+        assert_eq!((up.as_slice(), down.as_slice()), (&b"hello"[..], &b"bye"[..]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let ended = loop {
+            if let Ok(ended) = ticket.ended.try_recv() {
+                break ended;
+            }
+            assert!(std::time::Instant::now() < deadline, "the session did not end");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert!(matches!(ended.outcome, Outcome::Closed), "{:?}", ended.outcome);
     }
 
     #[test]
