@@ -139,5 +139,6 @@ tx_of() { sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/
 per_tx_us() { awk -v d="$1" -v tick="$TICK" -v tx="$2" 'BEGIN { if (tx > 0) printf "%.1f", d / tick * 1e6 / tx; else print 0 }'; }
 latency_of() { sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$1"; }
 cpu_ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
+user_ticks() { [ -n "$1" ] && awk '{print $14}' "/proc/$1/stat" || echo 0; }
 ctx_switches() { [ -n "$1" ] && cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}' || echo 0; }
 TICK=$(getconf CLK_TCK)

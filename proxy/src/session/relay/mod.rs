@@ -320,14 +320,12 @@ impl Relay {
                     },
                 };
                 self.next_id = self.next_id.wrapping_add(1);
-                let portal = Portal {
-                    plan,
-                    formats: bind.result_formats.clone(),
-                    stmt_desc,
-                    unknown_statement,
-                    ..Portal::default()
-                };
-                self.portal_names.insert(Bytes::copy_from_slice(bind.portal), self.next_id);
+                let portal =
+                    Portal { plan, formats: bind.result_formats, stmt_desc, unknown_statement, ..Portal::default() };
+                match self.portal_names.get_mut(bind.portal) {
+                    Some(id) => *id = self.next_id,
+                    None => drop(self.portal_names.insert(Bytes::copy_from_slice(bind.portal), self.next_id)),
+                }
                 self.portals.insert(self.next_id, portal);
                 self.to_server.put_slice(f.as_bytes());
                 self.expect.push_back(Expect::Bind);
@@ -348,9 +346,8 @@ impl Relay {
                 });
             }
             b'E' => {
-                let (portal, _) = messages::execute_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'E'))?;
-                let name = Bytes::copy_from_slice(portal);
-                let portal = self.portal_names.get(&name).copied().unwrap_or(0);
+                let (name, _) = messages::execute_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'E'))?;
+                let portal = self.portal_names.get(name).copied().unwrap_or(0);
                 let known =
                     self.portals.get(&portal).is_some_and(|p| p.desc.is_some() || p.stmt_desc.is_some() || p.described);
                 if !known {
@@ -358,7 +355,7 @@ impl Relay {
                     // ourselves and keep its answer from the client.
                     let mut body = BytesMut::new();
                     body.put_u8(b'P');
-                    body.put_slice(&name);
+                    body.put_slice(name);
                     body.put_u8(0);
                     messages::tagged(&mut self.to_server, b'D', &body);
                     self.expect.push_back(Expect::DescribePortal { portal, swallow: true });
@@ -566,6 +563,19 @@ impl Relay {
         if self.portals.is_empty() {
             return; // the simple protocol's case, on every ReadyForQuery
         }
+        let pending = |id: u64| {
+            self.expect.iter().any(|e| match e {
+                Expect::Execute(p) | Expect::DescribePortal { portal: p, .. } => *p == id,
+                _ => false,
+            })
+        };
+        if self.portal_names.len().saturating_add(self.expect.len()) <= SMALL {
+            // The extended protocol's usual case (the unnamed portal, a few pending answers):
+            // linear scans, no allocation on every ReadyForQuery.
+            let names = &self.portal_names;
+            self.portals.retain(|id, _| names.values().any(|v| v == id) || pending(*id));
+            return;
+        }
         let named: std::collections::HashSet<u64> = self.portal_names.values().copied().collect();
         let pending: std::collections::HashSet<u64> = self
             .expect
@@ -578,6 +588,10 @@ impl Relay {
         self.portals.retain(|id, _| named.contains(id) || pending.contains(id));
     }
 }
+
+/// Up to this many portal names and pending answers, `forget_unused_portals` scans them in
+/// place of building sets.
+const SMALL: usize = 16;
 
 /// Client encodings whose multi-byte characters can contain quote or backslash bytes (the
 /// same list the statement checks use).

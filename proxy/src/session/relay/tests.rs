@@ -465,6 +465,33 @@ fn portal_suspension_and_a_second_execute() {
 }
 
 #[test]
+fn portals_are_forgotten_once_no_name_or_pending_answer_refers_to_them() {
+    let mut h = harness(APP);
+    h.clients(vec![parse("s", "SELECT id FROM orders"), sync()]);
+    h.server(vec![empty(b'1'), ready()]);
+    for _ in 0..3 {
+        h.clients(vec![bind("", "s", &[]), describe(b'P', ""), execute("", 0), sync()]);
+        h.server(vec![empty(b'2'), row_desc(&[("id", 16_385, 1)]), complete("SELECT 0"), ready()]);
+        assert_eq!(h.relay.portals.len(), 1, "only the portal the unnamed name denotes");
+    }
+    // More named portals than the in-place scan handles: the sets' path keeps them all.
+    let names: Vec<String> = (0..super::SMALL + 4).map(|i| format!("c{i}")).collect();
+    h.clients(names.iter().map(|n| bind(n, "s", &[])).chain([sync()]).collect());
+    h.server(names.iter().map(|_| empty(b'2')).chain([ready()]).collect());
+    assert_eq!(h.relay.portals.len(), names.len() + 1);
+    h.clients(names.iter().map(|n| close(b'P', n)).chain([sync()]).collect());
+    h.server(names.iter().map(|_| empty(b'3')).chain([ready()]).collect());
+    assert_eq!(h.relay.portals.len(), 1, "closed portals are forgotten");
+    // A portal whose name now denotes another, with its Execute still owed, is kept until
+    // that answer came.
+    h.clients(vec![bind("", "s", &[]), sync(), describe(b'P', ""), execute("", 0), bind("", "s", &[]), sync()]);
+    h.server(vec![empty(b'2'), ready()]);
+    assert_eq!(h.relay.portals.len(), 2, "the renamed portal's answers are still owed");
+    h.server(vec![row_desc(&[("id", 16_385, 1)]), complete("SELECT 0"), empty(b'2'), ready()]);
+    assert_eq!(h.relay.portals.len(), 1);
+}
+
+#[test]
 fn close_while_rows_are_in_flight() {
     let mut h = harness(APP);
     h.clients(vec![
