@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Two pgveil binaries side by side, one interleaved run (even rounds reversed): both in front of
-# one cluster, pgbench -S as bench_nomask (inspected, pgbench_accounts substituted), TPS and
+# one cluster, pgbench -S as bench_nomask (inspected, pgbench_accounts substituted), TPS, user CPU and
 # proxy CPU per transaction with the paired new/old ratio. For a change on the hot path:
 #
 #   cp target/release/pgveil /tmp/pgveil-old   # before the change (a release build)
