@@ -47,7 +47,7 @@ for mode in dict.fromkeys(m for m, _ in d):
     o, n = d[(mode, "old")], d[(mode, "new")]
     med = lambda x, i: st.median(v[i] for v in x.values())
     rt = [n[r][0] / o[r][0] for r in o]; rc = [n[r][1] / o[r][1] for r in o if o[r][1] > 0]
-    ru = [n[r][2] / o[r][2] for r in o if o[r][2] > 0] or [0.0]
+    ru = [n[r][2] / o[r][2] for r in o if o[r][2] > 0]
     print(f"| {mode} | {med(o,0):,.0f} | {med(n,0):,.0f} | {med(o,1):.1f} | {med(n,1):.1f} "
           f"| {st.median(rt):.3f} ({min(rt):.3f}–{max(rt):.3f}) | {st.median(rc):.3f} ({min(rc):.3f}–{max(rc):.3f}) "
           f"| {med(o,2):.2f} / {med(n,2):.2f} | {st.median(ru):.3f} ({min(ru):.3f}–{max(ru):.3f}) |")

@@ -324,7 +324,9 @@ impl Relay {
                     Portal { plan, formats: bind.result_formats, stmt_desc, unknown_statement, ..Portal::default() };
                 match self.portal_names.get_mut(bind.portal) {
                     Some(id) => *id = self.next_id,
-                    None => drop(self.portal_names.insert(Bytes::copy_from_slice(bind.portal), self.next_id)),
+                    None => {
+                        self.portal_names.insert(Bytes::copy_from_slice(bind.portal), self.next_id);
+                    }
                 }
                 self.portals.insert(self.next_id, portal);
                 self.to_server.put_slice(f.as_bytes());
@@ -332,18 +334,19 @@ impl Relay {
             }
             b'D' => {
                 let (kind, name) = messages::target(&f).ok_or(SessionError::UnexpectedClientMessage(b'D'))?;
-                let name = Bytes::copy_from_slice(name);
-                let id = self.portal_names.get(&name).copied().unwrap_or(0);
-                if kind == b'P'
-                    && let Some(p) = self.portals.get_mut(&id)
-                {
-                    p.described = true;
-                }
+                let expect = if kind == b'S' {
+                    Expect::DescribeStatement(Bytes::copy_from_slice(name))
+                } else {
+                    let id = self.portal_names.get(name).copied().unwrap_or(0);
+                    if kind == b'P'
+                        && let Some(p) = self.portals.get_mut(&id)
+                    {
+                        p.described = true;
+                    }
+                    Expect::DescribePortal { portal: id, swallow: false }
+                };
                 self.to_server.put_slice(f.as_bytes());
-                self.expect.push_back(match kind {
-                    b'S' => Expect::DescribeStatement(name),
-                    _ => Expect::DescribePortal { portal: id, swallow: false },
-                });
+                self.expect.push_back(expect);
             }
             b'E' => {
                 let (name, _) = messages::execute_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'E'))?;
@@ -563,29 +566,25 @@ impl Relay {
         if self.portals.is_empty() {
             return; // the simple protocol's case, on every ReadyForQuery
         }
-        let pending = |id: u64| {
-            self.expect.iter().any(|e| match e {
-                Expect::Execute(p) | Expect::DescribePortal { portal: p, .. } => *p == id,
-                _ => false,
-            })
-        };
         if self.portal_names.len().saturating_add(self.expect.len()) <= SMALL {
             // The extended protocol's usual case (the unnamed portal, a few pending answers):
             // linear scans, no allocation on every ReadyForQuery.
-            let names = &self.portal_names;
-            self.portals.retain(|id, _| names.values().any(|v| v == id) || pending(*id));
+            let (names, expect) = (&self.portal_names, &self.expect);
+            self.portals
+                .retain(|id, _| names.values().any(|v| v == id) || expect.iter().any(|e| owed_portal(e) == Some(*id)));
             return;
         }
         let named: std::collections::HashSet<u64> = self.portal_names.values().copied().collect();
-        let pending: std::collections::HashSet<u64> = self
-            .expect
-            .iter()
-            .filter_map(|e| match e {
-                Expect::Execute(id) | Expect::DescribePortal { portal: id, .. } => Some(*id),
-                _ => None,
-            })
-            .collect();
+        let pending: std::collections::HashSet<u64> = self.expect.iter().filter_map(owed_portal).collect();
         self.portals.retain(|id, _| named.contains(id) || pending.contains(id));
+    }
+}
+
+/// The portal an expected answer belongs to, for the answers that need the portal's state.
+fn owed_portal(e: &Expect) -> Option<u64> {
+    match e {
+        Expect::Execute(id) | Expect::DescribePortal { portal: id, .. } => Some(*id),
+        _ => None,
     }
 }
 
