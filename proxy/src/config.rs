@@ -279,6 +279,66 @@ pub struct Limits {
     /// Where sessions whose two legs are plaintext TCP are pumped: `loop` (the pump threads'
     /// own event loops) or `copy` (tokio's copy in the session's task).
     pub pump: Pump,
+    /// How many pump threads `pump: loop` runs: `auto` (half the cores, at least one) or a
+    /// number. Fewer threads collect more ready sockets per wake-up (issue 18).
+    #[serde(with = "pump_threads")]
+    pub pump_threads: PumpThreads,
+}
+
+/// `limits.pump_threads`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PumpThreads {
+    Auto,
+    Threads(usize),
+}
+
+impl PumpThreads {
+    /// The number of pump threads on a machine with `cores` cores.
+    pub fn count(self, cores: usize) -> usize {
+        match self {
+            PumpThreads::Auto => (cores / 2).max(1),
+            PumpThreads::Threads(n) => n,
+        }
+    }
+}
+
+/// A thread-count setting's text: a YAML number or string (an environment override is a string).
+fn setting_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::Deserialize;
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::String(s) => s,
+        _ => String::new(),
+    })
+}
+
+/// A number of threads, 1 to 1024.
+fn thread_count(text: &str) -> Option<usize> {
+    text.parse::<usize>().ok().filter(|n| (1..=1024).contains(n))
+}
+
+mod pump_threads {
+    use serde::{Deserializer, Serializer};
+
+    use super::PumpThreads;
+
+    pub fn serialize<S: Serializer>(p: &PumpThreads, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            PumpThreads::Auto => s.serialize_str("auto"),
+            PumpThreads::Threads(n) => s.serialize_u64(*n as u64),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PumpThreads, D::Error> {
+        let text = super::setting_text(d)?;
+        match super::thread_count(&text) {
+            Some(n) => Ok(PumpThreads::Threads(n)),
+            None if text == "auto" => Ok(PumpThreads::Auto),
+            None => {
+                Err(serde::de::Error::custom(format!("{text:?} is not a number of pump threads (1 to 1024) or auto")))
+            }
+        }
+    }
 }
 
 /// `limits.pump`.
@@ -298,7 +358,7 @@ pub enum Workers {
 }
 
 mod workers {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
 
     use super::Workers;
 
@@ -311,21 +371,14 @@ mod workers {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Workers, D::Error> {
-        let v = serde_json::Value::deserialize(d)?;
-        let text = match &v {
-            serde_json::Value::Number(n) => n.to_string(),
-            serde_json::Value::String(s) => s.clone(),
-            _ => String::new(),
-        };
-        match text.as_str() {
-            "auto" => Ok(Workers::Auto),
-            "shared" => Ok(Workers::Shared),
-            t => match t.parse::<usize>() {
-                Ok(n) if n > 0 && n <= 1024 => Ok(Workers::Threads(n)),
-                _ => Err(serde::de::Error::custom(format!(
-                    "{text:?} is not a number of session threads (1 to 1024), auto or shared"
-                ))),
-            },
+        let text = super::setting_text(d)?;
+        match (super::thread_count(&text), text.as_str()) {
+            (Some(n), _) => Ok(Workers::Threads(n)),
+            (None, "auto") => Ok(Workers::Auto),
+            (None, "shared") => Ok(Workers::Shared),
+            (None, _) => Err(serde::de::Error::custom(format!(
+                "{text:?} is not a number of session threads (1 to 1024), auto or shared"
+            ))),
         }
     }
 }
@@ -341,6 +394,7 @@ impl Default for Limits {
             workers: Workers::Auto,
             splice: false,
             pump: Pump::Loop,
+            pump_threads: PumpThreads::Auto,
         }
     }
 }
@@ -566,6 +620,24 @@ mod tests {
         assert_eq!(pump("limits: {pump: copy}\n").unwrap(), Pump::Copy);
         assert_eq!(pump("limits: {pump: loop}\n").unwrap(), Pump::Loop);
         assert!(pump("limits: {pump: uring}\n").is_err());
+    }
+
+    #[test]
+    fn pump_thread_count() {
+        let threads = |src: &str, env: &[(&str, &str)]| {
+            let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+            Config::from_yaml_with_env(src, "t.yaml", env).map(|c| c.limits.pump_threads)
+        };
+        assert_eq!(threads("", &[]).unwrap(), PumpThreads::Auto);
+        assert_eq!(threads("limits: {pump_threads: 3}\n", &[]).unwrap(), PumpThreads::Threads(3));
+        assert_eq!(threads("", &[("PGVEIL_LIMITS_PUMP_THREADS", "2")]).unwrap(), PumpThreads::Threads(2));
+        for bad in ["0", "shared", "-1", "1025"] {
+            let e = threads(&format!("limits: {{pump_threads: {bad}}}\n"), &[]).unwrap_err();
+            assert!(e.to_string().contains("pump threads"), "{e}");
+        }
+        // Half the cores, never none.
+        assert_eq!([1, 2, 3, 8].map(|c| PumpThreads::Auto.count(c)), [1, 1, 1, 4]);
+        assert_eq!(PumpThreads::Threads(3).count(64), 3);
     }
 
     #[test]

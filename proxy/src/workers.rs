@@ -11,13 +11,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
-/// How many threads `limits.workers` asks for: session threads, and as many pump threads
-/// (`shared`: one per core for the pump).
+/// The cores this process may run on.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// How many session threads `limits.workers` asks for (`shared`: none are started).
 pub fn threads_for(setting: crate::config::Workers) -> usize {
     match setting {
-        crate::config::Workers::Auto | crate::config::Workers::Shared => {
-            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-        }
+        crate::config::Workers::Auto | crate::config::Workers::Shared => cores(),
         crate::config::Workers::Threads(n) => n,
     }
 }
