@@ -308,7 +308,7 @@ fn setting_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Err
     Ok(match serde_json::Value::deserialize(d)? {
         serde_json::Value::Number(n) => n.to_string(),
         serde_json::Value::String(s) => s,
-        _ => String::new(),
+        other => other.to_string(),
     })
 }
 
@@ -597,12 +597,15 @@ mod tests {
         assert!(e.to_string().contains("catalog.user"), "{e}");
     }
 
+    /// The limits of a config file with these environment overrides.
+    fn limits(src: &str, env: &[(&str, &str)]) -> Result<Limits, ConfigError> {
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+        Config::from_yaml_with_env(src, "t.yaml", env).map(|c| c.limits)
+    }
+
     #[test]
     fn session_threads() {
-        let workers = |src: &str, env: &[(&str, &str)]| {
-            let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
-            Config::from_yaml_with_env(src, "t.yaml", env).map(|c| c.limits.workers)
-        };
+        let workers = |src: &str, env: &[(&str, &str)]| limits(src, env).map(|l| l.workers);
         assert_eq!(workers("", &[]).unwrap(), Workers::Auto);
         assert_eq!(workers("limits: {workers: 3}\n", &[]).unwrap(), Workers::Threads(3));
         assert_eq!(workers("limits: {workers: shared}\n", &[]).unwrap(), Workers::Shared);
@@ -624,16 +627,14 @@ mod tests {
 
     #[test]
     fn pump_thread_count() {
-        let threads = |src: &str, env: &[(&str, &str)]| {
-            let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
-            Config::from_yaml_with_env(src, "t.yaml", env).map(|c| c.limits.pump_threads)
-        };
+        let threads = |src: &str, env: &[(&str, &str)]| limits(src, env).map(|l| l.pump_threads);
         assert_eq!(threads("", &[]).unwrap(), PumpThreads::Auto);
         assert_eq!(threads("limits: {pump_threads: 3}\n", &[]).unwrap(), PumpThreads::Threads(3));
         assert_eq!(threads("", &[("PGVEIL_LIMITS_PUMP_THREADS", "2")]).unwrap(), PumpThreads::Threads(2));
-        for bad in ["0", "shared", "-1", "1025"] {
+        for bad in ["0", "shared", "-1", "1025", "true"] {
             let e = threads(&format!("limits: {{pump_threads: {bad}}}\n"), &[]).unwrap_err();
             assert!(e.to_string().contains("pump threads"), "{e}");
+            assert!(e.to_string().contains(&format!("\"{bad}\"")), "the message names the value: {e}");
         }
         // Half the cores, never none.
         assert_eq!([1, 2, 3, 8].map(|c| PumpThreads::Auto.count(c)), [1, 1, 1, 4]);

@@ -16,14 +16,6 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
-/// How many session threads `limits.workers` asks for (`shared`: none are started).
-pub fn threads_for(setting: crate::config::Workers) -> usize {
-    match setting {
-        crate::config::Workers::Auto | crate::config::Workers::Shared => cores(),
-        crate::config::Workers::Threads(n) => n,
-    }
-}
-
 /// The session runtimes. Dropping it (or [`Workers::stop`]) ends the threads after their
 /// runtimes' tasks are dropped.
 #[derive(Debug)]
@@ -37,10 +29,12 @@ pub struct Workers {
 impl Workers {
     /// Starts the session threads `limits.workers` asks for (none for `shared`).
     pub fn start(setting: crate::config::Workers) -> std::io::Result<Option<Workers>> {
-        if setting == crate::config::Workers::Shared {
-            return Ok(None);
-        }
-        Self::threads(threads_for(setting)).map(Some)
+        let n = match setting {
+            crate::config::Workers::Shared => return Ok(None),
+            crate::config::Workers::Auto => cores(),
+            crate::config::Workers::Threads(n) => n,
+        };
+        Self::threads(n).map(Some)
     }
 
     /// Starts `n` session threads.

@@ -418,12 +418,12 @@ fn finish(poll: &mut Poll, slots: &mut [Option<Session>], free: &mut Vec<usize>,
 pub struct Lazy(std::sync::OnceLock<Option<Arc<Loops>>>);
 
 impl Lazy {
-    /// The loops (`n` threads), or `None` when they could not be started (the copying pump
-    /// is used then).
-    pub fn get(&self, n: usize) -> Option<&Arc<Loops>> {
+    /// The loops (`threads()` of them, asked once: the first pumped session starts them), or
+    /// `None` when they could not be started (the copying pump is used then).
+    pub fn get(&self, threads: impl FnOnce() -> usize) -> Option<&Arc<Loops>> {
         self.0
             .get_or_init(|| {
-                Loops::start(n)
+                Loops::start(threads())
                     .inspect_err(|e| tracing::warn!(error = %e, "cannot start the pump threads; copying instead"))
                     .ok()
                     .map(Arc::new)

@@ -52,7 +52,7 @@ where
         && !limits.splice
         && client.io.plain_tcp().is_some()
         && server.io.plain_tcp().is_some()
-        && let Some(loops) = shared.pump_loops.get(limits.pump_threads.count(crate::workers::cores()))
+        && let Some(loops) = shared.pump_loops.get(|| limits.pump_threads.count(crate::workers::cores()))
     {
         return on_loop(shared, loops, client, server, killed).await;
     }
