@@ -324,6 +324,7 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
     // Resolve every relation named.
     let mut resolved: Vec<Option<Arc<Relation>>> = Vec::with_capacity(found.rels.len());
     let mut prot: Vec<Option<Arc<Protected>>> = Vec::with_capacity(found.rels.len());
+    let mut pins: Vec<(bool, i32, String)> = Vec::new();
     for r in &found.rels {
         let schema = r.schema();
         if schema == Some(super::mask_sql::SCHEMA) {
@@ -333,9 +334,13 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
                 "masked values come from the proxy itself",
             ));
         }
-        let is_cte = schema.is_none() && found.ctes.iter().any(|c| c == r.relname());
-        let rel = if is_cte { None } else { protect.resolve(schema, r.relname()) };
-        let is_temp = schema.is_none_or(|s| s.starts_with("pg_temp")) && protect.temp.iter().any(|t| t == r.relname());
+        let is_cte = r.cte;
+        let is_temp =
+            !is_cte && schema.is_none_or(|s| s.starts_with("pg_temp")) && protect.temp.iter().any(|t| t == r.relname());
+        // The session's temporary relation shadows any other of its name (pg_temp comes first
+        // for relations); the name is pinned to pg_temp below, so a temporary relation that
+        // is gone makes the statement fail rather than read the one it shadowed.
+        let rel = if is_cte || is_temp { None } else { protect.resolve(schema, r.relname()) };
         // A name the statement creates is expected to be unknown: no reason to reload (a
         // DDL-heavy session would otherwise wait out a forced reload per CREATE).
         let creates =
@@ -369,6 +374,14 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
                 format!("{} holds sample values of every column", rel.name),
                 "ask a DBA for the statistics you need",
             ));
+        }
+        // Pinned (I12): the name is written as pgveil resolved it, so a difference between
+        // its model and the server's (DDL or a SET it did not see) fails the statement.
+        if schema.is_none() && !is_cte && !creates {
+            let pin = if is_temp { Some("pg_temp".to_owned()) } else { rel.as_ref().map(|x| x.name.schema.clone()) };
+            if let Some(schema) = pin {
+                pins.push((pins_site(r), r.location(), schema));
+            }
         }
         prot.push(rel.as_ref().and_then(|x| protect.protected(x)));
         resolved.push(rel);
@@ -461,6 +474,7 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
     }
 
     // Substitute read relations; mask the protected columns of DML targets.
+    let mut substituted_at: Vec<i32> = Vec::new();
     for (i, r) in found.rels.iter().enumerate() {
         let (Some(rel), Some(p)) = (resolved.get(i).cloned().flatten(), prot.get(i).cloned().flatten()) else {
             continue;
@@ -468,6 +482,9 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
         let name = rel.name.to_string();
         match &r.site {
             Site::Read | Site::CopyTo => {
+                if r.site != Site::CopyTo || reachable(found, r, &p) {
+                    substituted_at.push(r.location());
+                }
                 if !out.read_protected.contains(&name) {
                     out.read_protected.push(name.clone());
                 }
@@ -504,8 +521,32 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
             }
         }
     }
+    // Pin every other relation name (a substitution writes its own qualified name).
+    for (required, location, schema) in pins {
+        if substituted_at.contains(&location) {
+            continue;
+        }
+        match toks.at(location) {
+            Some(at) => out.edits.push(Edit {
+                from: at,
+                to: at,
+                pieces: vec![Piece::Text(format!("{}.", quote_ident(&schema)))],
+            }),
+            None if required => {
+                return Err(block(Reason::Unsupported, "pgveil cannot locate a relation in the statement's text", ""));
+            }
+            None => {}
+        }
+    }
     out.origins = origins(found, &resolved, &prot);
     Ok(out)
+}
+
+/// Whether a relation site must be pinned for the statement to run: reads and writes must;
+/// a utility statement's name without a location in the text (some DDL forms) is left to the
+/// server, as it reads no data.
+fn pins_site(r: &walk::RelSite<'_>) -> bool {
+    matches!(r.site, Site::Read | Site::Tablesample | Site::CopyTo | Site::Target)
 }
 
 /// The outputs of the statement's own SELECT that are a masked column of a substituted table
@@ -680,8 +721,21 @@ fn target(
     }
     let alias = quote_ident(r.alias().unwrap_or(r.relname()));
     let scope_entries = found.scopes.get(r.scope).map_or(0, |s| s.entries.len());
+    let reference = r.reference_name();
     for c in &found.cols {
         let star = c.fields.last().is_some_and(|f| f == "*");
+        if star && c.position != Position::Returning {
+            // `x.*` of the target in SET, a sublink or a MERGE assignment: its raw row.
+            let qualifier = c.fields.len().checked_sub(2).and_then(|i| c.fields.get(i));
+            if qualifier.is_some_and(|q| binds_to(found, c.scope, q) == Some(Some(site))) {
+                return Err(block(
+                    Reason::WholeRow,
+                    format!("a whole-row reference to protected table {} in a write", rel.name),
+                    "name the columns you need",
+                ));
+            }
+            continue;
+        }
         if star && c.position == Position::Returning {
             let qualifier = c.fields.len().checked_sub(2).and_then(|i| c.fields.get(i));
             let ours = match qualifier {
@@ -717,6 +771,29 @@ fn target(
         let (name, ambiguous) = match resolve_column(found, resolved, c) {
             Col::Site(s, n) if s == site => (n, false),
             Col::Ambiguous(s, n) if s == site => (n, true),
+            Col::Site(s, _)
+                if c.fields.len() == 1 && p.is_masked(&c.fields[0]) && in_chain(found, c.scope, r.scope) =>
+            {
+                // Pinned (I12): an unqualified name that pgveil binds to another relation but
+                // that the target's protected column would capture if that relation lost it
+                // (a DROP COLUMN, an alias column list, a shadow) is qualified by its range
+                // variable, so the server binds it there or fails.
+                let Some(other) = found.rels.get(s) else { continue };
+                let name = other.reference_name();
+                if name == reference || !unique_in_chain(found, c.scope, name) {
+                    return Err(block(
+                        Reason::Unsupported,
+                        format!(
+                            "pgveil cannot tell whether {} here is the protected column of the target",
+                            c.fields[0]
+                        ),
+                        "qualify the column with its table",
+                    ));
+                }
+                let at = toks.at(c.location).ok_or_else(|| block(Reason::Unsupported, "cannot locate a column", ""))?;
+                edits.push(Edit { from: at, to: at, pieces: vec![Piece::Text(format!("{}.", quote_ident(name)))] });
+                continue;
+            }
             _ => {
                 // A whole-row reference to the target.
                 if c.fields.len() == 1
@@ -751,6 +828,54 @@ fn target(
     Ok(())
 }
 
+/// The FROM entry a qualifier names from `scope` (innermost first): `Some(site)` for a
+/// relation site, `Some(None)` for another entry, `None` when nothing in scope has the name.
+fn binds_to(found: &Found<'_>, scope: usize, qualifier: &str) -> Option<Option<usize>> {
+    let mut at = Some(scope);
+    while let Some(si) = at {
+        let s = found.scopes.get(si)?;
+        if let Some(e) = s.entries.iter().rev().find(|e| e.alias == qualifier) {
+            return Some(e.rel);
+        }
+        at = s.parent;
+    }
+    None
+}
+
+/// Whether scope `outer` is `scope` or encloses it.
+fn in_chain(found: &Found<'_>, scope: usize, outer: usize) -> bool {
+    let mut at = Some(scope);
+    while let Some(si) = at {
+        if si == outer {
+            return true;
+        }
+        at = found.scopes.get(si).and_then(|s| s.parent);
+    }
+    false
+}
+
+/// Whether exactly one FROM entry visible from `scope` answers to `name`.
+fn unique_in_chain(found: &Found<'_>, scope: usize, name: &str) -> bool {
+    let mut count = 0usize;
+    let mut at = Some(scope);
+    while let Some(si) = at {
+        let Some(s) = found.scopes.get(si) else { break };
+        count = count.saturating_add(s.entries.iter().filter(|e| e.alias == name).count());
+        at = s.parent;
+    }
+    count == 1
+}
+
+/// The catalog name of the column a relation site exposes as `column`: an alias column list
+/// (`AS k(a, b)`) renames the first columns by position and hides their own names.
+fn exposed(found: &Found<'_>, site: usize, rel: &Relation, column: &str) -> Option<String> {
+    let renamed = found.rels.get(site).map(walk::RelSite::alias_columns).unwrap_or_default();
+    if let Some(i) = renamed.iter().position(|n| n == column) {
+        return rel.columns.get(i).map(|c| c.name.clone());
+    }
+    rel.columns.iter().skip(renamed.len()).find(|c| c.name == column).map(|c| c.name.clone())
+}
+
 /// Resolves a column reference through its scopes, as the server would by name.
 pub(crate) fn resolve_column(found: &Found<'_>, resolved: &[Option<Arc<Relation>>], c: &ColSite) -> Col {
     let fields: Vec<&str> = c.fields.iter().map(String::as_str).filter(|f| *f != "*").collect();
@@ -768,7 +893,11 @@ pub(crate) fn resolve_column(found: &Found<'_>, resolved: &[Option<Arc<Relation>
             Some(q) => {
                 if let Some(e) = s.entries.iter().rev().find(|e| e.alias == q) {
                     return match e.rel {
-                        Some(site) => Col::Site(site, column.to_owned()),
+                        Some(site) => {
+                            let known = resolved.get(site).cloned().flatten();
+                            let name = known.and_then(|r| exposed(found, site, &r, column));
+                            Col::Site(site, name.unwrap_or_else(|| column.to_owned()))
+                        }
                         None => Col::Other,
                     };
                 }
@@ -776,15 +905,12 @@ pub(crate) fn resolve_column(found: &Found<'_>, resolved: &[Option<Arc<Relation>
             None => {
                 let mut unknown_here = false;
                 for e in &s.entries {
-                    match e.rel.and_then(|site| resolved.get(site).cloned().flatten().map(|r| (site, r))) {
-                        Some((site, r)) if r.column(column).is_some() => {
-                            return if unknown_inner {
-                                Col::Ambiguous(site, column.to_owned())
-                            } else {
-                                Col::Site(site, column.to_owned())
-                            };
+                    let known = e.rel.and_then(|site| resolved.get(site).cloned().flatten().map(|r| (site, r)));
+                    match known.as_ref().and_then(|(site, r)| exposed(found, *site, r, column).map(|n| (*site, n))) {
+                        Some((site, name)) => {
+                            return if unknown_inner { Col::Ambiguous(site, name) } else { Col::Site(site, name) };
                         }
-                        Some(_) => {}
+                        None if known.is_some() => {}
                         None => unknown_here = true,
                     }
                 }
@@ -888,6 +1014,19 @@ pub fn verify(sql: &str, protect: &mut Protection<'_>) -> Result<(), String> {
         let found = walk::walk(&tree);
         if found.too_deep {
             return Err("nests too deeply to check".to_owned());
+        }
+        super::pins::check_substitutions(&tree, &mut |schema, name| {
+            protect
+                .resolve(schema, name)
+                .and_then(|r| protect.protected(&r))
+                .is_some_and(|p| matches!(*p, Protected::Table { .. }))
+        })?;
+        for r in &found.rels {
+            let strict = !protect.policy.masked.is_empty();
+            if strict && pins_site(r) && r.schema().is_none() && !r.cte && protect.resolve(None, r.relname()).is_some()
+            {
+                return Err(format!("relation {} is not pinned to its schema", r.relname()));
+            }
         }
         for (i, r) in found.rels.iter().enumerate() {
             if !matches!(r.site, Site::Read | Site::CopyTo | Site::Tablesample) {

@@ -114,7 +114,13 @@ pub fn literal(s: &str) -> String {
 }
 
 /// The mask of `col` (an SQL expression of type `sql_type`) as an SQL expression of that type.
+///
+/// Every function, operator and type it writes is `pg_catalog`-qualified (or a grammar keyword
+/// such as `integer`, which always means pg_catalog's type), so nothing in it resolves
+/// through the session's search_path: a `pg_temp.text` domain or a user's `length(text)` in a
+/// schema on the path never sees the raw value (threat model I12, CVE-2018-1058).
 pub fn expr(mask: &Mask, col: &str, ty: PgType, sql_type: &str, key: Option<&HashKey>) -> String {
+    let sql_type = pin_type(sql_type);
     let cast = |e: &str| format!("CAST({e} AS {sql_type})");
     let keep_null = |e: &str| cast(&format!("CASE WHEN {col} IS NULL THEN NULL ELSE {e} END"));
     match mask {
@@ -128,11 +134,16 @@ pub fn expr(mask: &Mask, col: &str, ty: PgType, sql_type: &str, key: Option<&Has
         }
         Mask::Constant(c) => keep_null(&literal(c)),
         Mask::Email => {
-            let s = format!("({col})::text");
-            let p = format!("strpos(reverse({s}), '@')");
+            let s = text(col);
+            let p = func("strpos", &[&func("reverse", &[&s]), &lit("@")]);
+            let local = op(&func("left", &[&s, "1"]), "||", &lit("***@"));
+            let domain = func("right", &[&s, &op(&p, "-", "1")]);
             cast(&format!(
-                "CASE WHEN {col} IS NULL THEN NULL WHEN {p} > 1 AND {p} < length({s}) \
-                 THEN left({s}, 1) || '***@' || right({s}, {p} - 1) ELSE '****' END"
+                "CASE WHEN {col} IS NULL THEN NULL WHEN {} AND {} THEN {} ELSE {} END",
+                op(&p, ">", "1"),
+                op(&p, "<", &func("length", &[&s])),
+                op(&local, "||", &domain),
+                lit("****")
             ))
         }
         Mask::Partial { keep_first, keep_last, fill } => partial(col, *keep_first, *keep_last, *fill, &cast),
@@ -141,21 +152,25 @@ pub fn expr(mask: &Mask, col: &str, ty: PgType, sql_type: &str, key: Option<&Has
                 Granularity::Year => "year",
                 Granularity::Month => "month",
             };
-            let arg = if ty == PgType::Date { format!("({col})::timestamp") } else { col.to_owned() };
-            cast(&format!("date_trunc('{unit}', {arg})"))
+            let arg =
+                if ty == PgType::Date { format!("CAST({col} AS timestamp without time zone)") } else { col.to_owned() };
+            cast(&func("date_trunc", &[&lit(unit), &arg]))
         }
         Mask::Round(step) => {
-            let st = step.to_text();
+            let st = format!("({})", step.to_text());
             match ty {
-                PgType::Float4 | PgType::Float8 => cast(&format!("round((({col}) / {st})::numeric) * {st}")),
-                t if t.is_integer() => cast(&format!("round(({col})::numeric / {st}) * {st}")),
+                PgType::Float4 | PgType::Float8 => {
+                    cast(&op(&func("round", &[&format!("CAST({} AS numeric)", op(col, "/", &st))]), "*", &st))
+                }
+                t if t.is_integer() => {
+                    cast(&op(&func("round", &[&op(&format!("CAST({col} AS numeric)"), "/", &st)]), "*", &st))
+                }
                 // The scale of the input and the step, presented with the input's scale where
                 // that loses nothing: as the Rust mask does.
                 _ => {
-                    let r = format!("(round(({col}) / {st}) * {st} + (({col}) - ({col})))");
-                    cast(&format!(
-                        "CASE WHEN {r} = round({r}, scale({col})) THEN round({r}, scale({col})) ELSE {r} END"
-                    ))
+                    let r = op(&op(&func("round", &[&op(col, "/", &st)]), "*", &st), "+", &op(col, "-", col));
+                    let scaled = func("round", &[&r, &func("scale", &[col])]);
+                    cast(&format!("CASE WHEN {} THEN {scaled} ELSE {r} END", op(&r, "=", &scaled)))
                 }
             }
         }
@@ -167,61 +182,132 @@ pub fn expr(mask: &Mask, col: &str, ty: PgType, sql_type: &str, key: Option<&Has
     }
 }
 
+/// A type as `format_type` writes it (under an empty search_path), pinned: its SQL-standard
+/// spellings (`integer`, `character varying(20)`, `timestamp(3) with time zone`, …) are the
+/// grammar's own and always mean pg_catalog's types; a qualified name stays as it is; any
+/// other name is a pg_catalog type (`text`, `"char"`, `uuid[]`) and gets its schema written.
+pub fn pin_type(t: &str) -> std::borrow::Cow<'_, str> {
+    const GRAMMAR: &[&str] = &[
+        "bigint",
+        "bit",
+        "boolean",
+        "character",
+        "double",
+        "integer",
+        "interval",
+        "numeric",
+        "real",
+        "smallint",
+        "time",
+        "timestamp",
+    ];
+    let t = t.trim();
+    let word_end = t.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(t.len());
+    if GRAMMAR.contains(&t.get(..word_end).unwrap_or("")) {
+        return t.into();
+    }
+    let mut quoted = false;
+    for c in t.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            '.' if !quoted => return t.into(),
+            '(' | '[' | ' ' if !quoted => break,
+            _ => {}
+        }
+    }
+    format!("pg_catalog.{t}").into()
+}
+
+/// `pg_catalog.name(args…)`.
+fn func(name: &str, args: &[&str]) -> String {
+    format!("pg_catalog.{name}({})", args.join(", "))
+}
+
+/// `(l OPERATOR(pg_catalog.o) r)`: the operator pinned, the precedence explicit.
+fn op(l: &str, o: &str, r: &str) -> String {
+    format!("({l} OPERATOR(pg_catalog.{o}) {r})")
+}
+
+/// An expression as pg_catalog's text.
+fn text(e: &str) -> String {
+    format!("CAST({e} AS pg_catalog.text)")
+}
+
+/// A text literal, typed (no unknown-type literal is left for operator resolution).
+fn lit(s: &str) -> String {
+    text(&literal(s))
+}
+
 /// Characters `partial` may replace: ASCII letters and digits, and every non-ASCII character
 /// (the Rust mask counts the same ones).
 const ALNUM: &str = "0-9A-Za-z\\u0080-\\U0010FFFF";
 
 fn partial(col: &str, first: usize, last: usize, fill: char, cast: &dyn Fn(&str) -> String) -> String {
-    let s = format!("({col})::text");
+    let s = text(col);
     let fill_re = if fill == '\\' { "\\\\".to_owned() } else { fill.to_string() };
-    let fill_lit = literal(&fill_re);
-    let all = format!("regexp_replace({s}, '[{ALNUM}]', {fill_lit}, 'g')");
+    let fill_lit = lit(&fill_re);
+    let replace = |e: &str| func("regexp_replace", &[e, &lit(&format!("[{ALNUM}]")), &fill_lit, &lit("g")]);
+    let all = replace(&s);
     if first.saturating_add(last) == 0 {
         return cast(&format!("CASE WHEN {col} IS NULL THEN NULL ELSE {all} END"));
     }
-    let total = format!("length(regexp_replace({s}, '[^{ALNUM}]', '', 'g'))");
+    let len = |e: &str| func("length", &[e]);
+    let total = len(&func("regexp_replace", &[&s, &lit(&format!("[^{ALNUM}]")), &lit(""), &lit("g")]));
     let pre = if first == 0 {
-        "''".to_owned()
+        lit("")
     } else {
-        format!("substring({s} from '^((?:[^{ALNUM}]*[{ALNUM}]){{{first}}})')")
+        func("substring", &[&s, &lit(&format!("^((?:[^{ALNUM}]*[{ALNUM}]){{{first}}})"))])
     };
     let suf = if last == 0 {
-        "''".to_owned()
+        lit("")
     } else {
-        format!("substring({s} from '((?:[{ALNUM}][^{ALNUM}]*){{{last}}})$')")
+        func("substring", &[&s, &lit(&format!("((?:[{ALNUM}][^{ALNUM}]*){{{last}}})$"))])
     };
-    let mid = format!("substr({s}, length({pre}) + 1, length({s}) - length({pre}) - length({suf}))");
+    let mid = func("substr", &[&s, &op(&len(&pre), "+", "1"), &op(&op(&len(&s), "-", &len(&pre)), "-", &len(&suf))]);
     let keep = first.saturating_add(last);
     // Fast path without the counting expressions for values of ASCII letters and digits only
     // (card numbers, tokens, hex digests): every character is replaceable. "No other
     // character" is cheaper for the server than the anchored "only these" (an ad-hoc count
     // over 200,000 hex digests: 114–131 against 136–146 ms) and means the same.
-    let plain = format!("{s} !~ '[^0-9A-Za-z]'");
-    let fills = literal(&fill.to_string());
-    let head = if first == 0 { String::new() } else { format!("left({s}, {first}) || ") };
-    let tail = if last == 0 { String::new() } else { format!(" || right({s}, {last})") };
-    let fast = format!(
-        "CASE WHEN length({s}) <= {keep} THEN repeat({fills}, length({s})) \
-         ELSE {head}repeat({fills}, length({s}) - {keep}){tail} END"
-    );
+    let plain = op(&s, "!~", &lit("[^0-9A-Za-z]"));
+    let fills = lit(&fill.to_string());
+    let repeat = |n: &str| func("repeat", &[&fills, n]);
+    let mut fast = repeat(&op(&len(&s), "-", &keep.to_string()));
+    if first > 0 {
+        fast = op(&func("left", &[&s, &first.to_string()]), "||", &fast);
+    }
+    if last > 0 {
+        fast = op(&fast, "||", &func("right", &[&s, &last.to_string()]));
+    }
+    let fast = format!("CASE WHEN {} THEN {} ELSE {fast} END", op(&len(&s), "<=", &keep.to_string()), repeat(&len(&s)));
+    let rest = op(&op(&pre, "||", &replace(&mid)), "||", &suf);
     cast(&format!(
-        "CASE WHEN {col} IS NULL THEN NULL WHEN {plain} THEN {fast} WHEN {total} <= {keep} THEN {all} \
-         ELSE {pre} || regexp_replace({mid}, '[{ALNUM}]', {fill_lit}, 'g') || {suf} END"
+        "CASE WHEN {col} IS NULL THEN NULL WHEN {plain} THEN {fast} WHEN {} THEN {all} ELSE {rest} END",
+        op(&total, "<=", &keep.to_string())
     ))
 }
 
 fn hash(col: &str, ty: PgType, length: usize, fingerprint: &str, cast: &dyn Fn(&str) -> String) -> String {
-    let h = format!("pgveil.hmac_hex(({col})::text, '{fingerprint}')");
-    let first8 = format!("('x' || left({h}, 16))::bit(64)::bigint");
+    let h = format!("pgveil.hmac_hex({}, {})", text(col), lit(fingerprint));
+    let left = |n: usize| func("left", &[&h, &n.to_string()]);
+    let first8 = format!("CAST(CAST({} AS bit(64)) AS bigint)", op(&lit("x"), "||", &left(16)));
     match ty {
-        PgType::Uuid => cast(&format!("left({h}, 32)")),
-        PgType::Int2 => cast(&format!("{first8} & 32767")),
-        PgType::Int4 => cast(&format!("{first8} & 2147483647")),
-        PgType::Int8 => cast(&format!("({first8} >> 1) & 9223372036854775807")),
-        PgType::Numeric => cast(&format!(
-            "mod(({first8})::numeric + CASE WHEN {first8} < 0 THEN 18446744073709551616 ELSE 0 END, 1000000000000000)"
+        PgType::Uuid => cast(&left(32)),
+        PgType::Int2 => cast(&op(&first8, "&", "32767")),
+        PgType::Int4 => cast(&op(&first8, "&", "2147483647")),
+        PgType::Int8 => cast(&op(&op(&first8, ">>", "1"), "&", "9223372036854775807")),
+        PgType::Numeric => cast(&func(
+            "mod",
+            &[
+                &op(
+                    &format!("CAST({first8} AS numeric)"),
+                    "+",
+                    &format!("CASE WHEN {} THEN 18446744073709551616 ELSE 0 END", op(&first8, "<", "0")),
+                ),
+                "1000000000000000",
+            ],
         )),
-        PgType::Bytea => cast(&format!("decode(left({h}, {}), 'hex')", length.clamp(2, 64) & !1)),
-        _ => cast(&format!("left({h}, {})", length.clamp(1, 64))),
+        PgType::Bytea => cast(&func("decode", &[&left(length.clamp(2, 64) & !1), &lit("hex")])),
+        _ => cast(&left(length.clamp(1, 64))),
     }
 }

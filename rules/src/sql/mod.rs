@@ -21,6 +21,7 @@
 mod checks;
 pub mod functions;
 pub mod mask_sql;
+mod pins;
 mod protect;
 mod selects;
 mod shape;
@@ -365,6 +366,9 @@ fn first_words(s: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod tests_names;
 
 /// The substitution checker (see `checks::verify`), for tests of both crates.
 #[doc(hidden)]

@@ -25,7 +25,7 @@ pub(crate) fn apply(
     }
     let lineage = |i: usize, protect: &mut Protection<'_>| -> Vec<TableName> {
         let Some(r) = found.rels.get(i) else { return Vec::new() };
-        if r.schema().is_none() && found.ctes.iter().any(|c| c == r.relname()) {
+        if r.cte {
             return Vec::new();
         }
         protect.resolve(r.schema(), r.relname()).map(|rel| protect.lineage(&rel).to_vec()).unwrap_or_default()

@@ -7,7 +7,7 @@ use crate::policy::Identity;
 use crate::sql::{Analyzer, verify_substituted};
 use crate::{CompileOptions, compile};
 
-fn policy() -> Arc<crate::Policy> {
+pub(super) fn policy() -> Arc<crate::Policy> {
     Arc::new(
         compile(
             include_str!("../../testdata/valid/spec-example.yaml"),
@@ -17,8 +17,9 @@ fn policy() -> Arc<crate::Policy> {
     )
 }
 
-/// `block <rule>`, `flag <rule>`, `allow` (forwarded as written) or `rewrite` (substituted),
-/// with ` max_rows=N` when a row limit applies.
+/// `block <rule>`, `flag <rule>`, `allow` (forwarded as written, but for its relation names
+/// pinned to their schemas) or `rewrite` (substituted), with ` max_rows=N` when a row limit
+/// applies.
 fn decide(roles: &[&str], sql: &str) -> (String, Option<String>) {
     let session = policy().for_identity(&Identity::new(roles.iter().copied()));
     let catalog = crate::catalog::example();
@@ -32,7 +33,8 @@ fn decide(roles: &[&str], sql: &str) -> (String, Option<String>) {
     let verdict = match (&analysis.block, analysis.flagged.first(), &analysis.rewritten) {
         (Some(b), _, _) => format!("block {}", b.rule),
         (None, Some(f), _) => format!("flag {}", f.rule),
-        (None, None, Some(_)) => format!("rewrite{limit}"),
+        (None, None, Some(t)) if unpinned(t) != unpinned(sql) => format!("rewrite{limit}"),
+        (None, None, Some(_)) => format!("allow{limit}"),
         (None, None, None) => format!("allow{limit}"),
     };
     if let Some(text) = &analysis.rewritten {
@@ -42,6 +44,12 @@ fn decide(roles: &[&str], sql: &str) -> (String, Option<String>) {
         verify_substituted(&session, &catalog, &path(roles[0]), sql).unwrap_or_else(|e| panic!("{e}\nsql: {sql}"));
     }
     (verdict, analysis.rewritten)
+}
+
+/// A text without the schema qualifications pinning adds (for telling a pinned text from a
+/// substituted one).
+fn unpinned(sql: &str) -> String {
+    sql.replace("public.", "").replace("pg_catalog.", "").replace("pg_temp.", "")
 }
 
 fn path(user: &str) -> Vec<String> {
@@ -165,7 +173,7 @@ fn substitution_keeps_the_client_text_around_it() {
     let text = rewritten(APP, "SELECT notes /* c */ FROM customers WHERE id = $1");
     assert_eq!(
         text,
-        "SELECT notes /* c */ FROM (SELECT id, CAST(NULL AS text) AS notes FROM public.customers) AS customers WHERE id = $1"
+        "SELECT notes /* c */ FROM (SELECT id, CAST(NULL AS pg_catalog.text) AS notes FROM public.customers) AS customers WHERE id = $1"
     );
     let only = rewritten(APP, "SELECT notes FROM ONLY customers c");
     assert!(only.starts_with("SELECT notes FROM (SELECT "), "{only}");
@@ -173,7 +181,7 @@ fn substitution_keeps_the_client_text_around_it() {
     let table = rewritten(APP, "TABLE customers");
     assert!(table.starts_with("SELECT * FROM (SELECT id, name, "), "{table}");
     let copy = rewritten(APP, "COPY customers (id, notes) TO STDOUT");
-    assert_eq!(copy, "COPY (SELECT id, CAST(NULL AS text) AS notes FROM ONLY public.customers) TO STDOUT");
+    assert_eq!(copy, "COPY (SELECT id, CAST(NULL AS pg_catalog.text) AS notes FROM ONLY public.customers) TO STDOUT");
     let view = rewritten(APP, "SELECT upper_email FROM customers_v");
     assert!(view.contains("upper(email) AS upper_email FROM (SELECT id,"), "{view}");
 }
@@ -181,7 +189,7 @@ fn substitution_keeps_the_client_text_around_it() {
 #[test]
 fn dml_targets_see_masked_values_and_keep_their_assignments() {
     let up = rewritten(APP, "UPDATE customers SET notes = ssn, ssn = '1-2-3' WHERE id = 1 RETURNING id, ssn");
-    assert!(up.starts_with("UPDATE customers SET notes = (CAST("), "{up}");
+    assert!(up.starts_with("UPDATE public.customers SET notes = (CAST("), "{up}");
     assert!(up.contains(", ssn = '1-2-3' WHERE id = 1 RETURNING id, (CAST("), "{up}");
     let star = rewritten(APP, "UPDATE customers SET ssn = '1' WHERE id = 4 RETURNING *");
     assert!(star.contains("RETURNING customers.id, customers.name, CAST("), "{star}");
@@ -410,7 +418,13 @@ fn shape_keys_ignore_literals_only_where_they_cannot_matter() {
 fn the_hash_key_never_reaches_the_server() {
     let text = rewritten(&["support_lead"], "SELECT email FROM customers WHERE id = 1");
     let key = crate::HashKey::new(b"k");
-    assert!(text.contains(&format!("pgveil.hmac_hex((email)::text, '{}')", key.fingerprint())), "{text}");
+    assert!(
+        text.contains(&format!(
+            "pgveil.hmac_hex(CAST(email AS pg_catalog.text), CAST('{}' AS pg_catalog.text))",
+            key.fingerprint()
+        )),
+        "{text}"
+    );
     let (ipad, opad) = key.pads();
     assert!(!text.contains(&hex::encode(ipad)) && !text.contains(&hex::encode(opad)), "{text}");
 }
@@ -753,7 +767,10 @@ fn a_renamed_column_keeps_its_rule_by_attnum() {
     let a =
         Analyzer::new(&session, &catalog, "app_user").analyze("SELECT name, national_id FROM customers WHERE id = 1");
     let text = a.rewritten.unwrap();
-    assert!(text.contains("AS national_id") && text.contains("right((national_id)::text, 4)"), "{text}");
+    assert!(
+        text.contains("AS national_id") && text.contains("pg_catalog.right(CAST(national_id AS pg_catalog.text), 4)"),
+        "{text}"
+    );
     assert!(text.contains("(SELECT id, name, "), "not whole-table redaction: {text}");
 }
 

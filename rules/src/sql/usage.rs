@@ -75,7 +75,7 @@ fn collect(
     let mut prot: Vec<Option<Arc<Protected>>> = Vec::with_capacity(found.rels.len());
     for r in &found.rels {
         let schema = r.schema();
-        let is_cte = schema.is_none() && found.ctes.iter().any(|c| c == r.relname());
+        let is_cte = r.cte;
         let rel = if is_cte { None } else { all.resolve(schema, r.relname()) };
         prot.push(rel.as_ref().and_then(|x| all.protected(x)));
         resolved.push(rel);

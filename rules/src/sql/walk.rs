@@ -32,6 +32,10 @@ pub(crate) struct RelSite<'v> {
     pub nullable: bool,
     /// `COPY t (a, b)`: the column list.
     pub copy_columns: Vec<String>,
+    /// An unqualified name that a WITH of this query level or an enclosing one defines (and
+    /// that is visible here: a non-recursive CTE is not visible inside itself or earlier
+    /// CTEs of its WITH), so it names that CTE, not a relation.
+    pub cte: bool,
 }
 
 impl RelSite<'_> {
@@ -53,6 +57,16 @@ impl RelSite<'_> {
 
     pub fn alias(&self) -> Option<&str> {
         self.rv.get("alias").and_then(Value::as_object).and_then(|a| str_field(a, "aliasname"))
+    }
+
+    /// The alias's column list (`AS k(a, b)` renames the first columns by position).
+    pub fn alias_columns(&self) -> Vec<String> {
+        strings(self.rv.get("alias").and_then(Value::as_object).and_then(|a| a.get("colnames")))
+    }
+
+    /// The name references use for it: the alias, else the relation's name.
+    pub fn reference_name(&self) -> &str {
+        self.alias().unwrap_or(self.relname())
     }
 }
 
@@ -103,6 +117,8 @@ pub(crate) struct Scope {
     pub conjuncts: Vec<Conjunct>,
     /// The DML target's entry, for a DML scope.
     pub dml_target: Option<usize>,
+    /// CTE names visible from this query level (its WITH, as far as walked).
+    pub ctes: Vec<String>,
 }
 
 /// `col <op> constant-or-parameter`, or `col IN (…)`: a top-level AND conjunct of a WHERE.
@@ -525,14 +541,20 @@ impl<'v> Walker<'v> {
         if matches!(site, Site::Other(..)) && str_field(rv, "relpersistence") == Some("t") {
             self.found.temp_created.push(str_field(rv, "relname").unwrap_or("").to_owned());
         }
+        if matches!(site, Site::Other(..)) && str_field(rv, "schemaname") == Some("pg_temp") {
+            self.found.temp_created.push(str_field(rv, "relname").unwrap_or("").to_owned());
+        }
         let read = matches!(site, Site::Read | Site::Tablesample | Site::CopyTo);
         let idx = self.found.rels.len();
+        let unqualified = str_field(rv, "schemaname").is_none_or(str::is_empty);
+        let cte = unqualified && self.names_cte(str_field(rv, "relname").unwrap_or(""));
         self.found.rels.push(RelSite {
             rv,
             site: site.clone(),
             scope: self.scope,
             nullable: self.nullable,
             copy_columns: Vec::new(),
+            cte,
         });
         if read || site == Site::Target {
             let alias = RelSite { rv, ..self.found.rels[idx].clone() };
@@ -604,10 +626,48 @@ impl<'v> Walker<'v> {
         self.with(Position::Filter("a window"), |w| w.field(b, "over", "FuncCall"));
     }
 
+    /// A WITH clause, in the current scope: each CTE's name becomes visible to the CTEs after
+    /// it and to the query (to every CTE of a WITH RECURSIVE, itself included), as the server
+    /// scopes them.
     fn ctes(&mut self, b: &'v Map<String, Value>) {
-        if let Some(with) = b.get("with_clause").and_then(Value::as_object) {
-            self.with(Position::Output, |w| w.field(with, "ctes", "WithClause"));
+        let Some(with) = b.get("with_clause").and_then(Value::as_object) else { return };
+        let recursive = with.get("recursive").and_then(Value::as_bool).unwrap_or(false);
+        let list: Vec<&'v Value> =
+            with.get("ctes").and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default();
+        let name_of = |v: &'v Value| match variant(v) {
+            Some(("CommonTableExpr", c)) => str_field(c, "ctename").map(str::to_owned),
+            _ => None,
+        };
+        if recursive {
+            for n in list.iter().filter_map(|v| name_of(v)) {
+                self.visible_cte(n);
+            }
         }
+        for v in list {
+            self.with(Position::Output, |w| w.value(v, "WithClause"));
+            if !recursive && let Some(n) = name_of(v) {
+                self.visible_cte(n);
+            }
+        }
+    }
+
+    fn visible_cte(&mut self, name: String) {
+        if let Some(s) = self.found.scopes.get_mut(self.scope) {
+            s.ctes.push(name);
+        }
+    }
+
+    /// Whether an unqualified relation name names a CTE visible from the current scope.
+    fn names_cte(&self, name: &str) -> bool {
+        let mut scope = Some(self.scope);
+        while let Some(si) = scope {
+            let Some(s) = self.found.scopes.get(si) else { break };
+            if s.ctes.iter().any(|c| c == name) {
+                return true;
+            }
+            scope = s.parent;
+        }
+        false
     }
 
     fn select(&mut self, b: &'v Map<String, Value>) {
@@ -846,12 +906,19 @@ impl<'v> Walker<'v> {
                 }
             }
             if t == "InsertStmt" {
-                // The source query does not see the target.
+                // The source query does not see the target, but it sees the WITH.
                 let sel = b.get("select_stmt");
+                let ctes = w.found.scopes.get(scope).map(|s| s.ctes.clone()).unwrap_or_default();
                 w.in_scope(outer, |w| {
-                    if let Some(s) = sel {
-                        w.with(Position::Output, |w| w.value(s, "InsertStmt"));
+                    let source = w.new_scope();
+                    if let Some(s) = w.found.scopes.get_mut(source) {
+                        s.ctes = ctes;
                     }
+                    w.in_scope(source, |w| {
+                        if let Some(s) = sel {
+                            w.with(Position::Output, |w| w.value(s, "InsertStmt"));
+                        }
+                    });
                 });
                 for c in b.get("cols").and_then(Value::as_array).into_iter().flatten() {
                     if let Some(("ResTarget", rt)) = variant(c)

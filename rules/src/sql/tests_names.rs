@@ -1,0 +1,173 @@
+//! Names bind as pgveil resolved them (threat model I12): the text the server receives pins
+//! every relation to its schema and every capturable column to its range variable, and CTE
+//! names shadow only inside their own query level.
+
+use crate::catalog::{Catalog, Column, RelKind, Relation};
+use crate::names::TableName;
+use crate::policy::Identity;
+use crate::sql::{Analysis, Analyzer, verify_substituted};
+
+fn relation(oid: u32, schema: &str, name: &str, cols: &[&str]) -> Relation {
+    Relation {
+        oid,
+        name: TableName::new(schema, name),
+        kind: RelKind::Table,
+        columns: cols
+            .iter()
+            .zip(1i16..)
+            .map(|(n, attnum)| Column {
+                name: (*n).to_owned(),
+                attnum,
+                type_oid: 25,
+                sql_type: "text".to_owned(),
+                bound_name: None,
+            })
+            .collect(),
+        ancestors: Vec::new(),
+        view_sql: None,
+        definition_unavailable: false,
+    }
+}
+
+/// The spec example's catalog, with an unprotected `scratch.customers` shadow and a
+/// `public.other` that has a column named like a protected one.
+fn catalog() -> Catalog {
+    let mut rels: Vec<Relation> = crate::catalog::example().relations().map(|r| (**r).clone()).collect();
+    rels.push(relation(20_001, "scratch", "customers", &["id", "ssn", "email"]));
+    rels.push(relation(20_002, "public", "other", &["id", "ssn", "x"]));
+    Catalog::new(rels)
+}
+
+fn analyze(path: &[&str], temp: &[&str], sql: &str) -> Analysis {
+    let session = super::tests::policy().for_identity(&Identity::new(["app_user"]));
+    let catalog = catalog();
+    let path: Vec<String> = path.iter().map(|s| (*s).to_owned()).collect();
+    let a = Analyzer::new(&session, &catalog, "app_user")
+        .with_search_path(path.clone())
+        .with_temp_relations(temp.iter().map(|s| (*s).to_owned()).collect())
+        .analyze(sql);
+    if a.block.is_none() {
+        let sent = a.rewritten.as_deref().unwrap_or(sql);
+        verify_substituted(&session, &catalog, &path, sent).unwrap_or_else(|e| panic!("{e}\nsql: {sql}\nsent: {sent}"));
+    }
+    a
+}
+
+#[track_caller]
+fn sent(path: &[&str], sql: &str) -> String {
+    let a = analyze(path, &[], sql);
+    assert!(a.block.is_none(), "{sql}: blocked {:?}", a.block);
+    a.rewritten.unwrap_or_else(|| sql.to_owned())
+}
+
+#[track_caller]
+fn blocked(sql: &str) -> String {
+    analyze(&["public"], &[], sql).block.unwrap_or_else(|| panic!("{sql}: not blocked")).rule
+}
+
+const PUBLIC: &[&str] = &["app_user", "public"];
+
+#[test]
+fn every_relation_is_pinned_to_the_schema_pgveil_resolved() {
+    assert_eq!(sent(PUBLIC, "SELECT id FROM orders WHERE id = 1"), "SELECT id FROM public.orders WHERE id = 1");
+    assert_eq!(
+        sent(PUBLIC, "SELECT o.id FROM orders o JOIN other ON other.id = o.id"),
+        "SELECT o.id FROM public.orders o JOIN public.other ON other.id = o.id"
+    );
+    assert_eq!(
+        sent(PUBLIC, "UPDATE orders SET status = 'x' WHERE id = 1"),
+        "UPDATE public.orders SET status = 'x' WHERE id = 1"
+    );
+    assert_eq!(sent(PUBLIC, "TABLE ONLY orders"), "TABLE ONLY public.orders");
+    assert_eq!(sent(PUBLIC, "LOCK TABLE orders"), "LOCK TABLE public.orders");
+    assert_eq!(sent(PUBLIC, "SELECT relname FROM pg_class"), "SELECT relname FROM pg_catalog.pg_class");
+    // A name pgveil does not know is the server's to answer (42P01 for a name nobody has).
+    assert_eq!(sent(PUBLIC, "SELECT 1 FROM nowhere"), "SELECT 1 FROM nowhere");
+    // What a statement creates is named as written.
+    assert_eq!(
+        sent(PUBLIC, "CREATE TABLE copy AS SELECT id FROM orders"),
+        "CREATE TABLE copy AS SELECT id FROM public.orders"
+    );
+}
+
+#[test]
+fn a_shadow_on_the_search_path_is_read_as_resolved_and_pinned() {
+    // scratch.customers comes first: pgveil reads it (unprotected) and says so in the text,
+    // so the server reads that relation or, if it is gone (renamed or dropped in an open
+    // transaction pgveil cannot see), fails: never public.customers raw.
+    let text = sent(&["scratch", "public"], "SELECT ssn || '' FROM customers");
+    assert_eq!(text, "SELECT ssn || '' FROM scratch.customers");
+    let text = sent(PUBLIC, "SELECT ssn || '' FROM customers");
+    assert!(text.contains("FROM public.customers) AS customers"), "{text}");
+}
+
+#[test]
+fn temporary_relations_are_pinned_to_pg_temp() {
+    let a = analyze(PUBLIC, &["customers"], "SELECT ssn FROM customers");
+    assert_eq!(a.rewritten.as_deref(), Some("SELECT ssn FROM pg_temp.customers"));
+    let a = analyze(PUBLIC, &["customers"], "SELECT ssn FROM public.customers");
+    assert!(a.rewritten.as_deref().is_some_and(|t| t.contains("FROM public.customers) AS customers")), "{a:?}");
+}
+
+#[test]
+fn cte_names_shadow_only_inside_their_query_level() {
+    // A CTE named pg_stats in a subquery does not make the outer pg_stats a CTE.
+    assert_eq!(
+        blocked("SELECT (WITH pg_stats AS (SELECT 1 AS x) SELECT x FROM pg_stats), attname FROM pg_stats"),
+        "catalog"
+    );
+    assert_eq!(blocked("SELECT attname FROM pg_stats WHERE EXISTS (WITH pg_stats AS (SELECT 1) SELECT 1)"), "catalog");
+    // A non-recursive CTE does not see itself: its own pg_stats is the catalog's.
+    assert_eq!(blocked("WITH pg_stats AS (SELECT attname FROM pg_stats) SELECT attname FROM pg_stats"), "catalog");
+    // Where the CTE is in scope, it is the CTE.
+    let text = sent(PUBLIC, "WITH pg_stats AS (SELECT 1 AS attname) SELECT attname FROM pg_stats");
+    assert_eq!(text, "WITH pg_stats AS (SELECT 1 AS attname) SELECT attname FROM pg_stats");
+    let text = sent(PUBLIC, "WITH a AS (SELECT 1 AS v), b AS (SELECT v FROM a) SELECT v FROM b");
+    assert_eq!(text, "WITH a AS (SELECT 1 AS v), b AS (SELECT v FROM a) SELECT v FROM b");
+    let text =
+        sent(PUBLIC, "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT n FROM r");
+    assert!(text.ends_with("SELECT n FROM r"), "{text}");
+    // The WITH of an INSERT is visible to its source query.
+    let text = sent(PUBLIC, "WITH src AS (SELECT 1 AS id) INSERT INTO orders (id) SELECT id FROM src");
+    assert_eq!(text, "WITH src AS (SELECT 1 AS id) INSERT INTO public.orders (id) SELECT id FROM src");
+}
+
+#[test]
+fn a_column_the_target_could_capture_is_qualified_by_its_range_variable() {
+    // pgveil binds ssn to other.ssn; if other lost its ssn, the server would bind the name to
+    // the target's raw column: the text says other.ssn.
+    let text = sent(PUBLIC, "UPDATE customers SET notes = (SELECT ssn FROM other WHERE other.id = 1) WHERE id = 2");
+    assert!(text.contains("(SELECT other.ssn FROM public.other WHERE other.id = 1)"), "{text}");
+    let text = sent(PUBLIC, "DELETE FROM customers WHERE id IN (SELECT id FROM other WHERE ssn = 'x')");
+    assert!(text.contains("WHERE other.ssn = 'x'"), "{text}");
+    // Names the target has no masked column of stay as written.
+    let text = sent(PUBLIC, "UPDATE customers SET notes = (SELECT x FROM other WHERE other.id = 1) WHERE id = 2");
+    assert!(text.contains("(SELECT x FROM public.other"), "{text}");
+}
+
+#[test]
+fn an_alias_column_list_hides_the_names_it_renames() {
+    // k(a, b, c, d) renames id, name, email, ssn: ssn inside the sublink is the target's.
+    let text = sent(
+        PUBLIC,
+        "UPDATE customers SET notes = (SELECT ssn FROM customers AS k(a, b, c, d) WHERE k.a = 1) WHERE id = 2",
+    );
+    assert!(text.contains("CAST(customers.ssn AS pg_catalog.text)"), "the target's ssn is masked: {text}");
+    let text = sent(PUBLIC, "UPDATE customers SET notes = (SELECT d FROM other AS k(d) WHERE k.d = '1') WHERE id = 2");
+    assert!(text.contains("(SELECT d FROM public.other AS k(d)"), "{text}");
+}
+
+#[test]
+fn whole_row_references_to_the_target_are_refused_outside_returning() {
+    assert_eq!(blocked("UPDATE customers x SET notes = row_to_json(x.*)::text WHERE id = 1"), "whole_row");
+    assert_eq!(
+        blocked("UPDATE customers x SET notes = (SELECT row_to_json(x.*) FROM orders LIMIT 1)::text"),
+        "whole_row"
+    );
+    assert_eq!(blocked("UPDATE customers SET notes = (SELECT customers.*::text FROM orders LIMIT 1)"), "whole_row");
+    assert_eq!(blocked("UPDATE customers x SET notes = x::text WHERE id = 1"), "whole_row");
+    // Another relation's row is not the target's.
+    let text =
+        sent(PUBLIC, "UPDATE customers SET notes = (SELECT row_to_json(o.*)::text FROM orders o LIMIT 1) WHERE id = 1");
+    assert!(text.contains("FROM public.orders o"), "{text}");
+}
