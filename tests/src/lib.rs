@@ -31,6 +31,8 @@ mod mask_types;
 #[cfg(test)]
 mod masking;
 #[cfg(test)]
+mod names;
+#[cfg(test)]
 mod reload;
 #[cfg(test)]
 mod scram;

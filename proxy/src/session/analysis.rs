@@ -234,6 +234,18 @@ impl SessionRules {
         self.set_path(Some(path), true);
     }
 
+    /// Why a masked session may not run with its search_path: one that puts pg_catalog after
+    /// another schema lets that schema's functions and operators shadow the built-ins the
+    /// session's statements call (threat model I12), from whichever source it came.
+    pub fn path_problem(&self) -> Option<String> {
+        let at = self.default_path.iter().position(|s| s == "pg_catalog")?;
+        let before = self.default_path.get(..at).filter(|b| !b.is_empty())?;
+        Some(format!(
+            "the session's search_path puts pg_catalog after {}, which masked sessions may not use",
+            before.join(", ")
+        ))
+    }
+
     /// Follows a `SET search_path` (`None`: RESET / DISCARD back to the default). Unless the
     /// change is `settled` (no rollback can undo it), the path left behind stays uncertain for
     /// the rest of the session: a rollback may restore it.
@@ -527,19 +539,39 @@ impl SessionRules {
     }
 }
 
-/// A search_path value (`a, "B", $user`) as schema names.
+/// A search_path value as the server shows it (`a, "B", "x,y", $user`) as schema names: a
+/// comma inside double quotes is part of the name, `""` is a quote.
 fn parse_path(v: &str, user: &str) -> Vec<String> {
-    v.split(',')
-        .map(|s| {
-            let s = s.trim();
-            match s.strip_prefix('"').and_then(|x| x.strip_suffix('"')) {
-                Some(q) => q.replace("\"\"", "\""),
-                None => s.to_lowercase(),
+    let mut out = Vec::new();
+    let mut name = String::new();
+    let (mut quoted, mut was_quoted) = (false, false);
+    let mut chars = v.chars().peekable();
+    let mut flush = |name: &mut String, was_quoted: &mut bool| {
+        let n = if *was_quoted { std::mem::take(name) } else { std::mem::take(name).to_lowercase() };
+        if !n.is_empty() {
+            // `$user` is the session's user however it is written (the server compares the
+            // name after removing the quotes).
+            out.push(expand_user(&n, user));
+        }
+        *was_quoted = false;
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                name.push('"');
             }
-        })
-        .filter(|s| !s.is_empty())
-        .map(|s| expand_user(&s, user))
-        .collect()
+            '"' => {
+                quoted = !quoted;
+                was_quoted = true;
+            }
+            ',' if !quoted => flush(&mut name, &mut was_quoted),
+            c if !quoted && c.is_whitespace() => {}
+            c => name.push(c),
+        }
+    }
+    flush(&mut name, &mut was_quoted);
+    out
 }
 
 fn expand_user(s: &str, user: &str) -> String {
@@ -566,5 +598,20 @@ fn blocked(rule: &str, reason: &str, hint: &str) -> Analysis {
             sqlstate: "42501",
         }),
         ..Analysis::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_path;
+
+    #[test]
+    fn search_paths_are_read_as_the_server_shows_them() {
+        assert_eq!(parse_path("\"$user\", public", "app"), ["app", "public"]);
+        assert_eq!(parse_path("\"x,crm,y\", public", "app"), ["x,crm,y", "public"]);
+        assert_eq!(parse_path("\"My \"\"Q\"\" S\", Crm", "app"), ["My \"Q\" S", "crm"]);
+        assert_eq!(parse_path("", "app"), Vec::<String>::new());
+        assert_eq!(parse_path("\"\"", "app"), Vec::<String>::new());
+        assert_eq!(parse_path("\"$user\"", "Ann"), ["$user"].map(|_| "Ann"));
     }
 }

@@ -219,6 +219,16 @@ async fn serve_session(
         // must resolve as the server resolves them (I12).
         let path = server_search_path(&mut server).await?;
         r.set_default_path(&path);
+        if r.is_strict()
+            && !r.observe
+            && let Some(why) = r.path_problem()
+        {
+            tracing::warn!(user = startup.user(), search_path = %path, "masked session refused: {why}");
+            return Err(SessionError::Refused(Box::new(
+                messages::ErrorResponse::fatal(messages::sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgveil: {why}"))
+                    .with_hint("put pg_catalog first in search_path, or leave it out (it is then searched first)"),
+            )));
+        }
     }
     client.write_all(ready.as_bytes()).await?;
     client.flush().await?;

@@ -447,23 +447,33 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
                 let is_target = rel_site.is_some_and(|r| r.site == Site::Target);
                 match conj {
                     Some(k) if grant_fits(k) && is_target => {
+                        // The raw comparison runs, with its operator pinned.
+                        let range = (toks.at(k.first), toks.at(k.rhs_first), toks.at(k.rhs_last));
+                        let (Some(first), Some(rhs), Some(last)) = range else {
+                            return Err(predicate_block(""));
+                        };
+                        let last = value_end(toks, k, last);
+                        let lhs = vec![Piece::Tokens(first, toks.name_end(first).saturating_add(1))];
+                        let Some(pieces) = pinned_comparison(toks, k, lhs, rhs, last) else {
+                            return Err(predicate_block(" with this operator"));
+                        };
+                        out.edits.push(Edit { from: first, to: last.saturating_add(1), pieces });
                         raw_ok.insert(c.location);
                     }
                     Some(k) if grant_fits(k) => {
                         if rel_site.is_some_and(|r| r.nullable) {
                             return Err(predicate_block(" (its table is on the outer side of a join)"));
                         }
-                        let (Some(first), Some(rhs), Some(mut last)) =
+                        let (Some(first), Some(rhs), Some(last)) =
                             (toks.at(k.first), toks.at(k.rhs_first), toks.at(k.rhs_last))
                         else {
                             return Err(predicate_block(""));
                         };
-                        if !k.is_in && toks.text(last) == "-" {
-                            last = last.saturating_add(1);
-                        }
-                        let op = if k.is_in { "IN" } else { k.op.as_str() };
-                        let mut filter = vec![Piece::Text(format!("{} {op} ", quote_ident(&name)))];
-                        filter.push(Piece::Tokens(rhs, last.saturating_add(1)));
+                        let last = value_end(toks, k, last);
+                        let lhs = vec![Piece::Text(quote_ident(&name))];
+                        let Some(filter) = pinned_comparison(toks, k, lhs, rhs, last) else {
+                            return Err(predicate_block(" with this operator"));
+                        };
                         pushdowns.push((site, filter, first, last.saturating_add(1)));
                     }
                     _ if predicates == Predicates::Any && clause != "WHERE" => {} // compares masked values
@@ -540,6 +550,63 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
     }
     out.origins = origins(found, &resolved, &prot);
     Ok(out)
+}
+
+/// The last token of a conjunct's right-hand side (`-5` is two tokens).
+fn value_end(toks: &Tokens<'_>, k: &walk::Conjunct, last: usize) -> usize {
+    if !k.is_in && toks.text(last) == "-" { last.saturating_add(1) } else { last }
+}
+
+/// A conjunct `lhs <op> value` or `lhs IN (values)` that a grant lets compare a raw value,
+/// with its operator pinned to pg_catalog (I12): `OPERATOR(pg_catalog.=)`, and an IN list as
+/// the equalities it stands for. A user's operator (a varchar `=` in a schema on the
+/// search_path wins over pg_catalog's text one) never receives the raw value. `None` for an
+/// operator written with another schema.
+fn pinned_comparison(
+    toks: &Tokens<'_>,
+    k: &walk::Conjunct,
+    lhs: Vec<Piece>,
+    rhs: usize,
+    last: usize,
+) -> Option<Vec<Piece>> {
+    let op = match k.op.as_str() {
+        "LIKE" => "~~",
+        "NOT LIKE" => "!~~",
+        "ILIKE" => "~~*",
+        "NOT ILIKE" => "!~~*",
+        o => o.strip_prefix("pg_catalog.").unwrap_or(o),
+    };
+    if op.is_empty() || op.contains('.') {
+        return None;
+    }
+    let pinned = format!(" OPERATOR(pg_catalog.{op}) ");
+    if !k.is_in {
+        let mut out = lhs;
+        out.push(Piece::Text(pinned));
+        out.push(Piece::Tokens(rhs, last.saturating_add(1)));
+        return Some(out);
+    }
+    if toks.text(rhs) != "(" || toks.text(last) != ")" {
+        return None;
+    }
+    let mut out = vec![Piece::Text("(".to_owned())];
+    let mut start = rhs.saturating_add(1);
+    for i in start..=last {
+        if i == last || toks.text(i) == "," {
+            if start >= i {
+                return None;
+            }
+            if out.len() > 1 {
+                out.push(Piece::Text(" OR ".to_owned()));
+            }
+            out.extend(lhs.iter().cloned());
+            out.push(Piece::Text(pinned.clone()));
+            out.push(Piece::Tokens(start, i));
+            start = i.saturating_add(1);
+        }
+    }
+    out.push(Piece::Text(")".to_owned()));
+    Some(out)
 }
 
 /// Whether a relation site must be pinned for the statement to run: reads and writes must;
