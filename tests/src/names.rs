@@ -14,7 +14,9 @@ use crate::leaks::{assert_layers_held, needles};
 use crate::masking::RULES;
 
 /// A schema the masked role owns, with an unprotected table shadowing public.customers when
-/// it comes first on the search_path, and statistics on the protected table.
+/// it comes first on the search_path, and statistics on the protected table. The e-mails are
+/// varchar here, for which pg_catalog has no `=` of its own: a user's varchar `=` on the path
+/// would win operator resolution.
 fn setup(cluster: &pg::Cluster, db: &str) {
     cluster
         .psql_admin(
@@ -26,7 +28,8 @@ fn setup(cluster: &pg::Cluster, db: &str) {
              CREATE TABLE scratch.other (id int, x text);
              INSERT INTO scratch.other VALUES (1, 'x');
              ALTER TABLE scratch.other OWNER TO app_user;
-             ANALYZE public.customers;",
+             ANALYZE public.customers;
+             ALTER TABLE public.customers ALTER COLUMN email TYPE varchar(100);",
         )
         .expect("setup");
 }
@@ -124,7 +127,9 @@ fn cases() -> Vec<(&'static str, Vec<String>)> {
             "CREATE FUNCTION scratch.eq(varchar, varchar) RETURNS bool LANGUAGE sql AS $$ SELECT pg_catalog.pg_notify('leak', $1) IS NULL AND false $$",
             "CREATE OPERATOR scratch.= (LEFTARG = varchar, RIGHTARG = varchar, FUNCTION = scratch.eq)",
             "SET search_path = scratch, public",
-            "SELECT name FROM customers WHERE email = 'canary1@leak.test'::varchar",
+            "SELECT name FROM customers WHERE email = 'canary1@leak.test'",
+            "SELECT name FROM customers WHERE email IN ('canary1@leak.test', 'canary2@leak.test')",
+            "UPDATE customers SET name = name WHERE email = 'canary2@leak.test' RETURNING id",
             "SELECT 1",
         ]),
     ));
