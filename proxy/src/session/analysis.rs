@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use rules::catalog::Catalog;
+use rules::sql::session::{Change, PathState, parse_list};
 use rules::sql::{Analysis, Analyzer};
 use rules::{Identity, SessionPolicy};
 
@@ -169,11 +170,13 @@ pub struct SessionRules {
     /// it sends is blocked or rewritten, and its results pass as the server sent them.
     pub observe: bool,
     pub catalog: Arc<DbCatalog>,
-    /// The session's search_path as tracked (`$user` expanded), and the schemas of paths it
-    /// may be using instead (a SET a rollback may have undone): see `Analyzer`.
-    search_path: Vec<String>,
-    default_path: Vec<String>,
-    uncertain: Vec<String>,
+    /// The session's search_path state (threat model I12): `projected` assumes every
+    /// statement sent so far succeeds and decides the next one; `confirmed` follows the
+    /// server's CommandCompletes; `at_ready` is `confirmed` at the last ReadyForQuery, which an
+    /// implicit transaction that failed returns to.
+    projected: PathState,
+    confirmed: PathState,
+    at_ready: PathState,
     path_key: u64,
     temp: Vec<String>,
     /// The last analyses found under shape keys, latest first: a session repeating its
@@ -205,7 +208,7 @@ impl SessionRules {
         let view = policy.for_identity(&identity);
         let all = policy.universal();
         let observe = view.exempt;
-        let default_path = vec![user.to_owned(), "public".to_owned()];
+        let start = PathState::new(vec![user.to_owned(), "public".to_owned()]);
         let mut rules = SessionRules {
             identity,
             identity_key: h.finish(),
@@ -216,9 +219,9 @@ impl SessionRules {
             all,
             observe,
             catalog: shared.catalogs.for_db(db),
-            search_path: default_path.clone(),
-            default_path,
-            uncertain: Vec::new(),
+            projected: start.clone(),
+            confirmed: start.clone(),
+            at_ready: start,
             path_key: 0,
             temp: Vec::new(),
             shape_memo: Vec::new(),
@@ -229,40 +232,78 @@ impl SessionRules {
 
     /// The search_path the server started the session with (`SHOW search_path`'s text).
     pub fn set_default_path(&mut self, value: &str) {
-        let path = parse_path(value, &self.user);
-        self.default_path = path.clone();
-        self.set_path(Some(path), true);
+        let start = PathState::new(parse_list(value, &self.user));
+        self.projected = start.clone();
+        self.confirmed = start.clone();
+        self.at_ready = start;
+        self.rekey();
     }
 
     /// Why a masked session may not run with its search_path: one that puts pg_catalog after
     /// another schema lets that schema's functions and operators shadow the built-ins the
     /// session's statements call (threat model I12), from whichever source it came.
     pub fn path_problem(&self) -> Option<String> {
-        let at = self.default_path.iter().position(|s| s == "pg_catalog")?;
-        let before = self.default_path.get(..at).filter(|b| !b.is_empty())?;
+        let path = self.confirmed.default_path();
+        let at = path.iter().position(|s| s == "pg_catalog")?;
+        let before = path.get(..at).filter(|b| !b.is_empty())?;
         Some(format!(
             "the session's search_path puts pg_catalog after {}, which masked sessions may not use",
             before.join(", ")
         ))
     }
 
-    /// Follows a `SET search_path` (`None`: RESET / DISCARD back to the default). Unless the
-    /// change is `settled` (no rollback can undo it), the path left behind stays uncertain for
-    /// the rest of the session: a rollback may restore it.
-    pub fn set_path(&mut self, path: Option<Vec<String>>, settled: bool) {
-        let new = path
-            .map(|p| p.iter().map(|s| expand_user(s, &self.user)).collect())
-            .unwrap_or_else(|| self.default_path.clone());
-        if !settled {
-            for s in self.search_path.iter().chain(&self.default_path) {
-                if !new.contains(s) && !self.uncertain.contains(s) {
-                    self.uncertain.push(s.clone());
+    /// The changes of statements just sent, assumed to succeed: the next statement is decided
+    /// against the state they leave.
+    pub fn project(&mut self, analysis: &Analysis) {
+        let several = analysis.statements.len() > 1;
+        let mut changed = false;
+        for c in analysis.statements.iter().flat_map(|p| &p.session) {
+            self.projected.apply(c, several);
+            changed = true;
+        }
+        if changed {
+            self.rekey();
+        }
+    }
+
+    /// A statement's changes, now that the server ran it (`tag`: its CommandComplete tag; a
+    /// COMMIT of a failed transaction answers ROLLBACK).
+    pub fn confirm(&mut self, changes: &[Change], tag: &[u8], several: bool) {
+        for c in changes {
+            match c {
+                Change::Commit { chain } if tag.starts_with(b"ROLLBACK") => {
+                    self.confirmed.apply(&Change::Rollback { chain: *chain }, several);
                 }
+                c => self.confirmed.apply(c, several),
             }
         }
-        self.uncertain.retain(|s| !new.contains(s));
-        self.search_path = new;
-        self.rekey();
+    }
+
+    /// At ReadyForQuery (`status` its byte): outside a transaction block any transaction is
+    /// over, and one that failed outside an explicit block was rolled back whole. With nothing
+    /// else in flight, the projection is what the server confirmed.
+    pub fn ready(&mut self, status: u8, failed: bool, nothing_in_flight: bool) {
+        if status == b'I' {
+            if failed && !self.at_ready.in_transaction() {
+                self.confirmed = self.at_ready.clone();
+            }
+            self.confirmed.end();
+        }
+        if self.at_ready != self.confirmed {
+            self.at_ready = self.confirmed.clone();
+        }
+        if nothing_in_flight && self.projected != self.confirmed {
+            self.projected = self.confirmed.clone();
+            self.rekey();
+        }
+    }
+
+    /// The session's temporary relations are gone (DISCARD).
+    pub fn discard_temp(&mut self) {
+        if !self.temp.is_empty() {
+            self.temp.clear();
+            self.rekey();
+        }
     }
 
     /// Remembers a temporary relation the session created (bounded: a session that creates
@@ -281,8 +322,7 @@ impl SessionRules {
     fn rekey(&mut self) {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.identity_key.hash(&mut h);
-        self.search_path.hash(&mut h);
-        self.uncertain.hash(&mut h);
+        self.projected.hash(&mut h);
         self.temp.hash(&mut h);
         self.path_key = h.finish();
     }
@@ -424,7 +464,7 @@ impl SessionRules {
             // Debug builds (the tests) re-parse every statement as the server will run it.
             let snapshot = self.catalog.snapshot();
             let sent = analysis.rewritten.as_deref().unwrap_or(text);
-            if let Err(e) = rules::sql::verify_substituted(&self.view, &snapshot, &self.search_path, sent) {
+            if let Err(e) = rules::sql::verify_substituted(&self.view, &snapshot, self.projected.current(), sent) {
                 tracing::error!(error = %e, statement = sent, "substitution check failed");
                 shared.metrics.substitution_check_failures_total.fetch_add(1, Ordering::Relaxed);
             }
@@ -532,50 +572,10 @@ impl SessionRules {
     fn run(&self, catalog: &Catalog, text: &str) -> Analysis {
         Analyzer::new(&self.view, catalog, &self.user)
             .with_usage(&self.all)
-            .with_search_path(self.search_path.clone())
-            .with_uncertain_schemas(self.uncertain.clone())
+            .with_path_state(self.projected.clone())
             .with_temp_relations(self.temp.clone())
             .analyze(text)
     }
-}
-
-/// A search_path value as the server shows it (`a, "B", "x,y", $user`) as schema names: a
-/// comma inside double quotes is part of the name, `""` is a quote.
-fn parse_path(v: &str, user: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut name = String::new();
-    let (mut quoted, mut was_quoted) = (false, false);
-    let mut chars = v.chars().peekable();
-    let mut flush = |name: &mut String, was_quoted: &mut bool| {
-        let n = if *was_quoted { std::mem::take(name) } else { std::mem::take(name).to_lowercase() };
-        if !n.is_empty() {
-            // `$user` is the session's user however it is written (the server compares the
-            // name after removing the quotes).
-            out.push(expand_user(&n, user));
-        }
-        *was_quoted = false;
-    };
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                chars.next();
-                name.push('"');
-            }
-            '"' => {
-                quoted = !quoted;
-                was_quoted = true;
-            }
-            ',' if !quoted => flush(&mut name, &mut was_quoted),
-            c if !quoted && c.is_whitespace() => {}
-            c => name.push(c),
-        }
-    }
-    flush(&mut name, &mut was_quoted);
-    out
-}
-
-fn expand_user(s: &str, user: &str) -> String {
-    if s == "$user" { user.to_owned() } else { s.to_owned() }
 }
 
 fn nanos(started: Instant) -> u64 {
@@ -598,20 +598,5 @@ fn blocked(rule: &str, reason: &str, hint: &str) -> Analysis {
             sqlstate: "42501",
         }),
         ..Analysis::default()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_path;
-
-    #[test]
-    fn search_paths_are_read_as_the_server_shows_them() {
-        assert_eq!(parse_path("\"$user\", public", "app"), ["app", "public"]);
-        assert_eq!(parse_path("\"x,crm,y\", public", "app"), ["x,crm,y", "public"]);
-        assert_eq!(parse_path("\"My \"\"Q\"\" S\", Crm", "app"), ["My \"Q\" S", "crm"]);
-        assert_eq!(parse_path("", "app"), Vec::<String>::new());
-        assert_eq!(parse_path("\"\"", "app"), Vec::<String>::new());
-        assert_eq!(parse_path("\"$user\"", "Ann"), ["$user"].map(|_| "Ann"));
     }
 }

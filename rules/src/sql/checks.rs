@@ -13,6 +13,7 @@ use crate::policy::Predicates;
 
 use super::functions;
 use super::protect::{Protected, Protection};
+use super::session::Change;
 use super::tokens::{Edit, Piece, Tokens};
 use super::walk::{self, ColSite, Found, Position, Site, StmtKind};
 use super::{Block, Effect, Reason, block};
@@ -76,18 +77,63 @@ pub(crate) fn effects(found: &Found<'_>, effects: &mut Vec<Effect>) {
     effects.extend(found.temp_created.iter().cloned().map(Effect::TempRelation));
     match &found.kind {
         StmtKind::Deallocate(n) => effects.push(Effect::Deallocate(n.clone())),
-        StmtKind::Set { name, values, local } if name == "search_path" => {
-            effects.push(Effect::SearchPath { path: values.clone(), local: *local });
-        }
-        StmtKind::ResetAll | StmtKind::Discard => effects.push(Effect::SearchPath { path: None, local: false }),
+        StmtKind::Discard { temp: true, .. } => effects.push(Effect::TempDiscarded),
         _ => {}
+    }
+}
+
+/// What a statement changes in the session's name resolution, once it ran (see `session`).
+pub(crate) fn changes(found: &Found<'_>, user: &str) -> Vec<Change> {
+    let path = |values: &Option<Vec<String>>| {
+        values.as_ref().map(|v| v.iter().map(|s| super::session::expand_user(s, user)).collect())
+    };
+    match &found.kind {
+        StmtKind::Set { name, values, local } if name == "search_path" => {
+            vec![Change::SearchPath { path: path(values), local: *local }]
+        }
+        StmtKind::ResetAll | StmtKind::Discard { all: true, .. } => {
+            vec![Change::SearchPath { path: None, local: false }]
+        }
+        StmtKind::Transaction(c) => vec![c.clone()],
+        _ => match lone_path_set(found) {
+            Some((value, local)) => {
+                vec![Change::SearchPath { path: Some(super::session::parse_list(&value, user)), local }]
+            }
+            None => Vec::new(),
+        },
+    }
+}
+
+/// `SELECT set_config('search_path', 'value', is_local)` on its own (pg_dump's first
+/// statement): the value and is_local, when the statement is that and nothing else, so that it
+/// certainly runs once.
+fn lone_path_set(found: &Found<'_>) -> Option<(String, bool)> {
+    let [f] = found.funcs.as_slice() else { return None };
+    let [sel] = found.selects.as_slice() else { return None };
+    if found.kind != StmtKind::Select || !found.rels.is_empty() || sel.has_where || sel.outputs.len() != 1 {
+        return None;
+    }
+    if !matches!(f.name.as_slice(), [n] | [_, n] if n == "set_config")
+        || f.name.first().is_some_and(|s| f.name.len() == 2 && s != "pg_catalog")
+    {
+        return None;
+    }
+    match f.text_args.as_slice() {
+        [Some(name), Some(value), Some(local)] if name.eq_ignore_ascii_case("search_path") => {
+            Some((value.clone(), local == "true"))
+        }
+        _ => None,
     }
 }
 
 pub(crate) fn check(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>) -> Result<Decided, Block> {
     statement(found, protect)?;
+    let lone = lone_path_set(found);
+    if let Some((value, _)) = &lone {
+        search_path_allowed(&super::session::parse_list(value, ""))?;
+    }
     for f in &found.funcs {
-        function(f, protect)?;
+        function(f, protect, lone.is_some())?;
     }
     for cte in &found.ctes {
         if let Some(r) = protect.resolve(None, cte)
@@ -151,6 +197,23 @@ fn statement(found: &Found<'_>, protect: &mut Protection<'_>) -> Result<(), Bloc
                     {
                         return Err(protected_ddl(&r));
                     }
+                    // DROP's names are not in the text as relation references pgveil could
+                    // pin: an unqualified one that a protected table answers to anywhere on
+                    // the search_path is refused (the server's resolution may differ from
+                    // pgveil's: an open transaction's DDL, a rolled-back SET).
+                    if schema.is_none() {
+                        let schemas: Vec<String> = protect.search_path.to_vec();
+                        for s in &schemas {
+                            if let Some(r) = protect.resolve(Some(s), name)
+                                && protect.protected(&r).is_some_and(|p| matches!(*p, Protected::Table { .. }))
+                            {
+                                return Err(Block {
+                                    hint: format!("qualify the name with its schema if you mean another {name}"),
+                                    ..protected_ddl(&r)
+                                });
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -206,20 +269,22 @@ fn set(name: &str, values: Option<&[String]>) -> Result<(), Block> {
         "client_encoding" | "names" if first.as_deref().is_some_and(|v| unsafe_encoding(v) || v == "?") => {
             Err(setting(name))
         }
-        "search_path" => {
-            // pg_catalog after another schema lets that schema's functions shadow built-ins.
-            let v = values.unwrap_or_default();
-            if v.iter().position(|s| s.eq_ignore_ascii_case("pg_catalog")).is_some_and(|i| i > 0) {
-                return Err(block(
-                    Reason::Setting,
-                    "a search_path with pg_catalog after another schema is not allowed for masked sessions",
-                    "leave pg_catalog out of search_path (it is searched first) or put it first",
-                ));
-            }
-            Ok(())
-        }
+        "search_path" => search_path_allowed(values.unwrap_or_default()),
         _ => Ok(()),
     }
+}
+
+/// pg_catalog after another schema lets that schema's functions and operators shadow the
+/// built-ins a statement calls.
+fn search_path_allowed(path: &[String]) -> Result<(), Block> {
+    if path.iter().position(|s| s == "pg_catalog").is_some_and(|i| i > 0) {
+        return Err(block(
+            Reason::Setting,
+            "a search_path with pg_catalog after another schema is not allowed for masked sessions",
+            "leave pg_catalog out of search_path (it is searched first) or put it first",
+        ));
+    }
+    Ok(())
 }
 
 fn setting(name: &str) -> Block {
@@ -254,7 +319,10 @@ pub fn unsafe_encoding(value: &str) -> bool {
     )
 }
 
-fn function(f: &walk::FuncSite, protect: &Protection<'_>) -> Result<(), Block> {
+/// `lone_path_set`: the statement is a lone `SELECT set_config('search_path', …)`, which the
+/// session follows like SET; anywhere else set_config of search_path could run any number of
+/// times, or not at all, and is refused.
+fn function(f: &walk::FuncSite, protect: &Protection<'_>, lone_path_set: bool) -> Result<(), Block> {
     let (schema, name) = match f.name.as_slice() {
         [n] => (None, n.as_str()),
         [s, n] => (Some(s.as_str()), n.as_str()),
@@ -265,7 +333,13 @@ fn function(f: &walk::FuncSite, protect: &Protection<'_>) -> Result<(), Block> {
         let setting_name = f.text_args.first().cloned().flatten().map(|s| s.to_lowercase());
         let value = f.text_args.get(1).cloned().flatten();
         return match setting_name.as_deref() {
-            None | Some("search_path") => Err(block(
+            Some("search_path") if lone_path_set => Ok(()),
+            Some("search_path") => Err(block(
+                Reason::Setting,
+                "set_config of search_path is allowed only on its own, with constant arguments",
+                "run SELECT set_config('search_path', '…', false) as a statement of its own, or use SET",
+            )),
+            None => Err(block(
                 Reason::Setting,
                 "set_config with this setting is not allowed for masked sessions",
                 "use SET with a constant value",
@@ -347,22 +421,6 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
             matches!(&r.site, Site::Other(parent, key) if CREATED_SITES.iter().any(|(p, k)| p == parent && k == key));
         if rel.is_none() && !is_cte && !is_temp && !creates {
             out.unknown_relation = true;
-        }
-        if schema.is_none()
-            && !is_cte
-            && let Some(t) = protect.ambiguous(r.relname(), rel.as_ref())
-        {
-            return Err(Block {
-                tables: vec![t.to_string()],
-                ..block(
-                    Reason::Unsupported,
-                    format!(
-                        "{} could denote protected relation {t} (the search_path may have been rolled back)",
-                        r.relname()
-                    ),
-                    "qualify the name with its schema",
-                )
-            });
         }
         if let Some(rel) = &rel
             && matches!(r.site, Site::Read | Site::Tablesample)
@@ -590,8 +648,9 @@ fn pinned_comparison(
         return None;
     }
     let mut out = vec![Piece::Text("(".to_owned())];
-    let mut start = rhs.saturating_add(1);
-    for i in start..=last {
+    let first = rhs.saturating_add(1);
+    let mut start = first;
+    for i in first..=last {
         if i == last || toks.text(i) == "," {
             if start >= i {
                 return None;
@@ -1061,7 +1120,7 @@ fn definition_relations_all(sql: &str, protect: &mut Protection<'_>) -> Vec<Stri
             }
         }
         for f in &found.funcs {
-            if function(f, protect).is_err() {
+            if function(f, protect, false).is_err() {
                 out.push(f.name.join("."));
             }
         }

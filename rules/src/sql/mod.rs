@@ -24,6 +24,7 @@ pub mod mask_sql;
 mod pins;
 mod protect;
 mod selects;
+pub mod session;
 mod shape;
 mod tokens;
 pub mod usage;
@@ -150,6 +151,9 @@ pub struct StatementPlan {
     /// For a statement that reads a raw protected value: its normalized text and fingerprint,
     /// computed once per analysis for the `raw_access` events of every execution.
     pub normalized: Option<Box<(String, String)>>,
+    /// What it changes in the session's name resolution once it ran (search_path, transaction
+    /// boundaries): the proxy applies these at its CommandComplete.
+    pub session: Vec<session::Change>,
 }
 
 impl StatementPlan {
@@ -166,13 +170,11 @@ pub enum Effect {
     Prepare(String, Box<StatementPlan>),
     /// SQL `DEALLOCATE name` (`None`: ALL).
     Deallocate(Option<String>),
-    /// `SET search_path`: names resolve through it from the next statement on (`path: None`:
-    /// back to the session's default). `local`: `SET LOCAL`, undone at the transaction's end
-    /// (and without effect outside one), so never taken as settled.
-    SearchPath { path: Option<Vec<String>>, local: bool },
     /// A temporary relation was created: its name, unknown to the shared catalog, is not a
     /// reason to reload it.
     TempRelation(String),
+    /// `DISCARD ALL` / `DISCARD TEMP`: the session's temporary relations are gone.
+    TempDiscarded,
 }
 
 /// The result of analysing one Query or Parse text.
@@ -217,8 +219,8 @@ pub fn tables(sql: &str) -> Option<Vec<String>> {
 pub struct Analyzer<'a> {
     policy: &'a SessionPolicy,
     catalog: &'a Catalog,
-    search_path: Vec<String>,
-    uncertain: Vec<String>,
+    user: String,
+    path: session::PathState,
     temp: Vec<String>,
     all: Option<&'a SessionPolicy>,
 }
@@ -229,8 +231,8 @@ impl<'a> Analyzer<'a> {
         Analyzer {
             policy,
             catalog,
-            search_path: vec![user.to_owned(), "public".to_owned()],
-            uncertain: Vec::new(),
+            user: user.to_owned(),
+            path: session::PathState::new(vec![user.to_owned(), "public".to_owned()]),
             temp: Vec::new(),
             all: None,
         }
@@ -243,14 +245,6 @@ impl<'a> Analyzer<'a> {
         self
     }
 
-    /// Schemas of search_paths the session may be using instead (a SET that a rollback may
-    /// have undone): unqualified names that could denote a protected relation there are
-    /// refused rather than guessed.
-    pub fn with_uncertain_schemas(mut self, schemas: Vec<String>) -> Self {
-        self.uncertain = schemas;
-        self
-    }
-
     /// Names of temporary relations the session created (see [`Effect::TempRelation`]).
     pub fn with_temp_relations(mut self, names: Vec<String>) -> Self {
         self.temp = names;
@@ -259,7 +253,14 @@ impl<'a> Analyzer<'a> {
 
     /// Names resolve through this search_path (`$user` already expanded).
     pub fn with_search_path(mut self, path: Vec<String>) -> Self {
-        self.search_path = path;
+        self.path = session::PathState::new(path);
+        self
+    }
+
+    /// The session's search_path state as the statements before this text left it; each
+    /// statement of the text is decided against the state the ones before it leave.
+    pub fn with_path_state(mut self, state: session::PathState) -> Self {
+        self.path = state;
         self
     }
 
@@ -279,12 +280,13 @@ impl<'a> Analyzer<'a> {
             out.block = Some(block(Reason::Unsupported, "pgveil cannot scan this statement", ""));
             return out;
         };
-        let mut protect = protect::Protection::new(self.policy, self.catalog, &self.search_path)
-            .with_uncertain(&self.uncertain)
-            .with_temp(&self.temp);
-        let mut all = self.all.map(|a| protect::Protection::new(a, self.catalog, &self.search_path));
         let mut edits = Vec::new();
+        let several = parsed.protobuf.stmts.len() > 1;
+        let mut path = self.path.clone();
         for raw in &parsed.protobuf.stmts {
+            let current = path.current().to_vec();
+            let mut protect = protect::Protection::new(self.policy, self.catalog, &current).with_temp(&self.temp);
+            let mut all = self.all.map(|a| protect::Protection::new(a, self.catalog, &current));
             let Some(stmt) = raw.stmt.as_ref() else { continue };
             let Ok(tree) = serde_json::to_value(stmt) else {
                 out.block = Some(block(Reason::Unsupported, "pgveil cannot read this statement's tree", ""));
@@ -297,7 +299,10 @@ impl<'a> Analyzer<'a> {
                 return out;
             }
             checks::effects(&found, &mut out.effects);
-            let mut plan = StatementPlan::default();
+            let mut plan = StatementPlan { session: checks::changes(&found, &self.user), ..StatementPlan::default() };
+            for c in &plan.session {
+                path.apply(c, several);
+            }
             if let Some(all) = all.as_mut() {
                 plan.usage = usage::of(&found, all, &mut protect);
                 for u in &plan.usage {

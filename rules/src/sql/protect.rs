@@ -68,10 +68,6 @@ pub(crate) struct Protection<'a> {
     pub policy: &'a SessionPolicy,
     pub catalog: &'a Catalog,
     pub search_path: &'a [String],
-    /// Schemas of search_paths the session may still be using (a SET a transaction may have
-    /// rolled back): an unqualified name that could denote a protected relation there is
-    /// treated as ambiguous.
-    pub uncertain: &'a [String],
     /// Temporary relations the session created.
     pub temp: &'a [String],
     memo: HashMap<u32, Option<Arc<Protected>>>,
@@ -81,21 +77,7 @@ pub(crate) struct Protection<'a> {
 
 impl<'a> Protection<'a> {
     pub fn new(policy: &'a SessionPolicy, catalog: &'a Catalog, search_path: &'a [String]) -> Self {
-        Protection {
-            policy,
-            catalog,
-            search_path,
-            uncertain: &[],
-            temp: &[],
-            memo: HashMap::new(),
-            lineage: HashMap::new(),
-            depth: 0,
-        }
-    }
-
-    pub fn with_uncertain(mut self, uncertain: &'a [String]) -> Self {
-        self.uncertain = uncertain;
-        self
+        Protection { policy, catalog, search_path, temp: &[], memo: HashMap::new(), lineage: HashMap::new(), depth: 0 }
     }
 
     pub fn with_temp(mut self, temp: &'a [String]) -> Self {
@@ -106,22 +88,6 @@ impl<'a> Protection<'a> {
     /// A relation by its name as written: qualified, or through the search_path.
     pub fn resolve(&self, schema: Option<&str>, name: &str) -> Option<Arc<Relation>> {
         self.catalog.resolve(schema, name, self.search_path).cloned()
-    }
-
-    /// For an unqualified name: a protected relation it could denote under a search_path the
-    /// session may be using instead of the tracked one.
-    pub fn ambiguous(&mut self, name: &str, resolved: Option<&Arc<Relation>>) -> Option<TableName> {
-        let schemas = self.uncertain;
-        for s in schemas {
-            let Some(r) = self.catalog.get(&TableName::new(s, name)).cloned() else { continue };
-            if resolved.is_some_and(|x| x.oid == r.oid) {
-                continue;
-            }
-            if self.protected(&r).is_some() {
-                return Some(r.name.clone());
-            }
-        }
-        None
     }
 
     /// How the session sees a relation: `None` when nothing of it is masked.

@@ -194,7 +194,14 @@ fn dml_targets_see_masked_values_and_keep_their_assignments() {
     let star = rewritten(APP, "UPDATE customers SET ssn = '1' WHERE id = 4 RETURNING *");
     assert!(star.contains("RETURNING customers.id, customers.name, CAST("), "{star}");
     check(APP, "INSERT INTO customers AS c (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET notes = c.ssn", "rewrite");
-    check(APP, "UPDATE customers c SET name = 'x' WHERE c.email = 'a@b.c'", "allow");
+    // The raw comparison a grant allows, its operator pinned.
+    let up = rewritten(APP, "UPDATE customers c SET name = 'x' WHERE c.email = 'a@b.c'");
+    assert_eq!(up, "UPDATE public.customers c SET name = 'x' WHERE c.email OPERATOR(pg_catalog.=) 'a@b.c'");
+    let up = rewritten(APP, "UPDATE customers c SET name = 'x' WHERE c.email IN ('a@b.c', $1)");
+    assert!(
+        up.ends_with("WHERE (c.email OPERATOR(pg_catalog.=) 'a@b.c' OR c.email OPERATOR(pg_catalog.=) $1)"),
+        "{up}"
+    );
     check(APP, "UPDATE customers SET name = 'x' WHERE id IN (SELECT id FROM customers WHERE name = 'y')", "rewrite");
     check(APP, "DELETE FROM customers WHERE ssn = 'x'", "block predicate");
     check(APP, "UPDATE customers SET name = 'x' RETURNING customers", "block whole_row");
@@ -230,11 +237,16 @@ fn predicates_follow_the_columns_grant() {
     // `predicates: equality` on email: the conjunct moves into the substitution.
     let eq = rewritten(APP, "SELECT id, email FROM customers WHERE email = 'canary1@leak.test' AND id > 3");
     assert!(
-        eq.contains("FROM public.customers WHERE email = 'canary1@leak.test') AS customers WHERE TRUE AND id > 3"),
+        eq.contains(
+            "FROM public.customers WHERE email OPERATOR(pg_catalog.=) 'canary1@leak.test') AS customers WHERE TRUE AND id > 3"
+        ),
         "{eq}"
     );
     let inl = rewritten(APP, "SELECT id FROM customers c WHERE c.email IN ($1, $2)");
-    assert!(inl.contains("WHERE email IN ($1, $2)) c WHERE TRUE"), "{inl}");
+    assert!(
+        inl.contains("WHERE (email OPERATOR(pg_catalog.=) $1 OR email OPERATOR(pg_catalog.=) $2)) c WHERE TRUE"),
+        "{inl}"
+    );
     check(
         APP,
         "SELECT o.id FROM orders o LEFT JOIN customers c ON c.id = o.customer_id WHERE c.email = 'x'",
@@ -370,7 +382,7 @@ fn rewrites_apply_to_every_text_of_one_shape() {
     assert_eq!(rw.apply("SELECT ssn FROM customers WHERE id = 1 AND true"), None, "another shape");
     let moved = Analyzer::new(&session, &catalog, "app_user").analyze("SELECT id FROM customers WHERE email = 'a@b.c'");
     let text = moved.rewrite.unwrap().apply("SELECT id FROM customers WHERE email = 'x@y.z'").unwrap();
-    assert!(text.contains("WHERE email = 'x@y.z')"), "{text}");
+    assert!(text.contains("WHERE email OPERATOR(pg_catalog.=) 'x@y.z')"), "{text}");
 }
 
 #[test]

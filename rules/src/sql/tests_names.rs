@@ -171,3 +171,39 @@ fn whole_row_references_to_the_target_are_refused_outside_returning() {
         sent(PUBLIC, "UPDATE customers SET notes = (SELECT row_to_json(o.*)::text FROM orders o LIMIT 1) WHERE id = 1");
     assert!(text.contains("FROM public.orders o"), "{text}");
 }
+
+#[test]
+fn each_statement_of_a_text_is_decided_against_the_state_the_ones_before_it_leave() {
+    let text = sent(PUBLIC, "SET search_path = scratch, public; SELECT ssn || '' FROM customers");
+    assert_eq!(text, "SET search_path = scratch, public; SELECT ssn || '' FROM scratch.customers");
+    let text = sent(&["scratch", "public"], "BEGIN; SET LOCAL search_path = public; SELECT ssn FROM customers; COMMIT");
+    assert!(text.contains("FROM public.customers) AS customers; COMMIT"), "{text}");
+    let text = sent(PUBLIC, "SELECT pg_catalog.set_config('search_path', '', false)");
+    assert_eq!(text, "SELECT pg_catalog.set_config('search_path', '', false)");
+    let text = sent(PUBLIC, "SELECT set_config('search_path', 'scratch, public', false); SELECT ssn FROM customers");
+    assert!(text.ends_with("SELECT ssn FROM scratch.customers"), "{text}");
+    let a = analyze(PUBLIC, &[], "SELECT set_config('search_path', 'scratch, public', false)");
+    use crate::sql::session::Change;
+    let path = Some(vec!["scratch".to_owned(), "public".to_owned()]);
+    assert_eq!(a.statements[0].session, [Change::SearchPath { path, local: false }]);
+    assert_eq!(
+        analyze(PUBLIC, &[], "ROLLBACK TO SAVEPOINT a").statements[0].session,
+        [Change::RollbackTo("a".to_owned())]
+    );
+}
+
+#[test]
+fn search_path_changes_that_cannot_be_followed_or_pin_catalog_late_are_refused() {
+    assert_eq!(blocked("SELECT set_config('search_path', 'scratch', false) FROM orders"), "setting");
+    assert_eq!(blocked("SELECT set_config('search_path', 'scratch, pg_catalog', false)"), "setting");
+    assert_eq!(blocked("SET search_path = scratch, pg_catalog"), "setting");
+    // pg_catalog first, or left out, is fine.
+    sent(PUBLIC, "SET search_path = pg_catalog, scratch");
+}
+
+#[test]
+fn an_unqualified_drop_a_protected_table_answers_to_on_the_path_is_refused() {
+    let a = analyze(&["scratch", "public"], &[], "DROP TABLE customers");
+    assert_eq!(a.block.map(|b| b.rule).as_deref(), Some("protected_ddl"));
+    sent(&["scratch", "public"], "DROP TABLE scratch.customers");
+}

@@ -153,7 +153,13 @@ pub(crate) enum StmtKind {
         local: bool,
     },
     ResetAll,
-    Discard,
+    /// `DISCARD ALL` (`all`) or `DISCARD TEMP` / `PLANS` / `SEQUENCES`.
+    Discard {
+        all: bool,
+        temp: bool,
+    },
+    /// A transaction statement: its change to the session's search_path state.
+    Transaction(super::session::Change),
     Do,
     CreateFunction {
         language: String,
@@ -339,7 +345,31 @@ fn kind(t: &str, b: &Map<String, Value>) -> StmtKind {
                 _ => StmtKind::Set { name, values: None, local },
             }
         }
-        "DiscardStmt" => StmtKind::Discard,
+        "DiscardStmt" => {
+            let target = b.get("target").and_then(Value::as_i64).unwrap_or(0);
+            let all = target == pb::DiscardMode::DiscardAll as i64;
+            StmtKind::Discard { all, temp: all || target == pb::DiscardMode::DiscardTemp as i64 }
+        }
+        "TransactionStmt" => {
+            use super::session::Change;
+            use pb::TransactionStmtKind as K;
+            let k = b.get("kind").and_then(Value::as_i64).unwrap_or(0);
+            let chain = b.get("chain").and_then(Value::as_bool).unwrap_or(false);
+            let name = str_field(b, "savepoint_name").unwrap_or("").to_owned();
+            let change = match k {
+                x if x == K::TransStmtBegin as i64 || x == K::TransStmtStart as i64 => Some(Change::Begin),
+                // PREPARE TRANSACTION ends the transaction with its settings kept.
+                x if x == K::TransStmtCommit as i64 || x == K::TransStmtPrepare as i64 => {
+                    Some(Change::Commit { chain })
+                }
+                x if x == K::TransStmtRollback as i64 => Some(Change::Rollback { chain }),
+                x if x == K::TransStmtSavepoint as i64 => Some(Change::Savepoint(name)),
+                x if x == K::TransStmtRelease as i64 => Some(Change::Release(name)),
+                x if x == K::TransStmtRollbackTo as i64 => Some(Change::RollbackTo(name)),
+                _ => None,
+            };
+            change.map_or_else(|| StmtKind::Other("TransactionStmt".to_owned()), StmtKind::Transaction)
+        }
         "DoStmt" => StmtKind::Do,
         "CreateFunctionStmt" => {
             let mut language = String::new();

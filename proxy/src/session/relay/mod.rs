@@ -76,8 +76,9 @@ pub(crate) struct Relay {
     backstop_reported: bool,
     /// The last ReadyForQuery said the session is outside a transaction block.
     idle: bool,
-    /// A search_path change to apply when the Query being sent completes.
-    deferred_path: Option<Option<Vec<String>>>,
+    /// A server error arrived since the last ReadyForQuery (an implicit transaction that
+    /// failed rolled its search_path changes back).
+    cycle_failed: bool,
     /// The last simple-protocol result's row plan, and the last Describe('P') answer's.
     plan_memo: Option<state::PlanMemo<(Arc<rules::sql::Analysis>, usize)>>,
     portal_memo: Option<state::PlanMemo<Arc<rules::sql::StatementPlan>>>,
@@ -143,7 +144,7 @@ impl Relay {
             next_id: 0,
             backstop_reported: false,
             idle: true,
-            deferred_path: None,
+            cycle_failed: false,
             plan_memo: None,
             portal_memo: None,
         }
@@ -244,11 +245,10 @@ impl Relay {
                 self.statements.remove(&Bytes::new());
                 self.portal_names.remove(&Bytes::new());
                 let decided = decided.ok_or(SessionError::UnexpectedClientMessage(b'Q'))?;
-                match self.verdict(&decided.analysis, text, true) {
+                match self.verdict(&decided.analysis, text) {
                     Some(err) => self.push_blocked_query(err),
                     None => {
                         let mut q = QueryState::new(Arc::clone(&decided.analysis), None);
-                        q.pending_path = self.deferred_path.take();
                         match decided.rewritten() {
                             Some(rewritten) => {
                                 // The statement PostgreSQL runs for this session (I2).
@@ -268,7 +268,7 @@ impl Relay {
                 self.live.statements.fetch_add(1, Relaxed);
                 let decided = decided.ok_or(SessionError::UnexpectedClientMessage(b'P'))?;
                 let analysis = &decided.analysis;
-                match self.verdict(analysis, sql, false) {
+                match self.verdict(analysis, sql) {
                     Some(err) => {
                         let mut body = BytesMut::new();
                         body.put_slice(&name);
@@ -416,11 +416,7 @@ impl Relay {
     }
 
     /// Applies an analysis: `Some(error)` when the statement must not run.
-    fn verdict(&mut self, analysis: &Analysis, text: &[u8], simple: bool) -> Option<Box<ErrorResponse>> {
-        // A SET that no rollback can undo: a Query of that one statement, sent outside a
-        // transaction block with nothing else in flight.
-        let settled = simple && analysis.statements.len() == 1 && self.idle && self.expect.is_empty();
-        self.deferred_path = None;
+    fn verdict(&mut self, analysis: &Analysis, text: &[u8]) -> Option<Box<ErrorResponse>> {
         let text = std::str::from_utf8(text).ok();
         // An observed (exempt) session is never blocked: only its raw reads are audited.
         if !self.rules.observe {
@@ -441,14 +437,13 @@ impl Relay {
                     self.sql_prepared.remove(name);
                 }
                 Effect::Deallocate(None) => self.sql_prepared.clear(),
-                // A lone SET outside a transaction is applied when the server confirms it,
-                // and nothing can undo it then; any other is applied now, and the path it
-                // leaves stays uncertain (a rollback may restore it).
-                Effect::SearchPath { path, local: false } if settled => self.deferred_path = Some(path.clone()),
-                Effect::SearchPath { path, .. } => self.rules.set_path(path.clone(), false),
                 Effect::TempRelation(name) => self.rules.add_temp(name),
+                Effect::TempDiscarded => self.rules.discard_temp(),
             }
         }
+        // Statements after these are decided against the search_path they leave; the server's
+        // CommandCompletes confirm them (`results.rs`).
+        self.rules.project(analysis);
         None
     }
 
@@ -534,10 +529,15 @@ impl Relay {
                 self.expect.pop(|e| matches!(e, Expect::Execute(_)))?;
                 self.forward(&f);
             }
-            b'E' => self.error(&f)?,
+            b'E' => {
+                self.cycle_failed = true;
+                self.error(&f)?;
+            }
             b'Z' => {
                 self.expect.pop(|e| matches!(e, Expect::Sync | Expect::Query(_) | Expect::FunctionCall))?;
-                self.idle = f.body_ref().first() == Some(&b'I');
+                let status = f.body_ref().first().copied().unwrap_or(b'I');
+                self.idle = status == b'I';
+                self.rules.ready(status, std::mem::take(&mut self.cycle_failed), self.expect.is_empty());
                 self.suppress = false;
                 self.ready_seen = true;
                 self.backstop_reported = false;

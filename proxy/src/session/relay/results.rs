@@ -247,6 +247,12 @@ impl Relay {
                 let portal = *portal;
                 self.expect.pop_front();
                 if let Some(p) = self.portals.get(&portal)
+                    && !p.plan.session.is_empty()
+                {
+                    let changes = p.plan.session.clone();
+                    self.rules.confirm(&changes, f.body_ref(), false);
+                }
+                if let Some(p) = self.portals.get(&portal)
                     && p.plan.reads_raw()
                 {
                     self.raw_access(&Arc::clone(&p.plan), f);
@@ -263,8 +269,10 @@ impl Relay {
             Some(Expect::Query(q)) => {
                 let limit = q.cut.then(|| q.plan().and_then(|p| p.max_rows.clone())).flatten();
                 let raw = q.plan().is_some_and(StatementPlan::reads_raw).then(|| (Arc::clone(&q.analysis), q.idx));
-                if let Some(path) = q.pending_path.take() {
-                    self.rules.set_path(path, true);
+                let several = q.analysis.statements.len() > 1;
+                let changes = q.plan().map(|p| p.session.clone()).unwrap_or_default();
+                if !changes.is_empty() {
+                    self.rules.confirm(&changes, f.body_ref(), several);
                 }
                 q.idx = q.idx.saturating_add(1);
                 q.row_plan = None;

@@ -45,13 +45,11 @@ pub(super) struct QueryState {
     pub rows: u64,
     pub cut: bool,
     pub source: Option<Source>,
-    /// A search_path to follow once the server completed this Query (see `verdict`).
-    pub pending_path: Option<Option<Vec<String>>>,
 }
 
 impl QueryState {
     pub fn new(analysis: Arc<Analysis>, blocked: Option<Box<ErrorResponse>>) -> Self {
-        QueryState { analysis, idx: 0, row_plan: None, blocked, rows: 0, cut: false, source: None, pending_path: None }
+        QueryState { analysis, idx: 0, row_plan: None, blocked, rows: 0, cut: false, source: None }
     }
 
     pub fn plan(&self) -> Option<&StatementPlan> {

@@ -988,6 +988,88 @@ fn a_set_search_path_is_followed_once_the_server_confirms_it() {
     assert_eq!(text_of(h.sent().last().unwrap()).trim_end_matches('\0'), "SELECT ssn FROM crm.customers");
 }
 
+/// The example catalog with an unprotected `crm.customers` (id, ssn).
+fn with_crm(h: &mut Harness) {
+    let crm = rules::catalog::Relation {
+        oid: 20_000,
+        name: rules::TableName::new("crm", "customers"),
+        kind: rules::catalog::RelKind::Table,
+        columns: vec![rules::catalog::Column {
+            name: "ssn".to_owned(),
+            attnum: 1,
+            type_oid: 25,
+            sql_type: "text".to_owned(),
+            bound_name: None,
+        }],
+        ancestors: Vec::new(),
+        view_sql: None,
+        definition_unavailable: false,
+    };
+    let catalog = rules::catalog::Catalog::new(h.catalog.relations().map(|r| (**r).clone()).chain([crm]));
+    h.catalog = Arc::new(catalog);
+}
+
+fn sent_text(h: &mut Harness) -> String {
+    text_of(h.sent().last().unwrap()).trim_end_matches('\0').to_owned()
+}
+
+#[test]
+fn a_rolled_back_set_search_path_is_undone() {
+    let mut h = harness(APP);
+    with_crm(&mut h);
+    for (sql, tag, status) in
+        [("BEGIN", "BEGIN", b"T"), ("SET search_path = crm", "SET", b"T"), ("ROLLBACK", "ROLLBACK", b"I")]
+    {
+        h.client(q(sql));
+        h.server(vec![complete(tag), frame(b'Z', status)]);
+        h.received();
+    }
+    h.client(q("SELECT ssn FROM customers"));
+    assert!(sent_text(&mut h).contains("FROM public.customers) AS customers"), "back to public: {}", sent_text(&mut h));
+    // A COMMIT of a failed transaction is a rollback (the server says so in its tag).
+    h.server(vec![complete("SELECT 0"), ready()]);
+    h.received();
+    for (sql, tag, status) in
+        [("BEGIN", "BEGIN", b"T"), ("SET search_path = crm", "SET", b"T"), ("COMMIT", "ROLLBACK", b"I")]
+    {
+        h.client(q(sql));
+        h.server(vec![complete(tag), frame(b'Z', status)]);
+        h.received();
+    }
+    h.client(q("SELECT ssn FROM customers"));
+    assert!(sent_text(&mut h).contains("FROM public.customers) AS customers"), "{}", sent_text(&mut h));
+}
+
+#[test]
+fn a_set_in_an_implicit_transaction_that_failed_is_undone() {
+    let mut h = harness(APP);
+    with_crm(&mut h);
+    h.client(q("SET search_path = crm; SELECT 1/0"));
+    h.server(vec![complete("SET"), server_error("22012", "division by zero"), ready()]);
+    h.received();
+    h.client(q("SELECT ssn FROM customers"));
+    assert!(sent_text(&mut h).contains("FROM public.customers) AS customers"), "{}", sent_text(&mut h));
+}
+
+#[test]
+fn each_statement_of_a_query_is_decided_after_the_ones_before_it() {
+    let mut h = harness(APP);
+    with_crm(&mut h);
+    h.client(q("SET search_path = crm; SELECT ssn FROM customers; RESET search_path; SELECT id FROM orders"));
+    assert_eq!(
+        sent_text(&mut h),
+        "SET search_path = crm; SELECT ssn FROM crm.customers; RESET search_path; SELECT id FROM public.orders"
+    );
+    // And the session follows once the server ran them.
+    h.server(vec![complete("SET"), complete("SELECT 0"), complete("RESET"), complete("SELECT 0"), ready()]);
+    h.received();
+    h.client(q("SET search_path = crm"));
+    h.server(vec![complete("SET"), ready()]);
+    h.received();
+    h.client(q("SELECT ssn FROM customers"));
+    assert_eq!(sent_text(&mut h), "SELECT ssn FROM crm.customers");
+}
+
 #[test]
 fn error_positions_in_rewritten_text_are_mapped_back() {
     let mut h = harness(APP);
