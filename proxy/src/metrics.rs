@@ -77,6 +77,9 @@ metrics! {
         substitution_check_failures_total: "counter" "pgveil_substitution_check_failures_total"
             "Rewritten statements the substitution checker rejected (checked in debug builds).",
         rows_cut_total: "counter" "pgveil_rows_cut_total" "Results cut by a max_rows rule.",
+        /// Protocol-prepared statements decided again after a rules reload changed a session's view.
+        reprepared_statements_total: "counter" "pgveil_reprepared_statements_total"
+            "Prepared statements prepared again, transparently, after a rules reload (I11).",
         catalog_refreshes_total: "counter" "pgveil_catalog_refreshes_total" "Catalog snapshots loaded.",
         audit_lines_total: "counter" "pgveil_audit_lines_total" "Audit log lines written.",
         audit_write_errors_total: "counter" "pgveil_audit_write_errors_total"

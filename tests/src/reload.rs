@@ -58,3 +58,69 @@ async fn rewriting_the_rules_fifty_times_under_load_never_unmasks() {
     std::fs::write(&rules_path, RULES).unwrap();
     assert!(proxy::policy::reload(&p.shared));
 }
+
+/// The rules with `name` masked too: a reload that protects more for what a session's stored
+/// statements read.
+fn masking_names() -> String {
+    RULES.replacen("columns:\n", "columns:\n  public.customers.name:\n    mask: redact\n", 1)
+}
+
+/// Threat model I11: what the server stores for a session (prepared statements, portals,
+/// cursors, temporary views) never runs as decided before a reload that changed what the
+/// session sees. tokio-postgres prepares a named statement for every query, so its
+/// statements are prepared again transparently; SQL PREPARE, cursors and bound portals are
+/// refused naming the reload; a session with a temporary view ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reaches_what_the_server_stores() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
+    let rules_path = p.shared.config.rules.clone().unwrap();
+    let conn = url(p.port(), "app_user", &db.name, "sslmode=disable");
+    let mut client = connect_plain(&conn).await.unwrap();
+    let coded = connect_plain(&conn).await.unwrap();
+    let stmt = client.prepare("SELECT name FROM customers WHERE id = $1").await.unwrap();
+    let name: String = client.query_one(&stmt, &[&1i32]).await.unwrap().get(0);
+    assert_eq!(name, "Canary One", "name is not protected yet");
+    client.batch_execute("PREPARE sqlp AS SELECT name FROM customers WHERE id = 1").await.unwrap();
+    client
+        .batch_execute("BEGIN; DECLARE cur CURSOR WITH HOLD FOR SELECT name FROM customers ORDER BY id; COMMIT")
+        .await
+        .unwrap();
+    let tx = client.transaction().await.unwrap();
+    let portal = tx.bind(&stmt, &[&2i32]).await.unwrap();
+    coded.batch_execute("CREATE TEMP VIEW names_v AS SELECT id, name FROM customers").await.unwrap();
+
+    std::fs::write(&rules_path, masking_names()).unwrap();
+    assert!(proxy::policy::reload(&p.shared), "the new rules are valid");
+
+    // A portal bound before the reload is refused, naming it.
+    let e = tx.query_portal(&portal, 10).await.unwrap_err();
+    assert!(format!("{e:?}").contains("reloaded"), "{e:?}");
+    drop(tx);
+    // The prepared statement is prepared again: the same handle now returns masked names.
+    let name: String = client.query_one(&stmt, &[&1i32]).await.unwrap().get(0);
+    assert_ne!(name, "Canary One", "a statement prepared before the reload read name raw");
+    let again: String = client.query_one(&stmt, &[&2i32]).await.unwrap().get(0);
+    assert_eq!(name, again, "the new mask, for every row");
+    assert!(p.shared.metrics.reprepared_statements_total.load(Ordering::Relaxed) >= 1);
+    // New statements see the new rules too.
+    let fresh: String = client.query_one("SELECT name FROM customers WHERE id = 3", &[]).await.unwrap().get(0);
+    assert_eq!(fresh, name);
+    // SQL PREPARE and cursors hold text the proxy cannot send again: refused.
+    let e = client.simple_query("EXECUTE sqlp").await.unwrap_err();
+    assert!(
+        format!("{e:?}").contains("prepared statement \\\"sqlp\\\" was prepared under rules that have been reloaded"),
+        "{e:?}"
+    );
+    let e = client.simple_query("FETCH 1 FROM cur").await.unwrap_err();
+    assert!(format!("{e:?}").contains("reloaded"), "{e:?}");
+    // Prepared again under the new rules, they run on masked values.
+    client.batch_execute("DEALLOCATE sqlp; PREPARE sqlp AS SELECT name FROM customers WHERE id = 1").await.unwrap();
+    let rows = client.simple_query("EXECUTE sqlp").await.unwrap();
+    assert!(!format!("{rows:?}").contains("Canary One"), "{rows:?}");
+    // The session with a temporary view over the table ends, saying why.
+    let e = coded.simple_query("SELECT name FROM names_v").await.unwrap_err();
+    assert!(format!("{e:?}").contains("rules were reloaded"), "{e:?}");
+    let _ = client.batch_execute("CLOSE cur").await;
+}

@@ -162,6 +162,9 @@ pub struct SessionRules {
     identity_key: u64,
     pub user: String,
     generation: u64,
+    /// Counts the reloads that changed what this session sees (its masks, the hash key):
+    /// server-side objects decided under an earlier one are re-decided or refused (I11).
+    view_generation: u64,
     policy: Arc<rules::Policy>,
     pub view: SessionPolicy,
     /// Every ruled column as protected: column usage (audit `usage`) is computed against it.
@@ -214,6 +217,7 @@ impl SessionRules {
             identity_key: h.finish(),
             user: user.to_owned(),
             generation: shared.policy_generation.load(Ordering::Relaxed),
+            view_generation: 0,
             policy,
             view,
             all,
@@ -338,12 +342,23 @@ impl SessionRules {
             // with the pins a masked session needs (rules changing who is exempt apply to
             // new sessions).
             if !self.observe {
-                self.view = policy.for_identity(&self.identity);
+                let view = policy.for_identity(&self.identity);
+                let key = |p: &rules::Policy| p.hash_key().map(rules::HashKey::fingerprint);
+                if view.masked != self.view.masked || key(&policy) != key(&self.policy) {
+                    // What the session's stored statements were decided under is gone (I11).
+                    self.view_generation = self.view_generation.wrapping_add(1);
+                }
+                self.view = view;
             }
             self.all = policy.universal();
             self.policy = policy;
         }
         self.generation = generation;
+    }
+
+    /// See `view_generation`.
+    pub fn view_generation(&self) -> u64 {
+        self.view_generation
     }
 
     pub fn hash_key(&self) -> Option<&rules::HashKey> {

@@ -122,7 +122,17 @@ impl<'a> Inspector<'a> {
     }
 
     /// One client message: its statement analysed (Query, Parse), then handed to the relay.
+    /// A Bind of a statement prepared under rules since reloaded first has it decided again
+    /// and prepared anew (I11).
     async fn on_client(&mut self, f: Frame) -> Result<bool, SessionError> {
+        if matches!(f.tag(), b'B' | b'E' | b'D') {
+            // The rules in force now, also for a session that only binds and executes.
+            self.relay.rules_mut().refresh(self.shared);
+        }
+        if let Some((name, text)) = self.relay.stale_statement(&f) {
+            let decided = self.relay.rules_mut().analyze(self.shared, &text).await;
+            self.relay.reprepare(name, &decided);
+        }
         let text = match f.tag() {
             b'Q' => messages::query_text(&f),
             b'P' => messages::parse_message(&f).map(|(_, sql)| sql),

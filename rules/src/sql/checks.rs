@@ -78,7 +78,23 @@ pub(crate) fn effects(found: &Found<'_>, effects: &mut Vec<Effect>) {
     match &found.kind {
         StmtKind::Deallocate(n) => effects.push(Effect::Deallocate(n.clone())),
         StmtKind::Discard { temp: true, .. } => effects.push(Effect::TempDiscarded),
+        StmtKind::Execute(n) => effects.push(Effect::Executes(n.clone())),
+        StmtKind::Declare(n) => effects.push(Effect::Cursor(n.clone())),
+        StmtKind::Fetch(n) => effects.push(Effect::Fetches(n.clone())),
+        StmtKind::CloseCursor(n) => effects.push(Effect::CloseCursor(n.clone())),
+        StmtKind::CreateFunction { .. } => effects.push(Effect::StoredCode),
+        StmtKind::Other(k) if k == "RuleStmt" => effects.push(Effect::StoredCode),
         _ => {}
+    }
+    // A temporary view reads what its text read when it was created; the catalog snapshot
+    // cannot see it, so no rules change reaches it (threat model I11).
+    let temp_view = found.rels.iter().any(|r| {
+        matches!(&r.site, Site::Other("ViewStmt", k) if k == "view")
+            && (walk::str_field(r.rv, "relpersistence") == Some("t")
+                || r.schema().is_some_and(|s| s.starts_with("pg_temp")))
+    });
+    if temp_view {
+        effects.push(Effect::StoredCode);
     }
 }
 

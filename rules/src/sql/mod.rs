@@ -175,6 +175,17 @@ pub enum Effect {
     TempRelation(String),
     /// `DISCARD ALL` / `DISCARD TEMP`: the session's temporary relations are gone.
     TempDiscarded,
+    /// SQL `EXECUTE name`: runs what `PREPARE name` stored.
+    Executes(String),
+    /// `DECLARE name CURSOR`: the server holds its query, decided under today's rules.
+    Cursor(String),
+    /// `FETCH` / `MOVE` from a cursor.
+    Fetches(String),
+    /// `CLOSE name` (`None`: ALL).
+    CloseCursor(Option<String>),
+    /// The session created a temporary view, a rule or a function: server-side text the
+    /// proxy cannot re-decide when the rules change (I11).
+    StoredCode,
 }
 
 /// The result of analysing one Query or Parse text.

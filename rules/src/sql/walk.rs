@@ -146,6 +146,14 @@ pub(crate) enum StmtKind {
     Copy,
     Prepare(String),
     Deallocate(Option<String>),
+    /// SQL `EXECUTE name`.
+    Execute(String),
+    /// `DECLARE name CURSOR`.
+    Declare(String),
+    /// `FETCH` / `MOVE` from a cursor.
+    Fetch(String),
+    /// `CLOSE name` (`None`: ALL).
+    CloseCursor(Option<String>),
     /// `SET name = values` (lower-cased name, constant values); `None` values: RESET / DEFAULT.
     Set {
         name: String,
@@ -323,6 +331,12 @@ fn kind(t: &str, b: &Map<String, Value>) -> StmtKind {
         "MergeStmt" => StmtKind::Merge,
         "CopyStmt" => StmtKind::Copy,
         "PrepareStmt" => StmtKind::Prepare(str_field(b, "name").unwrap_or("").to_owned()),
+        "ExecuteStmt" => StmtKind::Execute(str_field(b, "name").unwrap_or("").to_owned()),
+        "DeclareCursorStmt" => StmtKind::Declare(str_field(b, "portalname").unwrap_or("").to_owned()),
+        "FetchStmt" => StmtKind::Fetch(str_field(b, "portalname").unwrap_or("").to_owned()),
+        "ClosePortalStmt" => {
+            StmtKind::CloseCursor(str_field(b, "portalname").filter(|n| !n.is_empty()).map(str::to_owned))
+        }
         "DeallocateStmt" => {
             let all = b.get("isall").and_then(Value::as_bool).unwrap_or(false);
             StmtKind::Deallocate((!all).then(|| str_field(b, "name").unwrap_or("").to_owned()))

@@ -31,6 +31,12 @@ pub(super) enum Expect {
     Sync,
     Query(QueryState),
     FunctionCall,
+    /// The answer (by its tag: `1` ParseComplete, `3` CloseComplete) to a message pgveil sent
+    /// on its own (a statement prepared again after a rules change): not for the client.
+    Injected(u8),
+    /// The ParseComplete of a statement prepared again after a rules change (not for the
+    /// client); if it never comes, the server still holds the old text.
+    Reprepared(Bytes),
 }
 
 /// The expected responses, oldest first.
@@ -89,10 +95,15 @@ impl Queue {
 
     /// After an ErrorResponse in the extended protocol: the server ignores every message up
     /// to the next Sync, so their answers will never come.
-    pub fn skip_to_sync(&mut self) {
+    /// Returns the statements whose new Parse the server will now not run.
+    pub fn skip_to_sync(&mut self) -> Vec<Bytes> {
+        let mut not_reprepared = Vec::new();
         while self.items.front().is_some_and(|e| !matches!(e, Expect::Sync)) {
-            self.items.pop_front();
+            if let Some(Expect::Reprepared(name)) = self.items.pop_front() {
+                not_reprepared.push(name);
+            }
         }
+        not_reprepared
     }
 
     /// Whether a Close of this statement is still on its way (a Parse of the same name then
@@ -112,7 +123,7 @@ mod tests {
         for e in [Expect::Bind, Expect::Execute(1), Expect::Sync, Expect::Bind] {
             q.push_back(e);
         }
-        q.skip_to_sync();
+        assert!(q.skip_to_sync().is_empty());
         assert!(matches!(q.pop_front(), Some(Expect::Sync)));
         assert!(matches!(q.pop_front(), Some(Expect::Bind)));
         assert!(q.is_empty());

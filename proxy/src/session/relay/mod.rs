@@ -14,6 +14,7 @@ mod expect;
 mod results;
 mod scrub;
 mod state;
+mod stored;
 #[cfg(test)]
 mod tests;
 
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use rules::sql::{Analysis, Block, ColumnUse, Effect, StatementPlan};
+use rules::sql::{Analysis, Block, ColumnUse, Effect};
 
 use self::expect::{Expect, Queue};
 use self::state::{Portal, Prepared, QueryState, Source, slice_of};
@@ -58,7 +59,15 @@ pub(crate) struct Relay {
     /// Portals by id; `portal_names` says which id a name currently denotes.
     portals: HashMap<u64, Portal>,
     portal_names: HashMap<Bytes, u64>,
-    sql_prepared: HashMap<String, Arc<StatementPlan>>,
+    sql_prepared: HashMap<String, state::SqlPrepared>,
+    /// SQL cursors by name, with the view generation their query was decided under.
+    cursors: HashMap<String, u64>,
+    /// The oldest generation among cursors forgotten to keep `cursors` bounded: a cursor not
+    /// remembered counts as declared then.
+    cursors_floor: Option<u64>,
+    /// The view generation under which the session first created a temporary view, a rule
+    /// or a function (server-side text no rules change reaches: I11).
+    stored_code: Option<u64>,
     expect: Queue,
     to_client: BytesMut,
     to_server: BytesMut,
@@ -134,6 +143,9 @@ impl Relay {
             portals: HashMap::new(),
             portal_names: HashMap::new(),
             sql_prepared: HashMap::new(),
+            cursors: HashMap::new(),
+            cursors_floor: None,
+            stored_code: None,
             expect: Queue::default(),
             to_client: BytesMut::with_capacity(64 * 1024),
             to_server: BytesMut::with_capacity(16 * 1024),
@@ -220,6 +232,8 @@ impl Relay {
             Expect::DescribeStatement(_) | Expect::DescribePortal { .. } => b'T',
             Expect::Execute(_) => b'C',
             Expect::Close(..) => b'3',
+            Expect::Injected(tag) => *tag,
+            Expect::Reprepared(_) => b'1',
             Expect::Query(q) if q.row_plan.is_none() => b'T',
             Expect::Sync | Expect::Query(_) | Expect::FunctionCall => b'Z',
         })
@@ -235,6 +249,11 @@ impl Relay {
     /// analysis of a Query's or Parse's text (the driver computes it; `None` for other
     /// messages, and a Query or Parse without one is refused: fail closed).
     pub(crate) fn on_client(&mut self, f: Frame, decided: Option<Decided>) -> Result<bool, SessionError> {
+        if matches!(f.tag(), b'Q' | b'P' | b'B' | b'E')
+            && let Some(fatal) = self.stored_code_stale()
+        {
+            return Err(fatal);
+        }
         match f.tag() {
             b'Q' => {
                 let text = messages::query_text(&f).ok_or(SessionError::ClientProtocol(
@@ -287,7 +306,15 @@ impl Relay {
                         let closing = self.expect.closing_statement(&name);
                         if name.is_empty() || closing || !self.statements.contains_key(&name) {
                             self.next_id = self.next_id.wrapping_add(1);
-                            self.statements.insert(name.clone(), Prepared { id: self.next_id, plan, desc: None });
+                            let (text, rest) = if name.is_empty() {
+                                (Bytes::new(), Bytes::new())
+                            } else {
+                                let rest = messages::parse_rest(&f).unwrap_or_default();
+                                (Bytes::copy_from_slice(sql), Bytes::copy_from_slice(rest))
+                            };
+                            let generation = self.rules.view_generation();
+                            let p = Prepared { id: self.next_id, plan, desc: None, generation, text, rest };
+                            self.statements.insert(name.clone(), p);
                         }
                         let source = match decided.rewritten() {
                             Some(rewritten) => {
@@ -312,16 +339,25 @@ impl Relay {
             }
             b'B' => {
                 let bind = messages::bind_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'B'))?;
-                let (plan, stmt_desc, unknown_statement) = match self.statements.get(bind.statement) {
-                    Some(p) => (Arc::clone(&p.plan), p.desc.clone(), false),
+                let current = self.rules.view_generation();
+                let (plan, stmt_desc, unknown_statement, generation) = match self.statements.get(bind.statement) {
+                    // The unnamed statement of an earlier generation: clients parse it anew
+                    // for each use, so one bound again after a reload is refused at Execute.
+                    Some(p) => (Arc::clone(&p.plan), p.desc.clone(), false, p.generation),
                     None => match self.sql_prepared.get(&*String::from_utf8_lossy(bind.statement)) {
-                        Some(plan) => (Arc::clone(plan), None, false),
-                        None => (Arc::default(), None, true),
+                        Some(p) => (Arc::clone(&p.plan), None, false, p.generation),
+                        None => (Arc::default(), None, true, current),
                     },
                 };
                 self.next_id = self.next_id.wrapping_add(1);
-                let portal =
-                    Portal { plan, formats: bind.result_formats, stmt_desc, unknown_statement, ..Portal::default() };
+                let portal = Portal {
+                    plan,
+                    formats: bind.result_formats,
+                    stmt_desc,
+                    unknown_statement,
+                    generation,
+                    ..Portal::default()
+                };
                 match self.portal_names.get_mut(bind.portal) {
                     Some(id) => *id = self.next_id,
                     None => {
@@ -351,6 +387,10 @@ impl Relay {
             b'E' => {
                 let (name, _) = messages::execute_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'E'))?;
                 let portal = self.portal_names.get(name).copied().unwrap_or(0);
+                if let Some(err) = self.stale_portal(portal, name) {
+                    self.push_blocked_parse(err);
+                    return Ok(true);
+                }
                 let known =
                     self.portals.get(&portal).is_some_and(|p| p.desc.is_some() || p.stmt_desc.is_some() || p.described);
                 if !known {
@@ -409,6 +449,18 @@ impl Relay {
         Ok(true)
     }
 
+    /// Sends the server a failing Parse in place of a refused extended-protocol message;
+    /// `err` replaces its error, and the server skips to the Sync as it would.
+    fn push_blocked_parse(&mut self, err: Box<ErrorResponse>) {
+        let mut body = BytesMut::new();
+        body.put_slice(b"pgveil_refused\0");
+        body.put_slice(BLOCKED_SQL);
+        body.put_u8(0);
+        body.put_u16(0);
+        messages::tagged(&mut self.to_server, b'P', &body);
+        self.expect.push_back(Expect::Parse { blocked: Some(err), source: None });
+    }
+
     /// Sends the server a failing Query in place of a blocked one; `err` replaces its error.
     fn push_blocked_query(&mut self, err: Box<ErrorResponse>) {
         messages::tagged(&mut self.to_server, b'Q', &[BLOCKED_SQL, b"\0"].concat());
@@ -418,6 +470,9 @@ impl Relay {
     /// Applies an analysis: `Some(error)` when the statement must not run.
     fn verdict(&mut self, analysis: &Analysis, text: &[u8]) -> Option<Box<ErrorResponse>> {
         let text = std::str::from_utf8(text).ok();
+        if let Some(err) = self.stale_use(analysis, text) {
+            return Some(err);
+        }
         // An observed (exempt) session is never blocked: only its raw reads are audited.
         if !self.rules.observe {
             for f in &analysis.flagged {
@@ -431,7 +486,10 @@ impl Relay {
             match e {
                 Effect::Prepare(name, plan) => {
                     // As with Parse: an existing name is not redefined by the server.
-                    self.sql_prepared.entry(name.clone()).or_insert_with(|| Arc::new((**plan).clone()));
+                    let generation = self.rules.view_generation();
+                    self.sql_prepared
+                        .entry(name.clone())
+                        .or_insert_with(|| state::SqlPrepared { plan: Arc::new((**plan).clone()), generation });
                 }
                 Effect::Deallocate(Some(name)) => {
                     self.sql_prepared.remove(name);
@@ -439,6 +497,15 @@ impl Relay {
                 Effect::Deallocate(None) => self.sql_prepared.clear(),
                 Effect::TempRelation(name) => self.rules.add_temp(name),
                 Effect::TempDiscarded => self.rules.discard_temp(),
+                Effect::Cursor(name) => self.remember_cursor(name),
+                Effect::CloseCursor(Some(name)) => {
+                    self.cursors.remove(name);
+                }
+                Effect::CloseCursor(None) => self.cursors.clear(),
+                Effect::StoredCode => {
+                    self.stored_code.get_or_insert(self.rules.view_generation());
+                }
+                Effect::Executes(_) | Effect::Fetches(_) => {}
             }
         }
         // Statements after these are decided against the search_path they leave; the server's
@@ -497,15 +564,21 @@ impl Relay {
     pub(crate) fn on_server(&mut self, f: Frame) -> Result<(), SessionError> {
         match f.tag() {
             b'1' => {
-                self.expect.pop(|e| matches!(e, Expect::Parse { .. }))?;
-                self.forward(&f);
+                let answered = self.expect.pop(|e| matches!(e, Expect::Parse { .. } | Expect::Reprepared(_)))?;
+                if !matches!(answered, Expect::Reprepared(_)) {
+                    self.forward(&f);
+                }
             }
             b'2' => {
                 self.expect.pop(|e| matches!(e, Expect::Bind))?;
                 self.forward(&f);
             }
             b'3' => {
-                if let Expect::Close(kind, name, id) = self.expect.pop(|e| matches!(e, Expect::Close(..)))? {
+                let answered = self.expect.pop(|e| matches!(e, Expect::Close(..) | Expect::Injected(b'3')))?;
+                if matches!(answered, Expect::Injected(_)) {
+                    return Ok(());
+                }
+                if let Expect::Close(kind, name, id) = answered {
                     if kind == b'S' {
                         if self.statements.get(&name).is_some_and(|p| p.id == id) {
                             self.statements.remove(&name);

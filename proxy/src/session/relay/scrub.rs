@@ -49,7 +49,11 @@ impl Relay {
                     }
                     _ => {}
                 }
-                self.expect.skip_to_sync();
+                for name in self.expect.skip_to_sync() {
+                    // Its Parse never ran: the server still holds the text decided under the
+                    // earlier rules, so it is prepared again at its next Bind.
+                    self.forget_generation(&name);
+                }
             }
         }
         if self.suppress {

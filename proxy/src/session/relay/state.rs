@@ -16,6 +16,20 @@ pub(super) struct Prepared {
     pub id: u64,
     pub plan: Arc<StatementPlan>,
     pub desc: Option<Arc<Vec<FieldDesc>>>,
+    /// The session's view generation it was decided under (I11).
+    pub generation: u64,
+    /// The client's text and the rest of its Parse (parameter types), to decide it again
+    /// after a rules change: copies, not slices of the read buffer. Empty for the unnamed
+    /// statement, which clients parse anew.
+    pub text: Bytes,
+    pub rest: Bytes,
+}
+
+/// A statement prepared with SQL PREPARE, and the view generation it was decided under.
+#[derive(Debug)]
+pub(super) struct SqlPrepared {
+    pub plan: Arc<StatementPlan>,
+    pub generation: u64,
 }
 
 #[derive(Debug, Default)]
@@ -33,6 +47,8 @@ pub(super) struct Portal {
     pub described: bool,
     /// Bound to a statement name the proxy has no plan for: its rows are refused (I1).
     pub unknown_statement: bool,
+    /// The view generation its statement was decided under (I11).
+    pub generation: u64,
 }
 
 #[derive(Debug)]

@@ -1,0 +1,169 @@
+//! What the server stores for the session across a rules change (threat model I11). The
+//! server keeps the text pgveil sent when a statement was prepared, a cursor declared or a
+//! portal bound; after a reload that changes what this session sees, none of it may run as
+//! decided before:
+//!
+//! - a protocol-prepared statement (whose text pgveil keeps) is prepared again, transparently:
+//!   the client's Bind is preceded by a Close and a Parse of the newly decided text, whose
+//!   answers the client never sees;
+//! - SQL `EXECUTE` of a statement prepared before, `FETCH` / `MOVE` from a cursor declared
+//!   before, and protocol Execute of a portal bound before are refused, naming the reload;
+//! - a session that created a temporary view, a rule or a function (text on the server pgveil
+//!   cannot decide again) ends with a FATAL saying why.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rules::sql::{Analysis, Block, Effect};
+
+use super::Relay;
+use super::expect::Expect;
+use super::state::Prepared;
+use crate::audit::EventKind;
+use crate::protocol::Frame;
+use crate::protocol::messages::{self, ErrorResponse, sqlstate};
+use crate::session::SessionError;
+use crate::session::analysis::Decided;
+
+/// The audit rule of refusals of server-side objects decided under earlier rules.
+pub(crate) const RULES_RELOADED: &str = "rules_reloaded";
+
+/// At most this many SQL cursor names are remembered (a session that declares more keeps the
+/// latest; a forgotten one is refused when fetched, never run as decided before).
+const MAX_CURSORS: usize = 1024;
+
+impl Relay {
+    /// For a Bind of a named statement decided before the last rules change: its name and the
+    /// client's text, to decide again ([`Relay::reprepare`]) before the Bind is handled.
+    pub(crate) fn stale_statement(&self, f: &Frame) -> Option<(Bytes, Bytes)> {
+        if f.tag() != b'B' {
+            return None;
+        }
+        let bind = messages::bind_message(f)?;
+        let (name, p) = self.statements.get_key_value(bind.statement)?;
+        (!name.is_empty() && !p.text.is_empty() && p.generation != self.rules.view_generation())
+            .then(|| (name.clone(), p.text.clone()))
+    }
+
+    /// Prepares `name` again with its newly decided text (or a failing statement, if it is
+    /// now blocked): a Close and a Parse the client did not send, whose answers it does not
+    /// see. A statement that is now blocked is gone; the client's Bind then fails with the
+    /// block's error.
+    pub(crate) fn reprepare(&mut self, name: Bytes, decided: &Decided) {
+        let Some(old) = self.statements.remove(&name) else { return };
+        let mut close = BytesMut::new();
+        close.put_u8(b'S');
+        close.put_slice(&name);
+        close.put_u8(0);
+        messages::tagged(&mut self.to_server, b'C', &close);
+        self.expect.push_back(Expect::Injected(b'3'));
+        let text = String::from_utf8_lossy(&old.text).into_owned();
+        match self.verdict(&decided.analysis, text.as_bytes()) {
+            Some(err) => {
+                let mut body = BytesMut::new();
+                body.put_slice(&name);
+                body.put_u8(0);
+                body.put_slice(super::BLOCKED_SQL);
+                body.put_u8(0);
+                body.put_u16(0);
+                messages::tagged(&mut self.to_server, b'P', &body);
+                self.expect.push_back(Expect::Parse { blocked: Some(err), source: None });
+            }
+            None => {
+                let sent = decided.rewritten().map_or(old.text.as_ref(), str::as_bytes);
+                messages::tagged_parts(&mut self.to_server, b'P', &[&name, b"\0", sent, b"\0", &old.rest]);
+                self.expect.push_back(Expect::Reprepared(name.clone()));
+                self.next_id = self.next_id.wrapping_add(1);
+                let plan = std::sync::Arc::new(decided.analysis.statements.first().cloned().unwrap_or_default());
+                let generation = self.rules.view_generation();
+                let fresh =
+                    Prepared { id: self.next_id, plan, desc: old.desc, generation, text: old.text, rest: old.rest };
+                self.statements.insert(name, fresh);
+            }
+        }
+        self.shared.metrics.reprepared_statements_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Marks a statement as decided under no current rules (its new Parse did not run).
+    pub(super) fn forget_generation(&mut self, name: &[u8]) {
+        if let Some(p) = self.statements.get_mut(name) {
+            p.generation = u64::MAX;
+        }
+    }
+
+    /// Refuses the Execute of a portal bound before the last rules change.
+    pub(super) fn stale_portal(&mut self, portal: u64, name: &[u8]) -> Option<Box<ErrorResponse>> {
+        let p = self.portals.get(&portal)?;
+        if p.generation == self.rules.view_generation() {
+            return None;
+        }
+        let shown = if name.is_empty() {
+            "the unnamed portal".to_owned()
+        } else {
+            format!("portal \"{}\"", String::from_utf8_lossy(name))
+        };
+        Some(self.refuse_stale(&format!("{shown} was bound"), "bind it again", None))
+    }
+
+    /// Refuses SQL that runs what the server stored under earlier rules: EXECUTE of a
+    /// statement prepared, FETCH / MOVE from a cursor declared, before the last rules change.
+    pub(super) fn stale_use(&mut self, analysis: &Analysis, text: Option<&str>) -> Option<Box<ErrorResponse>> {
+        let current = self.rules.view_generation();
+        for e in &analysis.effects {
+            let what = match e {
+                Effect::Executes(n) if self.sql_prepared.get(n).is_some_and(|p| p.generation != current) => {
+                    (format!("prepared statement \"{n}\" was prepared"), "DEALLOCATE it and PREPARE it again")
+                }
+                Effect::Fetches(n)
+                    if self.cursors.get(n).or(self.cursors_floor.as_ref()).is_some_and(|g| *g != current) =>
+                {
+                    (format!("cursor \"{n}\" was declared"), "CLOSE it and DECLARE it again")
+                }
+                _ => continue,
+            };
+            return Some(self.refuse_stale(&what.0, what.1, text));
+        }
+        None
+    }
+
+    pub(super) fn remember_cursor(&mut self, name: &str) {
+        if self.cursors.len() >= MAX_CURSORS && !self.cursors.contains_key(name) {
+            // A cursor not remembered counts as declared under the oldest generation
+            // forgotten, so forgetting never lets one run as decided before.
+            let oldest = self.cursors.values().copied().min();
+            self.cursors_floor = self.cursors_floor.into_iter().chain(oldest).min();
+            self.cursors.clear();
+        }
+        self.cursors.insert(name.to_owned(), self.rules.view_generation());
+    }
+
+    /// The session created server-side text no rules change reaches, and the rules changed
+    /// since: it ends (I11).
+    pub(crate) fn stored_code_stale(&self) -> Option<SessionError> {
+        let created = self.stored_code?;
+        (created != self.rules.view_generation()).then(|| {
+            SessionError::Refused(Box::new(
+                ErrorResponse::fatal(
+                    sqlstate::INSUFFICIENT_PRIVILEGE,
+                    "pgveil: the rules were reloaded, and this session created views, rules or functions under the \
+                     earlier rules, which pgveil cannot decide again",
+                )
+                .with_hint("reconnect; objects a session creates are decided under the rules of their time"),
+            ))
+        })
+    }
+
+    fn refuse_stale(&mut self, what: &str, hint: &str, text: Option<&str>) -> Box<ErrorResponse> {
+        let b = Block {
+            rule: RULES_RELOADED.to_owned(),
+            reason: format!("{what} under rules that have been reloaded since"),
+            hint: hint.to_owned(),
+            tables: Vec::new(),
+            columns: Vec::new(),
+            check: None,
+            sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
+        };
+        // Audited and counted as a block, but not a probe: the client did nothing wrong.
+        self.shared.metrics.blocked(&b.rule, &b.rule);
+        self.audit_block(EventKind::QueryBlocked, &b, text, None, &[]);
+        Box::new(super::block_error(&b))
+    }
+}
