@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::catalog::Relation;
+use crate::catalog::{RelKind, Relation};
 use crate::names::quote_ident;
 use crate::policy::Predicates;
 
@@ -207,9 +207,12 @@ fn statement(found: &Found<'_>, protect: &mut Protection<'_>) -> Result<(), Bloc
                         [s, n] | [_, s, n] => (Some(s.as_str()), n.as_str()),
                         _ => continue,
                     };
+                    // A protected table (a view's data is its tables': dropping one, even one
+                    // whose definition the catalog could not read and so masks whole, loses
+                    // nothing).
                     if let Some(r) = protect.resolve(schema, name)
-                        && let Some(p) = protect.protected(&r)
-                        && matches!(*p, Protected::Table { .. })
+                        && is_table(&r)
+                        && protect.protected(&r).is_some()
                     {
                         return Err(protected_ddl(&r));
                     }
@@ -221,7 +224,8 @@ fn statement(found: &Found<'_>, protect: &mut Protection<'_>) -> Result<(), Bloc
                         let schemas: Vec<String> = protect.search_path.to_vec();
                         for s in &schemas {
                             if let Some(r) = protect.resolve(Some(s), name)
-                                && protect.protected(&r).is_some_and(|p| matches!(*p, Protected::Table { .. }))
+                                && is_table(&r)
+                                && protect.protected(&r).is_some()
                             {
                                 return Err(Block {
                                     hint: format!("qualify the name with its schema if you mean another {name}"),
@@ -256,6 +260,10 @@ fn statement(found: &Found<'_>, protect: &mut Protection<'_>) -> Result<(), Bloc
         _ => {}
     }
     Ok(())
+}
+
+fn is_table(r: &Relation) -> bool {
+    matches!(r.kind, RelKind::Table | RelKind::PartitionedTable | RelKind::Foreign)
 }
 
 fn protected_ddl(r: &Relation) -> Block {

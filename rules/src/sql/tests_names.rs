@@ -207,3 +207,31 @@ fn an_unqualified_drop_a_protected_table_answers_to_on_the_path_is_refused() {
     assert_eq!(a.block.map(|b| b.rule).as_deref(), Some("protected_ddl"));
     sent(&["scratch", "public"], "DROP TABLE scratch.customers");
 }
+
+#[test]
+fn row_constructor_assignments_compute_on_masked_values() {
+    let text = sent(PUBLIC, "UPDATE customers SET (name, notes) = (ssn, email) WHERE id = 4");
+    assert!(text.starts_with("UPDATE public.customers SET (name, notes) = ((CAST("), "{text}");
+    let text = sent(
+        PUBLIC,
+        "UPDATE customers SET (name, notes) = (SELECT ssn, email FROM other WHERE other.id = 1) WHERE id = 4",
+    );
+    // other has no email: the name is the target's, masked.
+    assert!(text.contains("(SELECT other.ssn, (CAST(CASE WHEN customers.email IS NULL"), "{text}");
+}
+
+#[test]
+fn dropping_a_view_is_not_ddl_on_a_protected_table() {
+    // customers_v reads customers; a view whose definition the catalog could not read is
+    // masked whole like a table, but dropping it loses no protected data either.
+    sent(PUBLIC, "DROP VIEW customers_v");
+    let mut rels: Vec<Relation> = catalog().relations().map(|r| (**r).clone()).collect();
+    let v = rels.iter_mut().find(|r| r.name.table == "names_v").unwrap();
+    v.view_sql = None;
+    v.definition_unavailable = true;
+    let catalog = Catalog::new(rels);
+    let session = super::tests::policy().for_identity(&Identity::new(["app_user"]));
+    let a = Analyzer::new(&session, &catalog, "app_user").analyze("DROP VIEW names_v");
+    assert_eq!(a.block, None);
+    assert_eq!(blocked("DROP TABLE customers"), "protected_ddl");
+}

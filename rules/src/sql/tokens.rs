@@ -122,6 +122,10 @@ pub struct Rewrite {
 impl Rewrite {
     pub(crate) fn new(mut edits: Vec<Edit>, tokens: usize) -> Self {
         edits.sort_by_key(|e| (e.from, e.to));
+        // The same node reached twice (`SET (a, b) = (x, y)` shares its row between both
+        // targets) makes the same edit twice: one is kept. Different edits of one range
+        // still overlap, and the rewrite then fails.
+        edits.dedup();
         Rewrite { edits, tokens }
     }
 

@@ -618,7 +618,7 @@ fn sql_prepare_carries_its_row_limit_to_protocol_binds_of_its_name() {
     let mut h = harness(&["analyst"]);
     h.client(q("PREPARE big AS SELECT id FROM customers WHERE id > 0"));
     h.server(vec![complete("PREPARE"), ready()]);
-    assert!(h.relay.sql_prepared.get("big").and_then(|p| p.max_rows.clone()).is_some());
+    assert!(h.relay.sql_prepared.get("big").and_then(|p| p.plan.max_rows.clone()).is_some());
     h.clients(vec![bind("", "big", &[]), describe(b'P', ""), execute("", 0), sync()]);
     let mut answer = vec![empty(b'2'), row_desc(&[("id", CUSTOMERS, 1)])];
     answer.extend((0..1001).map(|i| data_row(&[&i.to_string()])));
