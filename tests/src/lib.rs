@@ -15,6 +15,8 @@ mod core;
 #[cfg(test)]
 mod deploy;
 #[cfg(test)]
+mod drift;
+#[cfg(test)]
 mod drivers;
 #[cfg(test)]
 mod false_blocks;

@@ -115,10 +115,17 @@ fn render(msgs: &[SimpleQueryMessage]) -> Vec<String> {
 
 /// A statement's outcome, comparable across the two runs: its rows (sorted when the
 /// statement has no ORDER BY) and row counts, or the SQLSTATE of its error.
-async fn outcome(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<String>, String> {
+pub(crate) async fn outcome(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<String>, String> {
+    outcome_in(client, sql, false).await
+}
+
+/// [`outcome`], inside a transaction the caller opened (`in_tx`): each statement runs under a
+/// savepoint rolled back after it, so the transaction's own state stays as it was.
+pub(crate) async fn outcome_in(client: &tokio_postgres::Client, sql: &str, in_tx: bool) -> Result<Vec<String>, String> {
     let wrap = !sql.contains(';') && !sql.to_uppercase().starts_with("EXPLAIN");
-    if wrap {
-        client.batch_execute("BEGIN").await.map_err(|e| format!("BEGIN: {e}"))?;
+    let (open, close) = if in_tx { ("SAVEPOINT drift", "ROLLBACK TO SAVEPOINT drift") } else { ("BEGIN", "ROLLBACK") };
+    if wrap || in_tx {
+        client.batch_execute(open).await.map_err(|e| format!("{open}: {e}"))?;
     }
     let r = match client.simple_query(sql).await {
         Ok(msgs) => {
@@ -130,15 +137,15 @@ async fn outcome(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<Strin
         }
         Err(e) => Err(e.code().map_or_else(|| e.to_string(), |c| c.code().to_owned())),
     };
-    if wrap {
-        let _ = client.batch_execute("ROLLBACK").await;
+    if wrap || in_tx {
+        let _ = client.batch_execute(close).await;
     }
     r
 }
 
 /// Writes `app_user`'s masked values into the protected columns of a database, computed by
 /// the Rust masks (independently of the SQL the proxy generates).
-async fn mask_fixture(admin: &tokio_postgres::Client) {
+pub(crate) async fn mask_fixture(admin: &tokio_postgres::Client) {
     let policy = Arc::new(
         rules::compile(RULES, &rules::CompileOptions { hash_key: Some(harness_proxy::HASH_KEY.to_vec()) }).unwrap(),
     );
@@ -184,6 +191,30 @@ async fn mask_fixture(admin: &tokio_postgres::Client) {
     admin.batch_execute(&sql).await.unwrap();
 }
 
+/// The oracle's statements: the leak corpus, the statements substitution lets run and the
+/// false-block corpus, less those with no rows to compare here (COPY and EXPLAIN: the leak
+/// scan covers them), and those where the masked copy is not the reference by design: raw
+/// comparisons the rules grant (`email`: predicates: equality) and writes whose RETURNING masks
+/// the value they just wrote.
+pub(crate) fn oracle_statements() -> Vec<String> {
+    crate::leaks::all_cases()
+        .into_iter()
+        .map(|(_, s)| s)
+        .chain(NOW_ALLOWED.iter().map(|s| (*s).to_owned()))
+        .chain(crate::false_blocks::CORPUS.iter().map(|s| (*s).to_owned()))
+        .filter(|s| {
+            let u = s.to_uppercase();
+            let excluded = u.starts_with("COPY")
+                || u.starts_with("EXPLAIN")
+                || u.contains("PG_NOTIFY")
+                || u.contains("WHERE EMAIL")
+                || ((u.starts_with("UPDATE CUSTOMERS") || u.starts_with("INSERT INTO CUSTOMERS"))
+                    && u.contains("RETURNING"));
+            !excluded
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn substituted_statements_equal_the_same_statements_on_masked_data() {
     let cluster = pg::cluster();
@@ -194,28 +225,7 @@ async fn substituted_statements_equal_the_same_statements_on_masked_data() {
     let p = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
     let via = connect_plain(&url(p.port(), "app_user", &orig.name, "sslmode=disable")).await.unwrap();
     let direct = connect_plain(&url(cluster.port, "app_user", &masked.name, "sslmode=disable")).await.unwrap();
-    let statements: Vec<&str> = crate::leaks::all_cases()
-        .iter()
-        .map(|(_, s)| s.as_str())
-        .chain(NOW_ALLOWED.iter().copied())
-        .chain(crate::false_blocks::CORPUS.iter().copied())
-        .filter(|s| {
-            let u = s.to_uppercase();
-            // COPY and EXPLAIN have no rows to compare here (the leak scan covers them);
-            // cursors and prepared statements are session state the pairs below share.
-            // Where the rules grant raw comparisons (`email`: predicates: equality), and
-            // where a write's RETURNING masks the value it just wrote, the masked copy is
-            // not the reference by design.
-            let excluded = u.starts_with("COPY")
-                || u.starts_with("EXPLAIN")
-                || u.contains("PG_NOTIFY")
-                || u.contains("WHERE EMAIL")
-                || ((u.starts_with("UPDATE CUSTOMERS") || u.starts_with("INSERT INTO CUSTOMERS"))
-                    && u.contains("RETURNING"));
-            !excluded
-        })
-        .map(|s| Box::leak(s.to_owned().into_boxed_str()) as &str)
-        .collect();
+    let statements = oracle_statements();
     let (mut compared, mut blocked) = (0, 0);
     let mut differences = Vec::new();
     for sql in &statements {

@@ -180,6 +180,9 @@ pub struct SessionRules {
     projected: PathState,
     confirmed: PathState,
     at_ready: PathState,
+    /// A statement changed `projected` or `confirmed` since the three last agreed (the
+    /// ReadyForQuery of a session that never changes its path does nothing).
+    path_moved: bool,
     path_key: u64,
     temp: Vec<String>,
     /// The last analyses found under shape keys, latest first: a session repeating its
@@ -226,6 +229,7 @@ impl SessionRules {
             projected: start.clone(),
             confirmed: start.clone(),
             at_ready: start,
+            path_moved: false,
             path_key: 0,
             temp: Vec::new(),
             shape_memo: Vec::new(),
@@ -266,6 +270,7 @@ impl SessionRules {
             changed = true;
         }
         if changed {
+            self.path_moved = true;
             self.rekey();
         }
     }
@@ -273,6 +278,7 @@ impl SessionRules {
     /// A statement's changes, now that the server ran it (`tag`: its CommandComplete tag; a
     /// COMMIT of a failed transaction answers ROLLBACK).
     pub fn confirm(&mut self, changes: &[Change], tag: &[u8], several: bool) {
+        self.path_moved |= !changes.is_empty();
         for c in changes {
             match c {
                 Change::Commit { chain } if tag.starts_with(b"ROLLBACK") => {
@@ -287,6 +293,9 @@ impl SessionRules {
     /// over, and one that failed outside an explicit block was rolled back whole. With nothing
     /// else in flight, the projection is what the server confirmed.
     pub fn ready(&mut self, status: u8, failed: bool, nothing_in_flight: bool) {
+        if !self.path_moved {
+            return; // no statement changed the path since the states last agreed
+        }
         if status == b'I' {
             if failed && !self.at_ready.in_transaction() {
                 self.confirmed = self.at_ready.clone();
@@ -296,8 +305,20 @@ impl SessionRules {
         if self.at_ready != self.confirmed {
             self.at_ready = self.confirmed.clone();
         }
-        if nothing_in_flight && self.projected != self.confirmed {
-            self.projected = self.confirmed.clone();
+        if nothing_in_flight {
+            if self.projected != self.confirmed {
+                self.projected = self.confirmed.clone();
+                self.rekey();
+            }
+            // Settled, unless a transaction or SET LOCAL is still open.
+            self.path_moved = self.confirmed.in_transaction() || status != b'I';
+        }
+    }
+
+    /// A temporary relation of this name was dropped (if there was one).
+    pub fn forget_temp(&mut self, name: &str) {
+        if let Some(at) = self.temp.iter().position(|t| t == name) {
+            self.temp.remove(at);
             self.rekey();
         }
     }
@@ -326,7 +347,7 @@ impl SessionRules {
     fn rekey(&mut self) {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.identity_key.hash(&mut h);
-        self.projected.hash(&mut h);
+        self.projected.key(&mut h);
         self.temp.hash(&mut h);
         self.path_key = h.finish();
     }

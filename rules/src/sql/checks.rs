@@ -78,6 +78,17 @@ pub(crate) fn effects(found: &Found<'_>, effects: &mut Vec<Effect>) {
     match &found.kind {
         StmtKind::Deallocate(n) => effects.push(Effect::Deallocate(n.clone())),
         StmtKind::Discard { temp: true, .. } => effects.push(Effect::TempDiscarded),
+        // A dropped relation the session's temporary one would shadow is that one (pg_temp
+        // comes first): it is forgotten, so the name resolves through the catalog again.
+        StmtKind::Drop { objects, .. } => {
+            for o in objects {
+                match o.as_slice() {
+                    [n] => effects.push(Effect::TempDropped(n.clone())),
+                    [s, n] if s.starts_with("pg_temp") => effects.push(Effect::TempDropped(n.clone())),
+                    _ => {}
+                }
+            }
+        }
         StmtKind::Execute(n) => effects.push(Effect::Executes(n.clone())),
         StmtKind::Declare(n) => effects.push(Effect::Cursor(n.clone())),
         StmtKind::Fetch(n) => effects.push(Effect::Fetches(n.clone())),
@@ -207,6 +218,10 @@ fn statement(found: &Found<'_>, protect: &mut Protection<'_>) -> Result<(), Bloc
                         [s, n] | [_, s, n] => (Some(s.as_str()), n.as_str()),
                         _ => continue,
                     };
+                    // The session's temporary relation of that name is the one dropped.
+                    if schema.is_none_or(|s| s.starts_with("pg_temp")) && protect.temp.iter().any(|t| t == name) {
+                        continue;
+                    }
                     // A protected table (a view's data is its tables': dropping one, even one
                     // whose definition the catalog could not read and so masks whole, loses
                     // nothing).

@@ -175,6 +175,8 @@ pub enum Effect {
     TempRelation(String),
     /// `DISCARD ALL` / `DISCARD TEMP`: the session's temporary relations are gone.
     TempDiscarded,
+    /// `DROP … name` (unqualified or in pg_temp): a temporary relation of that name is gone.
+    TempDropped(String),
     /// SQL `EXECUTE name`: runs what `PREPARE name` stored.
     Executes(String),
     /// `DECLARE name CURSOR`: the server holds its query, decided under today's rules.

@@ -71,6 +71,20 @@ impl PathState {
         &self.default
     }
 
+    /// What decides how a text's names resolve, for cache keys: the paths in force and
+    /// whether a transaction is open, but not the savepoints' names (which ORMs number
+    /// afresh for every nested block; keyed on them, every statement inside would miss the
+    /// cache). A multi-statement text that rolls back to a savepoint is decided as if its
+    /// frames were the ones of the state it was first seen in; its names are pinned, so a
+    /// wrong guess fails a statement.
+    pub fn key(&self, h: &mut impl std::hash::Hasher) {
+        use std::hash::Hash;
+        self.default.hash(h);
+        self.session.hash(h);
+        self.local.hash(h);
+        self.tx.as_ref().map(|t| &t.start).hash(h);
+    }
+
     /// Inside an explicit transaction block.
     pub fn in_transaction(&self) -> bool {
         self.tx.is_some()

@@ -206,6 +206,10 @@ fn an_unqualified_drop_a_protected_table_answers_to_on_the_path_is_refused() {
     let a = analyze(&["scratch", "public"], &[], "DROP TABLE customers");
     assert_eq!(a.block.map(|b| b.rule).as_deref(), Some("protected_ddl"));
     sent(&["scratch", "public"], "DROP TABLE scratch.customers");
+    // The session's temporary customers shadows the protected one: that is what DROP drops.
+    let a = analyze(PUBLIC, &["customers"], "DROP TABLE customers");
+    assert_eq!(a.block, None);
+    assert_eq!(a.effects, [crate::sql::Effect::TempDropped("customers".to_owned())]);
 }
 
 #[test]

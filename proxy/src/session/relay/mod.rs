@@ -60,6 +60,8 @@ pub(crate) struct Relay {
     portals: HashMap<u64, Portal>,
     portal_names: HashMap<Bytes, u64>,
     sql_prepared: HashMap<String, state::SqlPrepared>,
+    /// A statement was marked stale because its re-prepare did not run (`stored.rs`).
+    stale_marked: bool,
     /// SQL cursors by name, with the view generation their query was decided under.
     cursors: HashMap<String, u64>,
     /// The oldest generation among cursors forgotten to keep `cursors` bounded: a cursor not
@@ -143,6 +145,7 @@ impl Relay {
             portals: HashMap::new(),
             portal_names: HashMap::new(),
             sql_prepared: HashMap::new(),
+            stale_marked: false,
             cursors: HashMap::new(),
             cursors_floor: None,
             stored_code: None,
@@ -497,6 +500,7 @@ impl Relay {
                 Effect::Deallocate(None) => self.sql_prepared.clear(),
                 Effect::TempRelation(name) => self.rules.add_temp(name),
                 Effect::TempDiscarded => self.rules.discard_temp(),
+                Effect::TempDropped(name) => self.rules.forget_temp(name),
                 Effect::Cursor(name) => self.remember_cursor(name),
                 Effect::CloseCursor(Some(name)) => {
                     self.cursors.remove(name);

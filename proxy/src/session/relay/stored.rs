@@ -34,7 +34,9 @@ impl Relay {
     /// For a Bind of a named statement decided before the last rules change: its name and the
     /// client's text, to decide again ([`Relay::reprepare`]) before the Bind is handled.
     pub(crate) fn stale_statement(&self, f: &Frame) -> Option<(Bytes, Bytes)> {
-        if f.tag() != b'B' {
+        // Until a reload changed what the session sees (or a re-prepare was skipped), no
+        // statement can be stale: the Bind is not read twice.
+        if f.tag() != b'B' || (self.rules.view_generation() == 0 && !self.stale_marked) {
             return None;
         }
         let bind = messages::bind_message(f)?;
@@ -86,6 +88,7 @@ impl Relay {
     pub(super) fn forget_generation(&mut self, name: &[u8]) {
         if let Some(p) = self.statements.get_mut(name) {
             p.generation = u64::MAX;
+            self.stale_marked = true;
         }
     }
 
