@@ -57,7 +57,8 @@ fn case(class: &'static str, before: &[&str], last: impl Into<String>) -> Case {
 }
 
 fn cases() -> Vec<Case> {
-    let mut out = Vec::new();
+    // Control: where the shadow is in force it is what is read (the stream must show it).
+    let mut out = vec![case("control", &[SHADOWED], "SELECT ssn FROM customers")];
     // The session's own uncommitted DDL removes the shadow pgveil resolved to.
     for ddl in ["ALTER TABLE scratch.customers RENAME TO gone", "DROP TABLE scratch.customers"] {
         let mut reads: Vec<String> = [

@@ -124,3 +124,57 @@ async fn a_reload_reaches_what_the_server_stores() {
     assert!(format!("{e:?}").contains("rules were reloaded"), "{e:?}");
     let _ = client.batch_execute("CLOSE cur").await;
 }
+
+/// The same through drivers that prepare on their own: psycopg 3 (`prepare_threshold=0`) and
+/// asyncpg keep using the statements they prepared before the reload, which now read masked
+/// names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drivers_that_prepare_on_their_own_see_the_reloaded_rules() {
+    use std::io::{BufRead, Write};
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
+    let rules_path = p.shared.config.rules.clone().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("drivers/reload_prepared.py");
+    let mut child = std::process::Command::new("python3")
+        .arg(script)
+        .args(["127.0.0.1", &p.port().to_string(), &db.name, "app_user"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs (install: pip install 'psycopg[binary]' asyncpg)");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (ready, mut lines) = tokio::task::spawn_blocking(move || (lines.next(), lines)).await.unwrap();
+    assert_eq!(
+        ready.and_then(Result::ok).as_deref(),
+        Some("ready"),
+        "the script did not get ready: {:?}",
+        child.wait_with_output()
+    );
+    std::fs::write(&rules_path, masking_names()).unwrap();
+    assert!(proxy::policy::reload(&p.shared));
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let results: Vec<serde_json::Value> = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for l in lines.by_ref().map_while(Result::ok) {
+            out.push(serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}")));
+        }
+        out
+    })
+    .await
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{results:?}");
+    assert_eq!(results.len(), 2, "{results:?}");
+    for r in &results {
+        assert_eq!(r["before"], serde_json::json!(["Canary One", "Canary Two"]), "{r}");
+        let after = r["after"].as_array().unwrap_or_else(|| panic!("the prepared statement failed: {r}"));
+        assert_eq!(after.len(), 2, "{r}");
+        assert!(
+            after.iter().all(|n| n.as_str().is_some_and(|s| !s.contains("Canary"))),
+            "read raw after the reload: {r}"
+        );
+    }
+    assert!(p.shared.metrics.reprepared_statements_total.load(Ordering::Relaxed) >= 2);
+}
