@@ -87,25 +87,11 @@ fn analysis(c: &mut Criterion) {
     );
     let view = policy.for_identity(&rules::Identity::new(["app_user"]));
     let cols = ["id", "name", "email", "ssn", "card_number", "phone", "birth_date", "balance", "notes"];
-    let catalog = rules::catalog::Catalog::new([rules::catalog::Relation {
-        oid: 1,
-        name: rules::TableName::new("public", "customers"),
-        kind: rules::catalog::RelKind::Table,
-        columns: cols
-            .iter()
-            .enumerate()
-            .map(|(i, n)| rules::catalog::Column {
-                name: (*n).to_owned(),
-                attnum: i16::try_from(i + 1).unwrap(),
-                type_oid: 25,
-                sql_type: "text".to_owned(),
-                bound_name: None,
-            })
-            .collect(),
-        ancestors: Vec::new(),
-        view_sql: None,
-        definition_unavailable: false,
-    }]);
+    let catalog = rules::catalog::Catalog::new([rules::catalog::Relation::text_table(
+        1,
+        rules::TableName::new("public", "customers"),
+        cols.iter().map(|c| (*c).to_owned()),
+    )]);
     let sql = "SELECT id, name, email, ssn FROM customers WHERE id = $1 AND name LIKE $2 ORDER BY id LIMIT 10";
     c.bench_function("parse_only_pg_query", |b| {
         b.iter(|| pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).map(|p| p.protobuf.stmts.len()));

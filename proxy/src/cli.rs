@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
-use rules::catalog::{Catalog, RelKind, Relation};
+use rules::catalog::{Catalog, Relation};
 use rules::names::TableName;
 use rules::types::PgType;
 
@@ -234,27 +234,11 @@ fn catalog_from_rules(policy: &rules::Policy, sql: &str) -> Catalog {
             rels.entry(TableName::new(&schema, &table)).or_default();
         }
     }
-    Catalog::new(rels.into_iter().enumerate().map(|(i, (name, cols))| {
-        Relation {
-            oid: u32::try_from(i).unwrap_or(0) + 100_000,
-            name,
-            kind: RelKind::Table,
-            columns: cols
-                .into_iter()
-                .enumerate()
-                .map(|(j, c)| rules::catalog::Column {
-                    name: c,
-                    attnum: i16::try_from(j + 1).unwrap_or(0),
-                    type_oid: 25,
-                    sql_type: "text".to_owned(),
-                    bound_name: None,
-                })
-                .collect(),
-            ancestors: Vec::new(),
-            view_sql: None,
-            definition_unavailable: false,
-        }
-    }))
+    Catalog::new(
+        rels.into_iter()
+            .enumerate()
+            .map(|(i, (name, cols))| Relation::text_table(u32::try_from(i).unwrap_or(0) + 100_000, name, cols)),
+    )
 }
 
 fn pg_query_tables(sql: &str) -> Result<Vec<String>, ()> {

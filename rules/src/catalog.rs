@@ -67,6 +67,30 @@ pub struct Relation {
 }
 
 impl Relation {
+    /// A table whose columns, in this order, are all `text` (offline decisions such as
+    /// `pgveil explain` without a database, tests and benchmarks).
+    pub fn text_table(oid: u32, name: TableName, columns: impl IntoIterator<Item = String>) -> Relation {
+        Relation {
+            oid,
+            name,
+            kind: RelKind::Table,
+            columns: columns
+                .into_iter()
+                .zip(1i16..)
+                .map(|(name, attnum)| Column {
+                    name,
+                    attnum,
+                    type_oid: 25,
+                    sql_type: "text".to_owned(),
+                    bound_name: None,
+                })
+                .collect(),
+            ancestors: Vec::new(),
+            view_sql: None,
+            definition_unavailable: false,
+        }
+    }
+
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| c.name == name)
     }

@@ -2,31 +2,13 @@
 //! every relation to its schema and every capturable column to its range variable, and CTE
 //! names shadow only inside their own query level.
 
-use crate::catalog::{Catalog, Column, RelKind, Relation};
+use crate::catalog::{Catalog, Relation};
 use crate::names::TableName;
 use crate::policy::Identity;
 use crate::sql::{Analysis, Analyzer, verify_substituted};
 
 fn relation(oid: u32, schema: &str, name: &str, cols: &[&str]) -> Relation {
-    Relation {
-        oid,
-        name: TableName::new(schema, name),
-        kind: RelKind::Table,
-        columns: cols
-            .iter()
-            .zip(1i16..)
-            .map(|(n, attnum)| Column {
-                name: (*n).to_owned(),
-                attnum,
-                type_oid: 25,
-                sql_type: "text".to_owned(),
-                bound_name: None,
-            })
-            .collect(),
-        ancestors: Vec::new(),
-        view_sql: None,
-        definition_unavailable: false,
-    }
+    Relation::text_table(oid, TableName::new(schema, name), cols.iter().map(|c| (*c).to_owned()))
 }
 
 /// The spec example's catalog, with an unprotected `scratch.customers` shadow and a

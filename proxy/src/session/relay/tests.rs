@@ -966,45 +966,15 @@ fn a_set_search_path_is_followed_once_the_server_confirms_it() {
     h.received();
     // `customers` is now crm.customers, which no rule protects: forwarded pinned to it.
     let f = q("SELECT ssn FROM customers");
-    let mut catalog = (*h.catalog).clone();
-    let crm = rules::catalog::Relation {
-        oid: 20_000,
-        name: rules::TableName::new("crm", "customers"),
-        kind: rules::catalog::RelKind::Table,
-        columns: vec![rules::catalog::Column {
-            name: "ssn".to_owned(),
-            attnum: 1,
-            type_oid: 25,
-            sql_type: "text".to_owned(),
-            bound_name: None,
-        }],
-        ancestors: Vec::new(),
-        view_sql: None,
-        definition_unavailable: false,
-    };
-    catalog = rules::catalog::Catalog::new(catalog.relations().map(|r| (**r).clone()).chain([crm]));
-    h.catalog = Arc::new(catalog);
+    with_crm(&mut h);
     h.client(f);
     assert_eq!(text_of(h.sent().last().unwrap()).trim_end_matches('\0'), "SELECT ssn FROM crm.customers");
 }
 
 /// The example catalog with an unprotected `crm.customers` (id, ssn).
 fn with_crm(h: &mut Harness) {
-    let crm = rules::catalog::Relation {
-        oid: 20_000,
-        name: rules::TableName::new("crm", "customers"),
-        kind: rules::catalog::RelKind::Table,
-        columns: vec![rules::catalog::Column {
-            name: "ssn".to_owned(),
-            attnum: 1,
-            type_oid: 25,
-            sql_type: "text".to_owned(),
-            bound_name: None,
-        }],
-        ancestors: Vec::new(),
-        view_sql: None,
-        definition_unavailable: false,
-    };
+    let crm =
+        rules::catalog::Relation::text_table(20_000, rules::TableName::new("crm", "customers"), ["ssn".to_owned()]);
     let catalog = rules::catalog::Catalog::new(h.catalog.relations().map(|r| (**r).clone()).chain([crm]));
     h.catalog = Arc::new(catalog);
 }
