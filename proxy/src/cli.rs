@@ -25,7 +25,7 @@ pub async fn check(path: &Path, against: Option<&str>, opts: &rules::CompileOpti
     // A DBA validating rules (in CI, say) does not hold the production secret: without the
     // key, `check` validates with a stand-in and warns that `run` will need the real one.
     let without_key = opts.hash_key.as_ref().is_none_or(Vec::is_empty);
-    let stand_in = rules::CompileOptions { hash_key: Some(b"pgveil-check-stand-in".to_vec()) };
+    let stand_in = rules::CompileOptions { hash_key: Some(STAND_IN_KEY.to_vec()) };
     let policy = match rules::compile(&src, if without_key { &stand_in } else { opts }) {
         Ok(p) => p,
         Err(diags) => return (rules::diagnostic::render_all(&diags, &name, &src), EXIT_FINDING),
@@ -130,10 +130,32 @@ pub async fn explain(
         Ok(s) => s,
         Err(e) => return (format!("{}: cannot read: {e}\n", path.display()), EXIT_USAGE),
     };
-    let policy = match rules::compile(&src, opts) {
+    // A DBA explaining a statement offline does not hold the production key either: the
+    // hash masks are shown with a placeholder where the key's fingerprint goes.
+    let without_key = opts.hash_key.as_ref().is_none_or(Vec::is_empty);
+    let stand_in = rules::CompileOptions { hash_key: Some(STAND_IN_KEY.to_vec()) };
+    let policy = match rules::compile(&src, if without_key { &stand_in } else { opts }) {
         Ok(p) => Arc::new(p),
         Err(diags) => return (rules::diagnostic::render_all(&diags, &path.display().to_string(), &src), EXIT_FINDING),
     };
+    let (out, code) = explain_with(&policy, role, against, sql).await;
+    if without_key && policy.uses_hash() {
+        let fingerprint = rules::HashKey::new(STAND_IN_KEY).fingerprint();
+        let out = out.replace(&fingerprint, "<key fingerprint>");
+        return (
+            format!("{out}note: PGVEIL_HASH_KEY is not set: hash masks show <key fingerprint> where the key's goes\n"),
+            code,
+        );
+    }
+    (out, code)
+}
+
+/// The key `check` and `explain` stand in with when PGVEIL_HASH_KEY is not set (never used to
+/// mask anything: `run` refuses rules with `hash` without the real key).
+const STAND_IN_KEY: &[u8] = b"pgveil-check-stand-in";
+
+async fn explain_with(policy: &Arc<rules::Policy>, role: &str, against: Option<&str>, sql: &str) -> (String, u8) {
+    let policy = Arc::clone(policy);
     let (catalog, roles) = match against {
         Some(url) => match live_catalog(url).await {
             Ok((c, client)) => {

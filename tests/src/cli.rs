@@ -30,6 +30,19 @@ async fn check_reports_findings_with_positions_and_exit_codes() {
     assert_eq!(code, 0, "check without the key validates: {text}");
     assert!(text.contains("warning: the `hash` mask needs PGVEIL_HASH_KEY"), "{text}");
     assert!(rules::compile(crate::masking::RULES, &rules::CompileOptions::default()).is_err(), "run refuses");
+    // `explain` offline without the key (issue 30): the hash mask with a placeholder where the
+    // key's fingerprint goes, never the stand-in's.
+    let rules = rules_file(crate::masking::RULES);
+    let sql = "SELECT email FROM customers WHERE id = 1";
+    let (text, code) = proxy::cli::explain(&rules, "support_lead", None, sql, &rules::CompileOptions::default()).await;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("pgveil.hmac_hex(CAST(email AS pg_catalog.text), CAST('<key fingerprint>' AS pg_catalog.text))"),
+        "{text}"
+    );
+    assert!(text.contains("note: PGVEIL_HASH_KEY is not set"), "{text}");
+    let (with_key, _) = proxy::cli::explain(&rules, "support_lead", None, sql, &opts()).await;
+    assert!(!with_key.contains("<key fingerprint>") && !with_key.contains("is not set"), "{with_key}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
