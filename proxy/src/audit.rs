@@ -429,3 +429,11 @@ impl Target {
         }
     }
 }
+
+/// The audit fingerprint of a FunctionCall: 16 hex digits of SHA-256 over its function OID and
+/// argument count (the width of pg_query's statement fingerprints).
+pub fn function_call_fingerprint(oid: u32, nargs: u16) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("FunctionCall {oid} {nargs}"));
+    hex::encode(digest.get(..8).unwrap_or_default())
+}

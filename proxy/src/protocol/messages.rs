@@ -369,6 +369,16 @@ pub fn parameter_status(frame: &Frame) -> Option<(&[u8], &[u8])> {
     Some((r.cstr()?, r.cstr()?))
 }
 
+/// A FunctionCall's function OID and argument count.
+pub fn function_call(f: &Frame) -> Option<(u32, u16)> {
+    let body = f.body_ref();
+    let oid = u32::from_be_bytes(body.get(0..4)?.try_into().ok()?);
+    let nformats = usize::from(u16::from_be_bytes(body.get(4..6)?.try_into().ok()?));
+    let at = nformats.checked_mul(2)?.checked_add(6)?;
+    let nargs = u16::from_be_bytes(body.get(at..at.checked_add(2)?)?.try_into().ok()?);
+    Some((oid, nargs))
+}
+
 #[cfg(test)]
 #[allow(clippy::arithmetic_side_effects)]
 mod tests {

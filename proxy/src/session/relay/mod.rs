@@ -436,6 +436,14 @@ impl Relay {
                         sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
                     };
                     let err = self.record_block(&b, None, &[]);
+                    // No statement text to normalize: the call is named by its function and
+                    // argument count, and fingerprinted by them, so security teams can group it.
+                    if let Some((oid, nargs)) = messages::function_call(&f)
+                        && let Some(a) = self.events.last_mut()
+                    {
+                        a.event.statement = Some(format!("FunctionCall(function oid {oid}, {nargs} arguments)"));
+                        a.event.fingerprint = Some(crate::audit::function_call_fingerprint(oid, nargs));
+                    }
                     self.push_blocked_query(err);
                 } else {
                     self.to_server.put_slice(f.as_bytes());
@@ -450,18 +458,6 @@ impl Relay {
             _ => self.to_server.put_slice(f.as_bytes()),
         }
         Ok(true)
-    }
-
-    /// Sends the server a failing Parse in place of a refused extended-protocol message;
-    /// `err` replaces its error, and the server skips to the Sync as it would.
-    fn push_blocked_parse(&mut self, err: Box<ErrorResponse>) {
-        let mut body = BytesMut::new();
-        body.put_slice(b"pgveil_refused\0");
-        body.put_slice(BLOCKED_SQL);
-        body.put_u8(0);
-        body.put_u16(0);
-        messages::tagged(&mut self.to_server, b'P', &body);
-        self.expect.push_back(Expect::Parse { blocked: Some(err), source: None });
     }
 
     /// Sends the server a failing Query in place of a blocked one; `err` replaces its error.

@@ -84,6 +84,18 @@ impl Relay {
         self.shared.metrics.reprepared_statements_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Sends the server a failing Parse in place of a refused extended-protocol message;
+    /// `err` replaces its error, and the server skips to the Sync as it would.
+    pub(super) fn push_blocked_parse(&mut self, err: Box<ErrorResponse>) {
+        let mut body = BytesMut::new();
+        body.put_slice(b"pgveil_refused\0");
+        body.put_slice(super::BLOCKED_SQL);
+        body.put_u8(0);
+        body.put_u16(0);
+        messages::tagged(&mut self.to_server, b'P', &body);
+        self.expect.push_back(Expect::Parse { blocked: Some(err), source: None });
+    }
+
     /// Marks a statement as decided under no current rules (its new Parse did not run).
     pub(super) fn forget_generation(&mut self, name: &[u8]) {
         if let Some(p) = self.statements.get_mut(name) {

@@ -896,6 +896,15 @@ fn the_function_call_message_is_refused_for_masked_sessions() {
     let mut h = harness(APP);
     h.client(frame(b'F', &[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]));
     assert!(text_of(&h.sent()[0]).contains("PGVEIL BLOCKED STATEMENT"));
+    // Audited with a statement and a fingerprint of its own (issue 30): function OID 1, no
+    // arguments; another function gets another fingerprint.
+    let evs = h.relay.take_events();
+    let ev = &evs.first().unwrap().event;
+    assert_eq!(ev.statement.as_deref(), Some("FunctionCall(function oid 1, 0 arguments)"));
+    let fp = ev.fingerprint.clone().unwrap();
+    assert_eq!(fp.len(), 16);
+    assert_ne!(fp, crate::audit::function_call_fingerprint(2, 0));
+    assert_eq!(fp, crate::audit::function_call_fingerprint(1, 0));
     h.server(vec![server_error("42601", "syntax error"), ready()]);
     let got = h.received();
     assert_eq!(sqlstate_of(&got[0]), "42501");
