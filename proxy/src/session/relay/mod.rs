@@ -316,7 +316,8 @@ impl Relay {
                                 (Bytes::copy_from_slice(sql), Bytes::copy_from_slice(rest))
                             };
                             let generation = self.rules.view_generation();
-                            let p = Prepared { id: self.next_id, plan, desc: None, generation, text, rest };
+                            let path = if name.is_empty() { Vec::new() } else { self.rules.current_path() };
+                            let p = Prepared { id: self.next_id, plan, desc: None, generation, text, rest, path };
                             self.statements.insert(name.clone(), p);
                         }
                         let source = match decided.rewritten() {
