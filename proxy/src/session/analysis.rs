@@ -262,11 +262,12 @@ impl SessionRules {
 
     /// The changes of statements just sent, assumed to succeed: the next statement is decided
     /// against the state they leave.
+    /// A SET LOCAL is assumed to hold (it does in a multi-statement Query and in an extended
+    /// Sync segment; a lone one outside a transaction is corrected at ReadyForQuery).
     pub fn project(&mut self, analysis: &Analysis) {
-        let several = analysis.statements.len() > 1;
         let mut changed = false;
         for c in analysis.statements.iter().flat_map(|p| &p.session) {
-            self.projected.apply(c, several);
+            self.projected.apply(c, true);
             changed = true;
         }
         if changed {
@@ -392,22 +393,6 @@ impl SessionRules {
 
     /// Analyses statement text, from the cache when possible. `None` text (not UTF-8) and
     /// catalog failures come back as blocking analyses: fail closed.
-    /// The search_path names resolve through now (as projected).
-    pub fn current_path(&self) -> Vec<String> {
-        self.projected.current().to_vec()
-    }
-
-    /// [`SessionRules::analyze`] with names resolved through `path` (a prepared statement's,
-    /// decided again after a reload: PostgreSQL keeps the path it was prepared under).
-    pub async fn analyze_under(&mut self, shared: &Shared, sql: &[u8], path: &[String]) -> Decided {
-        let saved = std::mem::replace(&mut self.projected, PathState::new(path.to_vec()));
-        self.rekey();
-        let decided = self.analyze(shared, sql).await;
-        self.projected = saved;
-        self.rekey();
-        decided
-    }
-
     pub async fn analyze(&mut self, shared: &Shared, sql: &[u8]) -> Decided {
         self.refresh(shared);
         if shared.audit.is_failing() && shared.config.audit.on_failure == crate::config::AuditFailure::Refuse {

@@ -129,8 +129,8 @@ impl<'a> Inspector<'a> {
             // The rules in force now, also for a session that only binds and executes.
             self.relay.rules_mut().refresh(self.shared);
         }
-        if let Some((name, text, path)) = self.relay.stale_statement(&f) {
-            let decided = self.relay.rules_mut().analyze_under(self.shared, &text, &path).await;
+        if let Some((name, text)) = self.relay.stale_statement(&f) {
+            let decided = self.relay.rules_mut().analyze(self.shared, &text).await;
             self.relay.reprepare(name, &decided);
         }
         let text = match f.tag() {

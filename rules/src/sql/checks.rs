@@ -70,6 +70,9 @@ pub(crate) struct Decided {
     pub substituted: Vec<String>,
     pub unknown_relation: bool,
     pub origins: Vec<(String, u32, i16)>,
+    /// An unqualified name pgveil cannot resolve that a protected relation answers to in
+    /// some schema: the statement is refused, after the proxy refreshed its catalog once.
+    pub unresolved: Option<Block>,
 }
 
 /// The session effects of a statement (the proxy follows them; checks decide apart).
@@ -137,7 +140,7 @@ pub(crate) fn changes(found: &Found<'_>, user: &str) -> Vec<Change> {
 fn lone_path_set(found: &Found<'_>) -> Option<(String, bool)> {
     let [f] = found.funcs.as_slice() else { return None };
     let [sel] = found.selects.as_slice() else { return None };
-    if found.kind != StmtKind::Select || !found.rels.is_empty() || sel.has_where || sel.outputs.len() != 1 {
+    if found.kind != StmtKind::Select || !found.rels.is_empty() || !sel.lone_call {
         return None;
     }
     if !matches!(f.name.as_slice(), [n] | [_, n] if n == "set_config")
@@ -264,6 +267,13 @@ fn statement(found: &Found<'_>, protect: &mut Protection<'_>) -> Result<(), Bloc
                     "ask a DBA to run it",
                 ));
             }
+        }
+        StmtKind::Other(kind) if kind == "SetSearchPathFromCurrent" => {
+            return Err(block(
+                Reason::Setting,
+                "SET search_path FROM CURRENT is not followed by pgveil",
+                "SET search_path to the schemas you need",
+            ));
         }
         StmtKind::Other(kind) if CALLS_LATER.contains(&kind.as_str()) => {
             return Err(block(
@@ -458,8 +468,26 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
         // DDL-heavy session would otherwise wait out a forced reload per CREATE).
         let creates =
             matches!(&r.site, Site::Other(parent, key) if CREATED_SITES.iter().any(|(p, k)| p == parent && k == key));
-        if rel.is_none() && !is_cte && !is_temp && !creates {
+        // `FOR UPDATE OF x` names a FROM entry, not a relation (and may not be qualified).
+        let locking = matches!(&r.site, Site::Other("LockingClause", _));
+        if rel.is_none() && !is_cte && !is_temp && !creates && !locking {
             out.unknown_relation = true;
+            // A name pgveil cannot resolve is sent as written, and the server resolves it
+            // through its own search_path: if a protected relation answers to that name in
+            // any schema, pgveil's model may be the one that is wrong (I12): refused.
+            if schema.is_none()
+                && out.unresolved.is_none()
+                && let Some(t) = protect.protected_named(r.relname())
+            {
+                out.unresolved = Some(Block {
+                    tables: vec![t.to_string()],
+                    ..block(
+                        Reason::Unsupported,
+                        format!("pgveil cannot resolve {} here, and protected relation {t} has that name", r.relname()),
+                        "qualify the name with its schema",
+                    )
+                });
+            }
         }
         if let Some(rel) = &rel
             && matches!(r.site, Site::Read | Site::Tablesample)
@@ -474,7 +502,7 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
         }
         // Pinned (I12): the name is written as pgveil resolved it, so a difference between
         // its model and the server's (DDL or a SET it did not see) fails the statement.
-        if schema.is_none() && !is_cte && !creates {
+        if schema.is_none() && !is_cte && !creates && !locking {
             let pin = if is_temp { Some("pg_temp".to_owned()) } else { rel.as_ref().map(|x| x.name.schema.clone()) };
             if let Some(schema) = pin {
                 pins.push((pins_site(r), r.location(), schema));

@@ -335,6 +335,10 @@ impl<'a> Analyzer<'a> {
                 match checks::check(&found, &mut protect, &toks) {
                     Ok(e) => {
                         out.unknown_relation |= e.unknown_relation;
+                        if let Some(b) = e.unresolved {
+                            out.block = Some(b);
+                            return out;
+                        }
                         plan.tables = e.read_protected;
                         plan.substituted = e.substituted;
                         plan.origins = e.origins;

@@ -90,6 +90,13 @@ impl<'a> Protection<'a> {
         self.catalog.resolve(schema, name, self.search_path).cloned()
     }
 
+    /// A protected relation of this name in any schema.
+    pub fn protected_named(&mut self, name: &str) -> Option<TableName> {
+        let candidates: Vec<Arc<Relation>> =
+            self.catalog.relations().filter(|r| r.name.table == name).cloned().collect();
+        candidates.into_iter().find(|r| self.protected(r).is_some()).map(|r| r.name.clone())
+    }
+
     /// How the session sees a relation: `None` when nothing of it is masked.
     pub fn protected(&mut self, rel: &Arc<Relation>) -> Option<Arc<Protected>> {
         if let Some(p) = self.memo.get(&rel.oid) {

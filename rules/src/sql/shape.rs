@@ -71,6 +71,18 @@ pub(crate) fn scan_tokens(sql: &str) -> Option<Vec<pb::ScanToken>> {
 /// Whether a token is one of [`SHAPE_SENSITIVE`] (any case). Most tokens are not words of
 /// that length, and are told apart without comparing against the list.
 fn is_sensitive(text: &str) -> bool {
+    // A quoted identifier names the same thing as its content (`"set_config"` is set_config);
+    // one with Unicode escapes cannot be read here and counts as sensitive.
+    if let Some(q) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        return is_sensitive_word(&q.replace("\"\"", "\""));
+    }
+    if text.len() > 2 && text.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("u&")) {
+        return true;
+    }
+    is_sensitive_word(text)
+}
+
+fn is_sensitive_word(text: &str) -> bool {
     const LONGEST: usize = 10;
     let bytes = text.as_bytes();
     if !(2..=LONGEST).contains(&bytes.len()) || !bytes.first().is_some_and(u8::is_ascii_alphabetic) {

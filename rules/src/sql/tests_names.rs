@@ -221,3 +221,30 @@ fn dropping_a_view_is_not_ddl_on_a_protected_table() {
     assert_eq!(a.block, None);
     assert_eq!(blocked("DROP TABLE customers"), "protected_ddl");
 }
+
+#[test]
+fn a_name_pgveil_cannot_resolve_that_a_protected_relation_answers_to_is_refused() {
+    // Under [app_user] alone pgveil knows no `customers`; the server's path may differ (a
+    // set_config that never ran, SET LOCAL in a pipeline): refused rather than sent bare.
+    let a = analyze(&["app_user"], &[], "INSERT INTO scratch.other SELECT 1, ssn FROM customers");
+    assert_eq!(a.block.map(|b| b.rule).as_deref(), Some("unsupported"));
+    assert!(a.unknown_relation, "the proxy refreshes its catalog once first");
+    // A name no protected relation has is the server's to answer.
+    sent(&["app_user"], "SELECT 1 FROM nowhere");
+    // FOR UPDATE OF names a FROM entry: never qualified.
+    let text = sent(PUBLIC, "SELECT id FROM orders FOR UPDATE OF orders");
+    assert_eq!(text, "SELECT id FROM public.orders FOR UPDATE OF orders");
+}
+
+#[test]
+fn set_config_of_search_path_is_followed_only_where_it_runs_once() {
+    for sql in [
+        "SELECT set_config('search_path', 'scratch', false) LIMIT 0",
+        "SELECT CASE WHEN false THEN set_config('search_path', 'scratch', false) END",
+        "SELECT coalesce('x', set_config('search_path', 'scratch', false))",
+        "SELECT set_config('search_path', 'scratch', false) WHERE false",
+    ] {
+        assert_eq!(blocked(sql), "setting", "{sql}");
+    }
+    assert_eq!(blocked("SET search_path FROM CURRENT"), "setting");
+}

@@ -218,6 +218,10 @@ pub(crate) struct SelectFacts {
     pub has_where: bool,
     pub limited: bool,
     pub aggregate_only: bool,
+    /// `SELECT f(…)` and nothing else: one output that is a function call, no FROM, WHERE,
+    /// GROUP BY, HAVING, ORDER BY, LIMIT, OFFSET, DISTINCT, WITH or window (so the call runs
+    /// exactly once).
+    pub lone_call: bool,
     /// Relation sites directly in its FROM (through joins), and subqueries' scopes.
     pub from_rels: Vec<usize>,
     pub from_subselects: Vec<usize>,
@@ -348,6 +352,8 @@ fn kind(t: &str, b: &Map<String, Value>) -> StmtKind {
             let local = b.get("is_local").and_then(Value::as_bool).unwrap_or(false);
             match k {
                 6 => StmtKind::ResetAll,
+                // SET … FROM CURRENT: the value in force, which only the server knows.
+                3 if name == "search_path" => StmtKind::Other("SetSearchPathFromCurrent".to_owned()),
                 1 | 4 => {
                     let values = b
                         .get("args")
@@ -585,7 +591,7 @@ impl<'v> Walker<'v> {
         if matches!(site, Site::Other(..)) && str_field(rv, "relpersistence") == Some("t") {
             self.found.temp_created.push(str_field(rv, "relname").unwrap_or("").to_owned());
         }
-        if matches!(site, Site::Other(..)) && str_field(rv, "schemaname") == Some("pg_temp") {
+        if matches!(site, Site::Other(..)) && str_field(rv, "schemaname").is_some_and(|s| s.starts_with("pg_temp")) {
             self.found.temp_created.push(str_field(rv, "relname").unwrap_or("").to_owned());
         }
         let read = matches!(site, Site::Read | Site::Tablesample | Site::CopyTo);
@@ -737,10 +743,20 @@ impl<'v> Walker<'v> {
             let limited = b.get("limit_count").is_some_and(|l| {
                 !l.is_null() && !matches!(variant(l), Some(("AConst", c)) if c.get("isnull").and_then(Value::as_bool) == Some(true))
             });
+            let absent = |k: &str| b.get(k).is_none_or(|v| v.is_null() || v.as_array().is_some_and(Vec::is_empty));
+            let lone_call = ["from_clause", "where_clause", "group_clause", "having_clause", "sort_clause", "limit_count",
+                "limit_offset", "distinct_clause", "with_clause", "window_clause", "locking_clause", "into_clause"]
+                .iter()
+                .all(|k| absent(k))
+                && matches!(
+                    b.get("target_list").and_then(Value::as_array).map(Vec::as_slice),
+                    Some([t]) if matches!(variant(t), Some(("ResTarget", rt)) if matches!(rt.get("val").and_then(variant), Some(("FuncCall", _))))
+                );
             w.found.selects.push(SelectFacts {
                 scope,
                 has_where: b.get("where_clause").is_some_and(|v| !v.is_null()),
                 limited,
+                lone_call,
                 ..SelectFacts::default()
             });
             let saved_select = w.select_index.replace(si);
@@ -1072,6 +1088,7 @@ fn other_site(parent: &str, key: &str) -> Site {
         "CopyStmt",
         "ExplainStmt",
         "AlterOwnerStmt",
+        "LockingClause",
     ];
     let p = KNOWN.iter().find(|k| **k == parent).copied().unwrap_or("other");
     Site::Other(p, key.to_owned())

@@ -316,8 +316,7 @@ impl Relay {
                                 (Bytes::copy_from_slice(sql), Bytes::copy_from_slice(rest))
                             };
                             let generation = self.rules.view_generation();
-                            let path = if name.is_empty() { Vec::new() } else { self.rules.current_path() };
-                            let p = Prepared { id: self.next_id, plan, desc: None, generation, text, rest, path };
+                            let p = Prepared { id: self.next_id, plan, desc: None, generation, text, rest };
                             self.statements.insert(name.clone(), p);
                         }
                         let source = match decided.rewritten() {

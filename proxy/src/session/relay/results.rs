@@ -250,7 +250,9 @@ impl Relay {
                     && !p.plan.session.is_empty()
                 {
                     let changes = p.plan.session.clone();
-                    self.rules.confirm(&changes, f.body_ref(), false);
+                    // An extended-protocol statement runs in the implicit transaction of its
+                    // Sync segment: SET LOCAL holds until that ends.
+                    self.rules.confirm(&changes, f.body_ref(), true);
                 }
                 if let Some(p) = self.portals.get(&portal)
                     && p.plan.reads_raw()

@@ -23,9 +23,6 @@ pub(super) struct Prepared {
     /// statement, which clients parse anew.
     pub text: Bytes,
     pub rest: Bytes,
-    /// The search_path its names were resolved through: PostgreSQL keeps a prepared
-    /// statement's, and so does its re-decision.
-    pub path: Vec<String>,
 }
 
 /// A statement prepared with SQL PREPARE, and the view generation it was decided under.

@@ -33,7 +33,7 @@ const MAX_CURSORS: usize = 1024;
 impl Relay {
     /// For a Bind of a named statement decided before the last rules change: its name and the
     /// client's text, to decide again ([`Relay::reprepare`]) before the Bind is handled.
-    pub(crate) fn stale_statement(&self, f: &Frame) -> Option<(Bytes, Bytes, Vec<String>)> {
+    pub(crate) fn stale_statement(&self, f: &Frame) -> Option<(Bytes, Bytes)> {
         // Until a reload changed what the session sees (or a re-prepare was skipped), no
         // statement can be stale: the Bind is not read twice.
         if f.tag() != b'B' || (self.rules.view_generation() == 0 && !self.stale_marked) {
@@ -42,7 +42,7 @@ impl Relay {
         let bind = messages::bind_message(f)?;
         let (name, p) = self.statements.get_key_value(bind.statement)?;
         (!name.is_empty() && !p.text.is_empty() && p.generation != self.rules.view_generation())
-            .then(|| (name.clone(), p.text.clone(), p.path.clone()))
+            .then(|| (name.clone(), p.text.clone()))
     }
 
     /// Prepares `name` again with its newly decided text (or a failing statement, if it is
@@ -76,15 +76,8 @@ impl Relay {
                 self.next_id = self.next_id.wrapping_add(1);
                 let plan = std::sync::Arc::new(decided.analysis.statements.first().cloned().unwrap_or_default());
                 let generation = self.rules.view_generation();
-                let fresh = Prepared {
-                    id: self.next_id,
-                    plan,
-                    desc: old.desc,
-                    generation,
-                    text: old.text,
-                    rest: old.rest,
-                    path: old.path,
-                };
+                let fresh =
+                    Prepared { id: self.next_id, plan, desc: old.desc, generation, text: old.text, rest: old.rest };
                 self.statements.insert(name, fresh);
             }
         }
