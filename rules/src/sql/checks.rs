@@ -78,6 +78,7 @@ pub(crate) struct Decided {
 /// The session effects of a statement (the proxy follows them; checks decide apart).
 pub(crate) fn effects(found: &Found<'_>, effects: &mut Vec<Effect>) {
     effects.extend(found.temp_created.iter().cloned().map(Effect::TempRelation));
+    effects.extend(found.executes.iter().cloned().map(Effect::Executes));
     match &found.kind {
         StmtKind::Deallocate(n) => effects.push(Effect::Deallocate(n.clone())),
         StmtKind::Discard { temp: true, .. } => effects.push(Effect::TempDiscarded),
@@ -92,7 +93,6 @@ pub(crate) fn effects(found: &Found<'_>, effects: &mut Vec<Effect>) {
                 }
             }
         }
-        StmtKind::Execute(n) => effects.push(Effect::Executes(n.clone())),
         StmtKind::Declare(n) => effects.push(Effect::Cursor(n.clone())),
         StmtKind::Fetch(n) => effects.push(Effect::Fetches(n.clone())),
         StmtKind::CloseCursor(n) => effects.push(Effect::CloseCursor(n.clone())),

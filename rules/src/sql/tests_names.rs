@@ -248,3 +248,21 @@ fn set_config_of_search_path_is_followed_only_where_it_runs_once() {
     }
     assert_eq!(blocked("SET search_path FROM CURRENT"), "setting");
 }
+
+#[test]
+fn a_dml_target_named_like_a_cte_is_the_relation() {
+    // Named like a protected relation, the CTE is refused; named like another, the target is
+    // still resolved and pinned (it was taken for the CTE, and sent bare).
+    assert_eq!(blocked("WITH customers AS (SELECT 1) UPDATE customers SET notes = notes"), "cte_shadow");
+    let text =
+        sent(&["scratch", "public"], "WITH customers AS (SELECT 1) UPDATE customers SET email = email RETURNING ssn");
+    assert!(text.contains("UPDATE scratch.customers SET"), "{text}");
+}
+
+#[test]
+fn execute_inside_other_statements_is_seen() {
+    for sql in ["CREATE TABLE x AS EXECUTE p", "EXPLAIN ANALYZE EXECUTE p", "EXECUTE p"] {
+        let a = analyze(PUBLIC, &[], sql);
+        assert!(a.effects.contains(&crate::sql::Effect::Executes("p".to_owned())), "{sql}: {:?}", a.effects);
+    }
+}

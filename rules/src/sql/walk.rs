@@ -203,6 +203,8 @@ pub(crate) struct Found<'v> {
     pub natural_join: bool,
     /// Temporary relations this statement creates.
     pub temp_created: Vec<String>,
+    /// SQL-prepared statements it runs (`EXECUTE p`, also inside CREATE TABLE AS / EXPLAIN).
+    pub executes: Vec<String>,
     /// The tree nests deeper than the walker follows: nothing about it can be relied on.
     pub too_deep: bool,
 }
@@ -243,6 +245,7 @@ pub(crate) fn walk(stmt: &Value) -> Found<'_> {
             names: std::collections::HashSet::new(),
             natural_join: false,
             temp_created: Vec::new(),
+            executes: Vec::new(),
             too_deep: false,
         },
         scope: 0,
@@ -534,6 +537,12 @@ impl<'v> Walker<'v> {
                 self.found.cols.push(ColSite { fields, location, scope: self.scope, position: self.position });
             }
             "FuncCall" => self.func_call(b),
+            "ExecuteStmt" => {
+                self.found.executes.push(str_field(b, "name").unwrap_or("").to_owned());
+                for (k, x) in b {
+                    self.value_in(x, t, k);
+                }
+            }
             "CommonTableExpr" => {
                 if let Some(n) = str_field(b, "ctename") {
                     self.found.ctes.push(n.to_owned());
@@ -597,7 +606,8 @@ impl<'v> Walker<'v> {
         let read = matches!(site, Site::Read | Site::Tablesample | Site::CopyTo);
         let idx = self.found.rels.len();
         let unqualified = str_field(rv, "schemaname").is_none_or(str::is_empty);
-        let cte = unqualified && self.names_cte(str_field(rv, "relname").unwrap_or(""));
+        // A DML target is always a relation, whatever the WITH defines.
+        let cte = unqualified && site != Site::Target && self.names_cte(str_field(rv, "relname").unwrap_or(""));
         self.found.rels.push(RelSite {
             rv,
             site: site.clone(),
