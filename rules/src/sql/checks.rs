@@ -179,7 +179,21 @@ pub(crate) fn check(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Toke
             });
         }
     }
-    relations(found, protect, toks)
+    let mut decided = relations(found, protect, toks)?;
+    // Pinned (I12): a built-in called by its bare name is pg_catalog's. Resolved through the
+    // search_path, a function of the session's own with a better-matching signature
+    // (`app.length(integer)`) would run instead, outside `functions: allow:`.
+    for f in &found.funcs {
+        let [name] = f.name.as_slice() else { continue };
+        if !functions::is_builtin(name) {
+            continue;
+        }
+        let at = toks.at(f.location).ok_or_else(|| {
+            block(Reason::Unsupported, "pgveil cannot locate a function call in the statement's text", "")
+        })?;
+        decided.edits.push(Edit { from: at, to: at, pieces: vec![Piece::Text("pg_catalog.".to_owned())] });
+    }
+    Ok(decided)
 }
 
 fn statement(found: &Found<'_>, protect: &mut Protection<'_>) -> Result<(), Block> {

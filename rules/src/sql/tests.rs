@@ -145,7 +145,7 @@ fn a_subquery_lists_the_columns_the_statement_names_unless_it_can_reach_others()
     let named = rewritten(APP, "SELECT name FROM customers WHERE id = 1");
     assert_eq!(named, "SELECT name FROM (SELECT id, name FROM public.customers) AS customers WHERE id = 1");
     let none = rewritten(APP, "SELECT count(1) FROM customers");
-    assert_eq!(none, "SELECT count(1) FROM (SELECT  FROM public.customers) AS customers");
+    assert_eq!(none, "SELECT pg_catalog.count(1) FROM (SELECT  FROM public.customers) AS customers");
     // A name used in another scope still keeps the column (correlated references).
     let inner =
         rewritten(APP, "SELECT o.id FROM orders o WHERE EXISTS (SELECT 1 FROM customers WHERE name = o.status)");

@@ -266,3 +266,18 @@ fn execute_inside_other_statements_is_seen() {
         assert!(a.effects.contains(&crate::sql::Effect::Executes("p".to_owned())), "{sql}: {:?}", a.effects);
     }
 }
+
+#[test]
+fn built_in_calls_by_bare_name_are_pinned_to_pg_catalog() {
+    let text = sent(&["scratch", "public"], "SELECT length(1), upper(name), count(*) FROM orders, customers");
+    assert!(
+        text.starts_with("SELECT pg_catalog.length(1), pg_catalog.upper(name), pg_catalog.count(*) FROM"),
+        "{text}"
+    );
+    // Already qualified (the grammar's own forms too): as written.
+    let text = sent(PUBLIC, "SELECT pg_catalog.lower('A'), substring('abc' from 2), extract(year from now())");
+    assert!(
+        text.starts_with("SELECT pg_catalog.lower('A'), substring('abc' from 2), extract(year from pg_catalog.now())"),
+        "{text}"
+    );
+}

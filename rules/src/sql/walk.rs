@@ -97,6 +97,8 @@ pub(crate) struct FuncSite {
     pub name: Vec<String>,
     /// Constant text arguments (for `set_config`).
     pub text_args: Vec<Option<String>>,
+    /// The name's location in the text.
+    pub location: i32,
 }
 
 /// One FROM entry a column reference may resolve to.
@@ -677,7 +679,8 @@ impl<'v> Walker<'v> {
         let name = strings(b.get("funcname"));
         let text_args =
             b.get("args").and_then(Value::as_array).map(|a| a.iter().map(const_text).collect()).unwrap_or_default();
-        self.found.funcs.push(FuncSite { name, text_args });
+        let location = int(b.get("location")).unwrap_or(-1);
+        self.found.funcs.push(FuncSite { name, text_args, location });
         let distinct = b.get("agg_distinct").and_then(Value::as_bool).unwrap_or(false);
         let args_position = if distinct { Position::Filter("DISTINCT") } else { self.position };
         self.with(args_position, |w| w.field(b, "args", "FuncCall"));
