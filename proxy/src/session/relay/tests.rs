@@ -988,6 +988,18 @@ fn with_crm(h: &mut Harness) {
     h.catalog = Arc::new(catalog);
 }
 
+/// BEGIN; SET search_path = crm; then `end`, which the server answers ROLLBACK (a COMMIT
+/// answered so is a COMMIT of a failed transaction).
+fn in_transaction(h: &mut Harness, end: &str) {
+    for (sql, tag, status) in
+        [("BEGIN", "BEGIN", b"T"), ("SET search_path = crm", "SET", b"T"), (end, "ROLLBACK", b"I")]
+    {
+        h.client(q(sql));
+        h.server(vec![complete(tag), frame(b'Z', status)]);
+        h.received();
+    }
+}
+
 fn sent_text(h: &mut Harness) -> String {
     text_of(h.sent().last().unwrap()).trim_end_matches('\0').to_owned()
 }
@@ -996,25 +1008,13 @@ fn sent_text(h: &mut Harness) -> String {
 fn a_rolled_back_set_search_path_is_undone() {
     let mut h = harness(APP);
     with_crm(&mut h);
-    for (sql, tag, status) in
-        [("BEGIN", "BEGIN", b"T"), ("SET search_path = crm", "SET", b"T"), ("ROLLBACK", "ROLLBACK", b"I")]
-    {
-        h.client(q(sql));
-        h.server(vec![complete(tag), frame(b'Z', status)]);
-        h.received();
-    }
+    in_transaction(&mut h, "ROLLBACK");
     h.client(q("SELECT ssn FROM customers"));
     assert!(sent_text(&mut h).contains("FROM public.customers) AS customers"), "back to public: {}", sent_text(&mut h));
     // A COMMIT of a failed transaction is a rollback (the server says so in its tag).
     h.server(vec![complete("SELECT 0"), ready()]);
     h.received();
-    for (sql, tag, status) in
-        [("BEGIN", "BEGIN", b"T"), ("SET search_path = crm", "SET", b"T"), ("COMMIT", "ROLLBACK", b"I")]
-    {
-        h.client(q(sql));
-        h.server(vec![complete(tag), frame(b'Z', status)]);
-        h.received();
-    }
+    in_transaction(&mut h, "COMMIT");
     h.client(q("SELECT ssn FROM customers"));
     assert!(sent_text(&mut h).contains("FROM public.customers) AS customers"), "{}", sent_text(&mut h));
 }
