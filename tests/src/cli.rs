@@ -37,7 +37,9 @@ async fn check_reports_findings_with_positions_and_exit_codes() {
     let (text, code) = proxy::cli::explain(&rules, "support_lead", None, sql, &rules::CompileOptions::default()).await;
     assert_eq!(code, 0, "{text}");
     assert!(
-        text.contains("pgveil.hmac_hex(CAST(email AS pg_catalog.text), CAST('<key fingerprint>' AS pg_catalog.text))"),
+        text.contains(
+            "pgveil.hmac_hex(CAST(customers.email AS pg_catalog.text), CAST('<key fingerprint>' AS pg_catalog.text))"
+        ),
         "{text}"
     );
     assert!(text.contains("note: PGVEIL_HASH_KEY is not set"), "{text}");

@@ -50,6 +50,8 @@ pub(crate) const CORPUS: &[&str] = &[
     "COMMIT",
     "INSERT INTO customers (name, email, ssn) VALUES ('New Person', 'new@example.com', '111-22-3333') RETURNING id > 0",
     "UPDATE customers SET name = 'Renamed' WHERE email = 'new@example.com'",
+    "UPDATE customers SET name = 'Renamed' WHERE id = (SELECT id FROM customers WHERE email = 'new@example.com')",
+    "UPDATE customers c SET name = 'Renamed' WHERE id IN (SELECT id FROM customers c2 WHERE email = 'new@example.com')",
     "SELECT name FROM customers WHERE name = 'Renamed'",
     "DELETE FROM customers WHERE name = 'Renamed'",
     "SET application_name = 'false-block-corpus'",

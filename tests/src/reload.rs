@@ -68,8 +68,9 @@ fn masking_names() -> String {
 /// Threat model I11: what the server stores for a session (prepared statements, portals,
 /// cursors, temporary views) never runs as decided before a reload that changed what the
 /// session sees. tokio-postgres prepares a named statement for every query, so its
-/// statements are prepared again transparently; SQL PREPARE, cursors and bound portals are
-/// refused naming the reload; a session with a temporary view ends.
+/// statements are prepared again transparently, and so are SQL-prepared ones a simple Query
+/// executes; cursors, bound portals and a protocol EXECUTE of a stale one are refused naming
+/// the reload; a session with a temporary view ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_reaches_what_the_server_stores() {
     let cluster = pg::cluster();
@@ -82,7 +83,16 @@ async fn a_reload_reaches_what_the_server_stores() {
     let stmt = client.prepare("SELECT name FROM customers WHERE id = $1").await.unwrap();
     let name: String = client.query_one(&stmt, &[&1i32]).await.unwrap().get(0);
     assert_eq!(name, "Canary One", "name is not protected yet");
-    client.batch_execute("PREPARE sqlp AS SELECT name FROM customers WHERE id = 1").await.unwrap();
+    client
+        .batch_execute(
+            "PREPARE sqlp AS SELECT name FROM customers WHERE id = 1; \
+             PREPARE sqlpx (int) AS SELECT name FROM customers WHERE id = $1; \
+             PREPARE sqlpy (int) AS SELECT name FROM customers WHERE id = $1; \
+             PREPARE sqlpz AS SELECT name FROM customers WHERE id = 1; \
+             PREPARE sqlpw AS SELECT name FROM customers WHERE id = 1",
+        )
+        .await
+        .unwrap();
     client
         .batch_execute("BEGIN; DECLARE cur CURSOR WITH HOLD FOR SELECT name FROM customers ORDER BY id; COMMIT")
         .await
@@ -107,22 +117,50 @@ async fn a_reload_reaches_what_the_server_stores() {
     // New statements see the new rules too.
     let fresh: String = client.query_one("SELECT name FROM customers WHERE id = 3", &[]).await.unwrap().get(0);
     assert_eq!(fresh, name);
-    // SQL PREPARE and cursors hold text the proxy cannot send again: refused.
-    let e = client.simple_query("EXECUTE sqlp").await.unwrap_err();
+    // SQL PREPARE: the statement is prepared again ahead of the EXECUTE, in the same Query,
+    // and its answers unseen: the client sees only its EXECUTE's.
+    let rows = client.simple_query("EXECUTE sqlp").await.unwrap();
+    assert_eq!(sql_names(&rows), std::slice::from_ref(&name), "{rows:?}");
+    let rows = client.simple_query("EXECUTE sqlpx(2); SELECT 1 AS one").await.unwrap();
+    assert_eq!(sql_names(&rows), [name.clone(), "1".to_owned()], "{rows:?}");
+    // Inside a transaction, and an error in the client's statements still maps its position.
+    client.batch_execute("BEGIN").await.unwrap();
+    let rows = client.simple_query("EXECUTE sqlpy(3)").await.unwrap();
+    assert_eq!(sql_names(&rows), std::slice::from_ref(&name), "{rows:?}");
+    client.batch_execute("COMMIT").await.unwrap();
+    // An error in the client's own statements points into the client's text.
+    let e = client.simple_query("EXECUTE sqlpw; SELECT nosuch FROM customers").await.unwrap_err();
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(db.code().code(), "42703", "{e:?}");
+    assert_eq!(db.position(), Some(&tokio_postgres::error::ErrorPosition::Original(23)), "{e:?}");
+    // Once prepared again it runs as prepared: no second re-prepare.
+    let before = p.shared.metrics.reprepared_statements_total.load(Ordering::Relaxed);
+    client.simple_query("EXECUTE sqlp").await.unwrap();
+    assert_eq!(p.shared.metrics.reprepared_statements_total.load(Ordering::Relaxed), before);
+    // From a protocol Parse the EXECUTE cannot go behind a PREPARE: refused, naming the reload.
+    let e = client.query("EXECUTE sqlpz", &[]).await.unwrap_err();
     assert!(
-        format!("{e:?}").contains("prepared statement \\\"sqlp\\\" was prepared under rules that have been reloaded"),
+        format!("{e:?}").contains("prepared statement \\\"sqlpz\\\" was prepared under rules that have been reloaded"),
         "{e:?}"
     );
+    // Cursors hold a query the proxy cannot send again: refused.
     let e = client.simple_query("FETCH 1 FROM cur").await.unwrap_err();
     assert!(format!("{e:?}").contains("reloaded"), "{e:?}");
-    // Prepared again under the new rules, they run on masked values.
-    client.batch_execute("DEALLOCATE sqlp; PREPARE sqlp AS SELECT name FROM customers WHERE id = 1").await.unwrap();
-    let rows = client.simple_query("EXECUTE sqlp").await.unwrap();
-    assert!(!format!("{rows:?}").contains("Canary One"), "{rows:?}");
     // The session with a temporary view over the table ends, saying why.
     let e = coded.simple_query("SELECT name FROM names_v").await.unwrap_err();
     assert!(format!("{e:?}").contains("rules were reloaded"), "{e:?}");
     let _ = client.batch_execute("CLOSE cur").await;
+}
+
+/// The values of the rows of a simple query's results, first column.
+fn sql_names(messages: &[tokio_postgres::SimpleQueryMessage]) -> Vec<String> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The same through drivers that prepare on their own: psycopg 3 (`prepare_threshold=0`) and

@@ -142,6 +142,15 @@ impl<'a> Inspector<'a> {
             Some(text) => Some(self.relay.rules_mut().analyze(self.shared, text).await),
             None => None,
         };
+        if f.tag() == b'Q'
+            && let Some(d) = &decided
+        {
+            // SQL-prepared statements it executes, decided under earlier rules, go first (I11).
+            for (name, prepare) in self.relay.stale_sql(&d.analysis) {
+                let again = self.relay.rules_mut().analyze(self.shared, prepare.as_bytes()).await;
+                self.relay.reprepare_sql(name, &prepare, &again);
+            }
+        }
         let go_on = self.relay.on_client(f, decided)?;
         self.send_events().await;
         Ok(go_on)

@@ -609,7 +609,11 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
                             return Err(predicate_block(""));
                         };
                         let last = value_end(toks, k, last);
-                        let lhs = vec![Piece::Text(quote_ident(&name))];
+                        let lhs = vec![Piece::Text(format!(
+                            "{}.{}",
+                            quote_ident(rel_site.map_or("", |r| r.relname())),
+                            quote_ident(&name)
+                        ))];
                         let Some(filter) = pinned_comparison(toks, k, lhs, rhs, last) else {
                             return Err(predicate_block(" with this operator"));
                         };
@@ -661,7 +665,8 @@ fn relations(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>)
                 ));
             }
             Site::Target => {
-                target(found, i, &rel, &p, protect, toks, &raw_ok, &resolved, &mut out.edits)?;
+                let moved: Vec<(usize, usize)> = pushdowns.iter().map(|(_, _, from, to)| (*from, *to)).collect();
+                target(found, i, &rel, &p, protect, toks, &raw_ok, &moved, &resolved, &mut out.edits)?;
             }
             Site::Other(parent, key) => {
                 if !HARMLESS_SITES.iter().any(|(p, k)| p == parent && k == key) {
@@ -752,7 +757,7 @@ fn pinned_comparison(
 /// Whether a relation site must be pinned for the statement to run: reads and writes must;
 /// a utility statement's name without a location in the text (some DDL forms) is left to the
 /// server, as it reads no data.
-fn pins_site(r: &walk::RelSite<'_>) -> bool {
+pub(super) fn pins_site(r: &walk::RelSite<'_>) -> bool {
     matches!(r.site, Site::Read | Site::Tablesample | Site::CopyTo | Site::Target)
 }
 
@@ -816,7 +821,7 @@ fn origins(
 /// Whether a statement can read a protected column of this relation site: by `*`, whole-row
 /// references, NATURAL joins, COPY of every column, or any reference by a masked column's
 /// name. Only `COPY t (columns)` of unmasked columns is left as written on this ground.
-fn reachable(found: &Found<'_>, r: &walk::RelSite<'_>, p: &Protected) -> bool {
+pub(super) fn reachable(found: &Found<'_>, r: &walk::RelSite<'_>, p: &Protected) -> bool {
     if matches!(p, Protected::View { .. }) || matches!(p, Protected::Table { whole: true, .. }) {
         return true;
     }
@@ -915,6 +920,7 @@ fn target(
     protect: &Protection<'_>,
     toks: &Tokens<'_>,
     raw_ok: &HashSet<i32>,
+    moved: &[(usize, usize)],
     resolved: &[Option<Arc<Relation>>],
     edits: &mut Vec<Edit>,
 ) -> Result<(), Block> {
@@ -928,7 +934,6 @@ fn target(
     }
     let alias = quote_ident(r.alias().unwrap_or(r.relname()));
     let scope_entries = found.scopes.get(r.scope).map_or(0, |s| s.entries.len());
-    let reference = r.reference_name();
     for c in &found.cols {
         let star = c.fields.last().is_some_and(|f| f == "*");
         if star && c.position != Position::Returning {
@@ -987,7 +992,15 @@ fn target(
                 // variable, so the server binds it there or fails.
                 let Some(other) = found.rels.get(s) else { continue };
                 let name = other.reference_name();
-                if name == reference || !unique_in_chain(found, c.scope, name) {
+                let Some(at) = toks.at(c.location) else {
+                    return Err(block(Reason::Unsupported, "cannot locate a column", ""));
+                };
+                if moved.iter().any(|(from, to)| (*from..*to).contains(&at)) {
+                    // Its comparison moved into the substitution, which qualifies it there.
+                    continue;
+                }
+                // PostgreSQL binds a qualified name to the nearest range variable of that name.
+                if binds_to(found, c.scope, name) != Some(Some(s)) {
                     return Err(block(
                         Reason::Unsupported,
                         format!(
@@ -997,7 +1010,6 @@ fn target(
                         "qualify the column with its table",
                     ));
                 }
-                let at = toks.at(c.location).ok_or_else(|| block(Reason::Unsupported, "cannot locate a column", ""))?;
                 edits.push(Edit { from: at, to: at, pieces: vec![Piece::Text(format!("{}.", quote_ident(name)))] });
                 continue;
             }
@@ -1059,18 +1071,6 @@ fn in_chain(found: &Found<'_>, scope: usize, outer: usize) -> bool {
         at = found.scopes.get(si).and_then(|s| s.parent);
     }
     false
-}
-
-/// Whether exactly one FROM entry visible from `scope` answers to `name`.
-fn unique_in_chain(found: &Found<'_>, scope: usize, name: &str) -> bool {
-    let mut count = 0usize;
-    let mut at = Some(scope);
-    while let Some(si) = at {
-        let Some(s) = found.scopes.get(si) else { break };
-        count = count.saturating_add(s.entries.iter().filter(|e| e.alias == name).count());
-        at = s.parent;
-    }
-    count == 1
 }
 
 /// The catalog name of the column a relation site exposes as `column`: an alias column list
@@ -1207,63 +1207,4 @@ fn definition_relations_all(sql: &str, protect: &mut Protection<'_>) -> Vec<Stri
         }
     }
     out
-}
-
-/// The substitution checker: re-parses a statement as the server receives it and fails if a
-/// protected relation is read anywhere other than as the single relation of a masked
-/// subquery (every masked column an expression under its own name, every other column
-/// itself), unless no masked column of it is reachable. Tests run it on every rewrite.
-pub fn verify(sql: &str, protect: &mut Protection<'_>) -> Result<(), String> {
-    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).map_err(|e| format!("does not parse: {e}"))?;
-    for raw in &parsed.protobuf.stmts {
-        let Some(stmt) = raw.stmt.as_ref() else { continue };
-        let tree = serde_json::to_value(stmt).map_err(|e| e.to_string())?;
-        let found = walk::walk(&tree);
-        if found.too_deep {
-            return Err("nests too deeply to check".to_owned());
-        }
-        super::pins::check_substitutions(&tree, &mut |schema, name| {
-            protect
-                .resolve(schema, name)
-                .and_then(|r| protect.protected(&r))
-                .is_some_and(|p| matches!(*p, Protected::Table { .. }))
-        })?;
-        for r in &found.rels {
-            let strict = !protect.policy.masked.is_empty();
-            if strict && pins_site(r) && r.schema().is_none() && !r.cte && protect.resolve(None, r.relname()).is_some()
-            {
-                return Err(format!("relation {} is not pinned to its schema", r.relname()));
-            }
-        }
-        for (i, r) in found.rels.iter().enumerate() {
-            if !matches!(r.site, Site::Read | Site::CopyTo | Site::Tablesample) {
-                continue;
-            }
-            let Some(rel) = protect.resolve(r.schema(), r.relname()) else { continue };
-            let Some(p) = protect.protected(&rel) else { continue };
-            if let Protected::View { .. } = *p {
-                return Err(format!("view {} is read as written", rel.name));
-            }
-            let Protected::Table { whole, .. } = *p else { continue };
-            let copy_of_unmasked = r.site == Site::CopyTo && !reachable(&found, r, &p);
-            let Some(s) = found.selects.iter().find(|s| s.from_rels.contains(&i)) else {
-                if !copy_of_unmasked {
-                    return Err(format!("{} is read outside a substitution", rel.name));
-                }
-                continue;
-            };
-            let shaped = s.from_rels.len() == 1
-                && s.from_subselects.is_empty()
-                && s.outputs.len() <= rel.columns.len()
-                && s.outputs.iter().all(|(name, plain)| match rel.column(name) {
-                    None => false,
-                    Some(_) if whole || p.is_masked(name) => plain.is_none(),
-                    Some(_) => plain.as_deref() == Some(name.as_str()),
-                });
-            if !shaped {
-                return Err(format!("{} is read outside a substitution", rel.name));
-            }
-        }
-    }
-    Ok(())
 }

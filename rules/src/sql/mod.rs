@@ -28,6 +28,7 @@ pub mod session;
 mod shape;
 mod tokens;
 pub mod usage;
+mod verify;
 mod walk;
 
 use std::fmt;
@@ -166,8 +167,9 @@ impl StatementPlan {
 /// Session-level effects a statement has that the proxy must follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// SQL `PREPARE name`: its row limit applies to `EXECUTE name`.
-    Prepare(String, Box<StatementPlan>),
+    /// SQL `PREPARE name`: its row limit applies to `EXECUTE name`; the statement's text as
+    /// the client wrote it (to decide again after a rules reload, I11).
+    Prepare(String, Box<StatementPlan>, String),
     /// SQL `DEALLOCATE name` (`None`: ALL).
     Deallocate(Option<String>),
     /// A temporary relation was created: its name, unknown to the shared catalog, is not a
@@ -355,7 +357,8 @@ impl<'a> Analyzer<'a> {
                 return out;
             }
             if let walk::StmtKind::Prepare(name) = &found.kind {
-                out.effects.push(Effect::Prepare(name.clone(), Box::new(plan.clone())));
+                let text = statement_text(sql, raw.stmt_location, raw.stmt_len).to_owned();
+                out.effects.push(Effect::Prepare(name.clone(), Box::new(plan.clone()), text));
             }
             out.statements.push(plan);
         }
@@ -392,9 +395,9 @@ mod tests;
 #[cfg(test)]
 mod tests_names;
 
-/// The substitution checker (see `checks::verify`), for tests of both crates.
+/// The substitution checker (see `verify.rs`), for tests of both crates.
 #[doc(hidden)]
 pub fn verify_substituted(policy: &SessionPolicy, catalog: &Catalog, path: &[String], sql: &str) -> Result<(), String> {
     let mut p = protect::Protection::new(policy, catalog, path);
-    checks::verify(sql, &mut p)
+    verify::verify(sql, &mut p)
 }

@@ -71,6 +71,27 @@ fn visit(v: &Value, out: &mut Vec<String>, depth: usize) {
     }
 }
 
+/// The field names of every column reference in a tree.
+fn column_refs(v: &Value, out: &mut Vec<Vec<String>>, depth: usize) {
+    if depth > MAX_DEPTH {
+        out.push(vec!["(too deep to check)".to_owned()]);
+        return;
+    }
+    match v {
+        Value::Array(a) => a.iter().for_each(|x| column_refs(x, out, depth.saturating_add(1))),
+        Value::Object(o) => {
+            for (k, x) in o {
+                if k == "ColumnRef" {
+                    out.push(strings(x.get("fields")));
+                } else {
+                    column_refs(x, out, depth.saturating_add(1));
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// A type may be the column's own, in its own schema (format_type qualifies it), but never
 /// one of the session's temporary schema.
 fn type_schema(schema: &str) -> bool {
@@ -116,12 +137,28 @@ pub(crate) fn check_substitutions(
                         str_field(rv, "relname").unwrap_or(""),
                     )
                 {
+                    let rel = str_field(rv, "relname").unwrap_or("");
                     for t in sel.get("target_list").and_then(Value::as_array).into_iter().flatten() {
                         let found = unpinned(t);
                         if !found.is_empty() {
-                            let rel = str_field(rv, "relname").unwrap_or("");
                             return Err(format!("a masked output over {rel} is not pinned: {}", found.join(", ")));
                         }
+                    }
+                    // Every column named through the substitution's own range variable: one the
+                    // relation lost since pgveil read the catalog must fail, not bind outside.
+                    let alias = rv.get("alias").and_then(|a| a.get("aliasname")).and_then(Value::as_str);
+                    let mut refs = Vec::new();
+                    for key in ["target_list", "where_clause"] {
+                        if let Some(v) = sel.get(key) {
+                            column_refs(v, &mut refs, 0);
+                        }
+                    }
+                    let own = |fields: &Vec<String>| matches!(fields.as_slice(), [q, _] if Some(q.as_str()) == alias && Some(q.as_str()) == str_field(rv, "relname"));
+                    if let Some(bad) = refs.iter().find(|f| !own(f)) {
+                        return Err(format!(
+                            "a column over {rel} is not qualified by its substitution: {}",
+                            bad.join(".")
+                        ));
                     }
                 }
                 stack.extend(o.values().map(|x| (x, next)));

@@ -223,7 +223,7 @@ impl<'a> Protection<'a> {
                 if columns.is_empty() {
                     pieces.push(Piece::Text(format!("({sql})")));
                 } else {
-                    let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+                    let list: Vec<String> = columns.iter().map(|c| format!("pgveil_view.{}", quote_ident(c))).collect();
                     pieces.push(Piece::Text(format!("(SELECT {} FROM ({sql}) AS pgveil_view)", list.join(", "))));
                 }
             }
@@ -237,7 +237,10 @@ impl<'a> Protection<'a> {
                     if named.is_some_and(|n| !n.contains(&c.name)) {
                         continue;
                     }
-                    let q = quote_ident(&c.name);
+                    let name = quote_ident(&c.name);
+                    // Qualified (I12): a column the relation lost since the catalog was read
+                    // (another session's DDL) fails here, never binds to an outer query's.
+                    let q = format!("{}.{name}", quote_ident(&rel.name.table));
                     let ty = PgType::from_oid(c.type_oid);
                     let mask = match (view, whole) {
                         (Some(v), _) => Some(&v.mask),
@@ -247,16 +250,17 @@ impl<'a> Protection<'a> {
                     match mask {
                         Some(m) => {
                             let m = if crate::mask::fits(m, ty).is_ok() { m } else { &crate::mask::Mask::Nullify };
-                            list.push(format!("{} AS {q}", mask_sql::expr(m, &q, ty, &c.sql_type, key)));
+                            list.push(format!("{} AS {name}", mask_sql::expr(m, &q, ty, &c.sql_type, key)));
                         }
                         None => list.push(q),
                     }
                 }
                 let only = if only { "ONLY " } else { "" };
                 pieces.push(Piece::Text(format!(
-                    "(SELECT {} FROM {only}{}.{}",
+                    "(SELECT {} FROM {only}{}.{} AS {}",
                     list.join(", "),
                     quote_ident(&rel.name.schema),
+                    quote_ident(&rel.name.table),
                     quote_ident(&rel.name.table)
                 )));
                 for (i, f) in filters.into_iter().enumerate() {

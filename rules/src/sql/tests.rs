@@ -143,13 +143,19 @@ fn every_reach_of_a_masked_column_is_substituted() {
 fn a_subquery_lists_the_columns_the_statement_names_unless_it_can_reach_others() {
     // Only names used anywhere in the statement (so no reference can bind elsewhere).
     let named = rewritten(APP, "SELECT name FROM customers WHERE id = 1");
-    assert_eq!(named, "SELECT name FROM (SELECT id, name FROM public.customers) AS customers WHERE id = 1");
+    assert_eq!(
+        named,
+        "SELECT name FROM (SELECT customers.id, customers.name FROM public.customers AS customers) AS customers WHERE id = 1"
+    );
     let none = rewritten(APP, "SELECT count(1) FROM customers");
-    assert_eq!(none, "SELECT pg_catalog.count(1) FROM (SELECT  FROM public.customers) AS customers");
+    assert_eq!(none, "SELECT pg_catalog.count(1) FROM (SELECT  FROM public.customers AS customers) AS customers");
     // A name used in another scope still keeps the column (correlated references).
     let inner =
         rewritten(APP, "SELECT o.id FROM orders o WHERE EXISTS (SELECT 1 FROM customers WHERE name = o.status)");
-    assert!(inner.contains("(SELECT id, name FROM public.customers) AS customers"), "{inner}");
+    assert!(
+        inner.contains("(SELECT customers.id, customers.name FROM public.customers AS customers) AS customers"),
+        "{inner}"
+    );
     // Positional reach lists every column.
     for sql in [
         "SELECT * FROM customers",
@@ -163,8 +169,8 @@ fn a_subquery_lists_the_columns_the_statement_names_unless_it_can_reach_others()
         "SELECT id FROM customers, orders o WHERE o.* IS NOT NULL",
     ] {
         let all = rewritten(APP, sql);
-        assert!(all.contains("(SELECT id, name, "), "{sql}: {all}");
-        assert!(all.contains(", signup FROM "), "{sql}: {all}");
+        assert!(all.contains("(SELECT customers.id, customers.name, "), "{sql}: {all}");
+        assert!(all.contains(", customers.signup FROM "), "{sql}: {all}");
     }
 }
 
@@ -173,17 +179,66 @@ fn substitution_keeps_the_client_text_around_it() {
     let text = rewritten(APP, "SELECT notes /* c */ FROM customers WHERE id = $1");
     assert_eq!(
         text,
-        "SELECT notes /* c */ FROM (SELECT id, CAST(NULL AS pg_catalog.text) AS notes FROM public.customers) AS customers WHERE id = $1"
+        "SELECT notes /* c */ FROM (SELECT customers.id, CAST(NULL AS pg_catalog.text) AS notes FROM public.customers AS customers) AS customers WHERE id = $1"
     );
     let only = rewritten(APP, "SELECT notes FROM ONLY customers c");
     assert!(only.starts_with("SELECT notes FROM (SELECT "), "{only}");
-    assert!(only.ends_with("FROM ONLY public.customers) c"), "{only}");
+    assert!(only.ends_with("FROM ONLY public.customers AS customers) c"), "{only}");
     let table = rewritten(APP, "TABLE customers");
-    assert!(table.starts_with("SELECT * FROM (SELECT id, name, "), "{table}");
+    assert!(table.starts_with("SELECT * FROM (SELECT customers.id, customers.name, "), "{table}");
     let copy = rewritten(APP, "COPY customers (id, notes) TO STDOUT");
-    assert_eq!(copy, "COPY (SELECT id, CAST(NULL AS pg_catalog.text) AS notes FROM ONLY public.customers) TO STDOUT");
+    assert_eq!(
+        copy,
+        "COPY (SELECT customers.id, CAST(NULL AS pg_catalog.text) AS notes FROM ONLY public.customers AS customers) TO STDOUT"
+    );
     let view = rewritten(APP, "SELECT upper_email FROM customers_v");
-    assert!(view.contains("upper(email) AS upper_email FROM (SELECT id,"), "{view}");
+    assert!(view.contains("upper(email) AS upper_email FROM (SELECT customers.id,"), "{view}");
+}
+
+/// The checker fails on every reference to a DML target's masked column that pgveil did not
+/// mask: raw in SET, RETURNING, a sublink, ON CONFLICT, a comparison without a grant or
+/// with an unpinned operator, a mask over another column.
+#[test]
+fn the_checker_refuses_raw_references_to_a_write_target() {
+    let session = policy().for_identity(&Identity::new(APP.iter().copied()));
+    let catalog = crate::catalog::example();
+    let refused = [
+        "UPDATE public.customers SET notes = ssn WHERE id = 1",
+        "UPDATE public.customers c SET notes = c.ssn || '' WHERE id = 1",
+        "UPDATE public.customers SET name = 'x' WHERE id = 1 RETURNING ssn",
+        "DELETE FROM public.customers WHERE ssn OPERATOR(pg_catalog.=) '1'",
+        "DELETE FROM public.customers WHERE email = 'a@b.c'",
+        "DELETE FROM public.customers WHERE email OPERATOR(pg_catalog.<) 'a@b.c'",
+        "DELETE FROM public.customers WHERE NOT email OPERATOR(pg_catalog.=) 'a@b.c'",
+        "UPDATE public.customers SET notes = (SELECT ssn) WHERE id = 1",
+        "INSERT INTO public.customers AS c (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET notes = c.ssn",
+    ];
+    for sql in refused {
+        let checked = verify_substituted(&session, &catalog, &path("app_user"), sql);
+        assert!(checked.as_ref().is_err_and(|e| e.contains("outside its mask")), "{sql}: {checked:?}");
+    }
+    // A substitution's columns are qualified by its own range variable, so a column the
+    // relation lost since the catalog was read cannot bind to the write target's.
+    for sql in [
+        "UPDATE public.orders SET status = (SELECT name FROM (SELECT id, name FROM public.customers) AS c WHERE c.id = 1)",
+        "SELECT name FROM (SELECT customers.id, name FROM public.customers AS customers) AS customers",
+        "SELECT name FROM (SELECT x.id, x.name FROM public.customers AS x) AS customers",
+    ] {
+        let checked = verify_substituted(&session, &catalog, &path("app_user"), sql);
+        assert!(checked.as_ref().is_err_and(|e| e.contains("not qualified by its substitution")), "{sql}: {checked:?}");
+    }
+    // What pgveil writes for the same statements passes.
+    for sql in [
+        "UPDATE customers SET notes = ssn WHERE id = 1",
+        "UPDATE customers c SET notes = c.ssn || '' WHERE id = 1 RETURNING ssn, email",
+        "DELETE FROM customers WHERE email = 'a@b.c' RETURNING *",
+        "DELETE FROM customers c WHERE c.email IN ('a@b.c', $1) AND id > 3",
+        "UPDATE customers SET notes = (SELECT ssn) WHERE id = 1",
+        "INSERT INTO customers AS c (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET notes = c.ssn",
+    ] {
+        let sent = rewritten(APP, sql);
+        verify_substituted(&session, &catalog, &path("app_user"), &sent).unwrap_or_else(|e| panic!("{e}\n{sent}"));
+    }
 }
 
 #[test]
@@ -238,13 +293,15 @@ fn predicates_follow_the_columns_grant() {
     let eq = rewritten(APP, "SELECT id, email FROM customers WHERE email = 'canary1@leak.test' AND id > 3");
     assert!(
         eq.contains(
-            "FROM public.customers WHERE email OPERATOR(pg_catalog.=) 'canary1@leak.test') AS customers WHERE TRUE AND id > 3"
+            "FROM public.customers AS customers WHERE customers.email OPERATOR(pg_catalog.=) 'canary1@leak.test') AS customers WHERE TRUE AND id > 3"
         ),
         "{eq}"
     );
     let inl = rewritten(APP, "SELECT id FROM customers c WHERE c.email IN ($1, $2)");
     assert!(
-        inl.contains("WHERE (email OPERATOR(pg_catalog.=) $1 OR email OPERATOR(pg_catalog.=) $2)) c WHERE TRUE"),
+        inl.contains(
+            "WHERE (customers.email OPERATOR(pg_catalog.=) $1 OR customers.email OPERATOR(pg_catalog.=) $2)) c WHERE TRUE"
+        ),
         "{inl}"
     );
     check(
@@ -382,7 +439,7 @@ fn rewrites_apply_to_every_text_of_one_shape() {
     assert_eq!(rw.apply("SELECT ssn FROM customers WHERE id = 1 AND true"), None, "another shape");
     let moved = Analyzer::new(&session, &catalog, "app_user").analyze("SELECT id FROM customers WHERE email = 'a@b.c'");
     let text = moved.rewrite.unwrap().apply("SELECT id FROM customers WHERE email = 'x@y.z'").unwrap();
-    assert!(text.contains("WHERE email OPERATOR(pg_catalog.=) 'x@y.z')"), "{text}");
+    assert!(text.contains("WHERE customers.email OPERATOR(pg_catalog.=) 'x@y.z')"), "{text}");
 }
 
 #[test]
@@ -435,7 +492,7 @@ fn the_hash_key_never_reaches_the_server() {
     let key = crate::HashKey::new(b"k");
     assert!(
         text.contains(&format!(
-            "pgveil.hmac_hex(CAST(email AS pg_catalog.text), CAST('{}' AS pg_catalog.text))",
+            "pgveil.hmac_hex(CAST(customers.email AS pg_catalog.text), CAST('{}' AS pg_catalog.text))",
             key.fingerprint()
         )),
         "{text}"
@@ -783,10 +840,11 @@ fn a_renamed_column_keeps_its_rule_by_attnum() {
         Analyzer::new(&session, &catalog, "app_user").analyze("SELECT name, national_id FROM customers WHERE id = 1");
     let text = a.rewritten.unwrap();
     assert!(
-        text.contains("AS national_id") && text.contains("pg_catalog.right(CAST(national_id AS pg_catalog.text), 4)"),
+        text.contains("AS national_id")
+            && text.contains("pg_catalog.right(CAST(customers.national_id AS pg_catalog.text), 4)"),
         "{text}"
     );
-    assert!(text.contains("(SELECT id, name, "), "not whole-table redaction: {text}");
+    assert!(text.contains("(SELECT customers.id, customers.name, "), "not whole-table redaction: {text}");
 }
 
 /// Shapes with rewrites, literals at `@` (one moved into the substitution by the equality

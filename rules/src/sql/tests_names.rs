@@ -80,7 +80,7 @@ fn a_shadow_on_the_search_path_is_read_as_resolved_and_pinned() {
     let text = sent(&["scratch", "public"], "SELECT ssn || '' FROM customers");
     assert_eq!(text, "SELECT ssn || '' FROM scratch.customers");
     let text = sent(PUBLIC, "SELECT ssn || '' FROM customers");
-    assert!(text.contains("FROM public.customers) AS customers"), "{text}");
+    assert!(text.contains("FROM public.customers AS customers) AS customers"), "{text}");
 }
 
 #[test]
@@ -88,7 +88,10 @@ fn temporary_relations_are_pinned_to_pg_temp() {
     let a = analyze(PUBLIC, &["customers"], "SELECT ssn FROM customers");
     assert_eq!(a.rewritten.as_deref(), Some("SELECT ssn FROM pg_temp.customers"));
     let a = analyze(PUBLIC, &["customers"], "SELECT ssn FROM public.customers");
-    assert!(a.rewritten.as_deref().is_some_and(|t| t.contains("FROM public.customers) AS customers")), "{a:?}");
+    assert!(
+        a.rewritten.as_deref().is_some_and(|t| t.contains("FROM public.customers AS customers) AS customers")),
+        "{a:?}"
+    );
 }
 
 #[test]
@@ -159,7 +162,7 @@ fn each_statement_of_a_text_is_decided_against_the_state_the_ones_before_it_leav
     let text = sent(PUBLIC, "SET search_path = scratch, public; SELECT ssn || '' FROM customers");
     assert_eq!(text, "SET search_path = scratch, public; SELECT ssn || '' FROM scratch.customers");
     let text = sent(&["scratch", "public"], "BEGIN; SET LOCAL search_path = public; SELECT ssn FROM customers; COMMIT");
-    assert!(text.contains("FROM public.customers) AS customers; COMMIT"), "{text}");
+    assert!(text.contains("FROM public.customers AS customers) AS customers; COMMIT"), "{text}");
     let text = sent(PUBLIC, "SELECT pg_catalog.set_config('search_path', '', false)");
     assert_eq!(text, "SELECT pg_catalog.set_config('search_path', '', false)");
     let text = sent(PUBLIC, "SELECT set_config('search_path', 'scratch, public', false); SELECT ssn FROM customers");
@@ -280,4 +283,23 @@ fn built_in_calls_by_bare_name_are_pinned_to_pg_catalog() {
         text.starts_with("SELECT pg_catalog.lower('A'), substring('abc' from 2), extract(year from pg_catalog.now())"),
         "{text}"
     );
+}
+
+/// A sublink over the target's own table, or with a comparison moved into its substitution:
+/// the name qualified by the nearest range variable of its name, which PostgreSQL binds first.
+#[test]
+fn a_sublink_over_the_targets_table_binds_to_its_own_range_variable() {
+    let text = sent(PUBLIC, "UPDATE customers SET name = 'x' WHERE id = (SELECT id FROM customers WHERE email = $1)");
+    assert!(text.starts_with("UPDATE public.customers SET name = 'x' WHERE id = (SELECT id FROM (SELECT "), "{text}");
+    assert!(text.contains("WHERE customers.email OPERATOR(pg_catalog.=) $1) AS customers WHERE TRUE)"), "{text}");
+    let text =
+        sent(PUBLIC, "UPDATE customers SET name = 'x' WHERE id = (SELECT id FROM customers c2 WHERE email = $1)");
+    assert!(text.contains("WHERE customers.email OPERATOR(pg_catalog.=) $1) c2 WHERE TRUE)"), "{text}");
+    assert!(!text.contains("c2.TRUE"), "{text}");
+    let text =
+        sent(PUBLIC, "UPDATE customers SET name = (SELECT notes FROM customers WHERE customers.id = 1) WHERE id = 2");
+    assert!(text.contains("SET name = (SELECT customers.notes FROM (SELECT "), "{text}");
+    let text =
+        sent(PUBLIC, "UPDATE customers SET name = (SELECT notes FROM customers c2 WHERE c2.id = 1) WHERE id = 2");
+    assert!(text.contains("SET name = (SELECT c2.notes FROM (SELECT "), "{text}");
 }

@@ -100,8 +100,18 @@ impl ProxyHandle {
 }
 
 impl Drop for ProxyHandle {
+    /// Every test proxy, when it goes, asserts that both layers held for the whole of its
+    /// life (threat model I2): the substitution checker (debug builds re-parse every statement
+    /// a masked session sends) never failed, and the result-column layer never had a raw value
+    /// to mask. So the counters stay 0 across the whole suite, not only where a test asks.
     fn drop(&mut self) {
         drop(self.running.take());
         let _ = std::fs::remove_dir_all(&self.dir);
+        if !std::thread::panicking() {
+            use std::sync::atomic::Ordering::Relaxed;
+            let m = &self.shared.metrics;
+            assert_eq!(m.substitution_check_failures_total.load(Relaxed), 0, "a statement sent failed the checker");
+            assert_eq!(m.backstop_masked_cells_total.load(Relaxed), 0, "the result-column layer masked a raw value");
+        }
     }
 }

@@ -17,7 +17,12 @@ pub(super) enum Expect {
         source: Option<Source>,
     },
     Bind,
-    DescribeStatement(Bytes),
+    /// `swallow`: a Describe pgveil sent itself (after preparing a statement again), whose
+    /// answers update the statement's description and are not for the client.
+    DescribeStatement {
+        name: Bytes,
+        swallow: bool,
+    },
     DescribePortal {
         portal: u64,
         swallow: bool,

@@ -60,6 +60,9 @@ pub(crate) struct Relay {
     portals: HashMap<u64, Portal>,
     portal_names: HashMap<Bytes, u64>,
     sql_prepared: HashMap<String, state::SqlPrepared>,
+    /// SQL statements decided again for the client's next Query, which they go ahead of
+    /// (`stored.rs`): name, the PREPARE text to send, its plan.
+    fresh_sql: Vec<(String, String, state::SqlPrepared)>,
     /// A statement was marked stale because its re-prepare did not run (`stored.rs`).
     stale_marked: bool,
     /// SQL cursors by name, with the view generation their query was decided under.
@@ -145,6 +148,7 @@ impl Relay {
             portals: HashMap::new(),
             portal_names: HashMap::new(),
             sql_prepared: HashMap::new(),
+            fresh_sql: Vec::new(),
             stale_marked: false,
             cursors: HashMap::new(),
             cursors_floor: None,
@@ -232,7 +236,7 @@ impl Relay {
         Some(match self.expect.front()? {
             Expect::Parse { .. } => b'1',
             Expect::Bind => b'2',
-            Expect::DescribeStatement(_) | Expect::DescribePortal { .. } => b'T',
+            Expect::DescribeStatement { .. } | Expect::DescribePortal { .. } => b'T',
             Expect::Execute(_) => b'C',
             Expect::Close(..) => b'3',
             Expect::Injected(tag) => *tag,
@@ -267,15 +271,33 @@ impl Relay {
                 self.statements.remove(&Bytes::new());
                 self.portal_names.remove(&Bytes::new());
                 let decided = decided.ok_or(SessionError::UnexpectedClientMessage(b'Q'))?;
-                match self.verdict(&decided.analysis, text) {
+                let verdict = self.verdict(&decided.analysis, text);
+                let fresh = std::mem::take(&mut self.fresh_sql);
+                match verdict {
                     Some(err) => self.push_blocked_query(err),
+                    None if !fresh.is_empty() => {
+                        // Statements prepared again go first, in the same Query: an error in
+                        // them skips the client's statements, so nothing runs as decided before.
+                        let mut q = QueryState::new(Arc::clone(&decided.analysis), None);
+                        let mut lead = String::new();
+                        for (name, prepare, p) in fresh {
+                            lead.push_str(&format!("DEALLOCATE {};\n{prepare};\n", rules::names::quote_ident(&name)));
+                            q.leading.push_back(state::Leading::Deallocate);
+                            q.leading.push_back(state::Leading::Prepare(name, p));
+                        }
+                        let body = decided.rewritten().map_or(text, str::as_bytes);
+                        messages::tagged_parts(&mut self.to_server, b'Q', &[lead.as_bytes(), body, b"\0"]);
+                        let shift = lead.chars().count();
+                        q.source = Some(Source { original: slice_of(&f, text), decided, shift });
+                        self.expect.push_back(Expect::Query(q));
+                    }
                     None => {
                         let mut q = QueryState::new(Arc::clone(&decided.analysis), None);
                         match decided.rewritten() {
                             Some(rewritten) => {
                                 // The statement PostgreSQL runs for this session (I2).
                                 messages::tagged_parts(&mut self.to_server, b'Q', &[rewritten.as_bytes(), b"\0"]);
-                                q.source = Some(Source { original: slice_of(&f, text), decided });
+                                q.source = Some(Source { original: slice_of(&f, text), decided, shift: 0 });
                             }
                             None => self.to_server.put_slice(f.as_bytes()),
                         }
@@ -329,7 +351,7 @@ impl Relay {
                                     b'P',
                                     &[&name, b"\0", rewritten.as_bytes(), b"\0", rest],
                                 );
-                                Some(Source { original: slice_of(&f, sql), decided: decided.clone() })
+                                Some(Source { original: slice_of(&f, sql), decided: decided.clone(), shift: 0 })
                             }
                             None => {
                                 self.to_server.put_slice(f.as_bytes());
@@ -374,7 +396,7 @@ impl Relay {
             b'D' => {
                 let (kind, name) = messages::target(&f).ok_or(SessionError::UnexpectedClientMessage(b'D'))?;
                 let expect = if kind == b'S' {
-                    Expect::DescribeStatement(Bytes::copy_from_slice(name))
+                    Expect::DescribeStatement { name: Bytes::copy_from_slice(name), swallow: false }
                 } else {
                     let id = self.portal_names.get(name).copied().unwrap_or(0);
                     if kind == b'P'
@@ -483,12 +505,14 @@ impl Relay {
         }
         for e in &analysis.effects {
             match e {
-                Effect::Prepare(name, plan) => {
+                Effect::Prepare(name, plan, text) => {
                     // As with Parse: an existing name is not redefined by the server.
                     let generation = self.rules.view_generation();
-                    self.sql_prepared
-                        .entry(name.clone())
-                        .or_insert_with(|| state::SqlPrepared { plan: Arc::new((**plan).clone()), generation });
+                    self.sql_prepared.entry(name.clone()).or_insert_with(|| state::SqlPrepared {
+                        plan: Arc::new((**plan).clone()),
+                        generation,
+                        text: Arc::from(text.as_str()),
+                    });
                 }
                 Effect::Deallocate(Some(name)) => {
                     self.sql_prepared.remove(name);
@@ -589,11 +613,14 @@ impl Relay {
                 }
                 self.forward(&f);
             }
+            // ParameterDescription: the first answer to a statement Describe.
+            b't' if matches!(self.expect.front(), Some(Expect::DescribeStatement { swallow: true, .. })) => {}
             b't' => self.forward(&f),
             b'T' => self.row_description(&f)?,
             b'n' => match self.expect.pop_front() {
                 Some(Expect::DescribePortal { swallow: true, .. }) => {}
-                Some(Expect::DescribeStatement(_) | Expect::DescribePortal { .. }) => self.forward(&f),
+                Some(Expect::DescribeStatement { swallow: true, .. }) => {}
+                Some(Expect::DescribeStatement { .. } | Expect::DescribePortal { .. }) => self.forward(&f),
                 _ => return Err(SessionError::UnexpectedServerMessage(b'n')),
             },
             b'D' => self.data_row(&f)?,

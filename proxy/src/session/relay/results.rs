@@ -43,8 +43,8 @@ impl Relay {
     pub(super) fn row_description(&mut self, f: &Frame) -> Result<(), SessionError> {
         let parse = || messages::row_description(f).map(Arc::new).ok_or(SessionError::UnexpectedServerMessage(b'T'));
         match self.expect.front_mut() {
-            Some(Expect::DescribeStatement(name)) => {
-                let name = name.clone();
+            Some(Expect::DescribeStatement { name, swallow }) => {
+                let (name, swallow) = (name.clone(), *swallow);
                 let fields = parse()?;
                 self.expect.pop_front();
                 let mut plan = None;
@@ -52,7 +52,9 @@ impl Relay {
                     p.desc = Some(fields);
                     plan = Some(Arc::clone(&p.plan));
                 }
-                self.forward_described(f, plan.as_deref());
+                if !swallow {
+                    self.forward_described(f, plan.as_deref());
+                }
             }
             Some(Expect::DescribePortal { portal, swallow }) => {
                 let (portal, swallow) = (*portal, *swallow);
@@ -266,6 +268,12 @@ impl Relay {
                     self.suppress = true;
                 } else {
                     self.forward(f);
+                }
+            }
+            Some(Expect::Query(q)) if !q.leading.is_empty() => {
+                // A statement pgveil put first: the client does not see its answer.
+                if let Some(super::state::Leading::Prepare(name, p)) = q.leading.pop_front() {
+                    self.sql_prepared.insert(name, p);
                 }
             }
             Some(Expect::Query(q)) => {

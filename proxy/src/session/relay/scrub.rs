@@ -22,6 +22,35 @@ impl Relay {
         let mut replacement: Option<ErrorResponse> = None;
         let mut source: Option<Source> = None;
         match self.expect.front_mut() {
+            Some(Expect::Query(q)) if !q.leading.is_empty() => {
+                // A statement pgveil put first failed: the server skips the client's too.
+                let name = q.leading.iter().find_map(|l| match l {
+                    super::state::Leading::Prepare(name, _) => Some(name.clone()),
+                    super::state::Leading::Deallocate => None,
+                });
+                if matches!(q.leading.front(), Some(super::state::Leading::Prepare(..)))
+                    && let Some(n) = &name
+                {
+                    // Its DEALLOCATE ran: the server no longer holds the statement.
+                    self.sql_prepared.remove(n);
+                }
+                q.leading.clear();
+                let shown = name.unwrap_or_default();
+                let server = messages::error_fields(f)
+                    .and_then(|fields| fields.into_iter().find(|(k, _)| *k == b'M'))
+                    .map(|(_, m)| String::from_utf8_lossy(m).into_owned())
+                    .unwrap_or_default();
+                replacement = Some(
+                    ErrorResponse::error(
+                        sqlstate::INSUFFICIENT_PRIVILEGE,
+                        format!(
+                            "pgveil: prepared statement \"{shown}\" could not be prepared again after a rules reload: \
+                             {server}"
+                        ),
+                    )
+                    .with_hint("DEALLOCATE it and PREPARE it again"),
+                );
+            }
             Some(Expect::Query(q)) => {
                 source.clone_from(&q.source);
                 if let Some(b) = q.blocked.take() {

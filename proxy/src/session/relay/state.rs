@@ -25,11 +25,22 @@ pub(super) struct Prepared {
     pub rest: Bytes,
 }
 
-/// A statement prepared with SQL PREPARE, and the view generation it was decided under.
+/// A statement prepared with SQL PREPARE, the view generation it was decided under, and its
+/// PREPARE as the client wrote it (to decide again after a rules change).
 #[derive(Debug)]
 pub(super) struct SqlPrepared {
     pub plan: Arc<StatementPlan>,
     pub generation: u64,
+    pub text: Arc<str>,
+}
+
+/// A statement pgveil puts before a client's Query, whose CommandComplete the client does not
+/// see: the DEALLOCATE and PREPARE that prepare a SQL statement again after a reload (I11).
+#[derive(Debug)]
+pub(super) enum Leading {
+    Deallocate,
+    /// Once its CommandComplete arrives, the server holds the newly decided statement.
+    Prepare(String, SqlPrepared),
 }
 
 #[derive(Debug, Default)]
@@ -61,11 +72,22 @@ pub(super) struct QueryState {
     pub rows: u64,
     pub cut: bool,
     pub source: Option<Source>,
+    /// Statements pgveil sent ahead of the client's, answered first (oldest first).
+    pub leading: std::collections::VecDeque<Leading>,
 }
 
 impl QueryState {
     pub fn new(analysis: Arc<Analysis>, blocked: Option<Box<ErrorResponse>>) -> Self {
-        QueryState { analysis, idx: 0, row_plan: None, blocked, rows: 0, cut: false, source: None }
+        QueryState {
+            analysis,
+            idx: 0,
+            row_plan: None,
+            blocked,
+            rows: 0,
+            cut: false,
+            source: None,
+            leading: std::collections::VecDeque::new(),
+        }
     }
 
     pub fn plan(&self) -> Option<&StatementPlan> {
@@ -120,11 +142,14 @@ pub(super) struct Source {
     pub decided: Decided,
     /// A slice of the client's frame (no copy).
     pub original: Bytes,
+    /// Characters pgveil sent ahead of the client's text (statements it put first).
+    pub shift: usize,
 }
 
 impl Source {
     pub fn map(&self, position: usize) -> Option<usize> {
-        let rw = self.decided.analysis.rewrite.as_ref()?;
+        let position = position.checked_sub(self.shift).filter(|p| *p > 0)?;
+        let Some(rw) = self.decided.analysis.rewrite.as_ref() else { return Some(position) };
         rw.map_position(std::str::from_utf8(&self.original).ok()?, self.decided.rewritten()?, position)
     }
 }

@@ -6,8 +6,12 @@
 //! - a protocol-prepared statement (whose text pgveil keeps) is prepared again, transparently:
 //!   the client's Bind is preceded by a Close and a Parse of the newly decided text, whose
 //!   answers the client never sees;
-//! - SQL `EXECUTE` of a statement prepared before, `FETCH` / `MOVE` from a cursor declared
-//!   before, and protocol Execute of a portal bound before are refused, naming the reload;
+//! - a SQL-prepared statement executed by a simple Query is prepared again the same way: its
+//!   PREPARE, decided again, and a DEALLOCATE go first in that Query, answers unseen (an error
+//!   in them skips the client's statements, so the old text never runs);
+//! - SQL `EXECUTE` of a statement prepared before from anywhere else (a protocol Parse),
+//!   `FETCH` / `MOVE` from a cursor declared before, and protocol Execute of a portal bound
+//!   before are refused, naming the reload;
 //! - a session that created a temporary view, a rule or a function (text on the server pgveil
 //!   cannot decide again) ends with a FATAL saying why.
 
@@ -73,14 +77,54 @@ impl Relay {
                 let sent = decided.rewritten().map_or(old.text.as_ref(), str::as_bytes);
                 messages::tagged_parts(&mut self.to_server, b'P', &[&name, b"\0", sent, b"\0", &old.rest]);
                 self.expect.push_back(Expect::Reprepared(name.clone()));
+                // Its new description (a substituted column reports no origin): the old one
+                // would have the result-column layer mask what the server already masked.
+                let mut describe = BytesMut::new();
+                describe.put_u8(b'S');
+                describe.put_slice(&name);
+                describe.put_u8(0);
+                messages::tagged(&mut self.to_server, b'D', &describe);
+                self.expect.push_back(Expect::DescribeStatement { name: name.clone(), swallow: true });
                 self.next_id = self.next_id.wrapping_add(1);
                 let plan = std::sync::Arc::new(decided.analysis.statements.first().cloned().unwrap_or_default());
                 let generation = self.rules.view_generation();
-                let fresh =
-                    Prepared { id: self.next_id, plan, desc: old.desc, generation, text: old.text, rest: old.rest };
+                let fresh = Prepared { id: self.next_id, plan, desc: None, generation, text: old.text, rest: old.rest };
                 self.statements.insert(name, fresh);
             }
         }
+        self.shared.metrics.reprepared_statements_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The SQL-prepared statements a Query executes that were decided under earlier rules,
+    /// with their PREPARE as the client wrote it, to decide again ([`Relay::reprepare_sql`]).
+    pub(crate) fn stale_sql(&self, analysis: &Analysis) -> Vec<(String, std::sync::Arc<str>)> {
+        let current = self.rules.view_generation();
+        let mut out: Vec<(String, std::sync::Arc<str>)> = Vec::new();
+        for e in &analysis.effects {
+            if let Effect::Executes(n) = e
+                && let Some(p) = self.sql_prepared.get(n).filter(|p| p.generation != current)
+                && !out.iter().any(|(m, _)| m == n)
+            {
+                out.push((n.clone(), std::sync::Arc::clone(&p.text)));
+            }
+        }
+        out
+    }
+
+    /// Queues `name`'s PREPARE, newly decided, to go ahead of the client's next Query. One now
+    /// blocked is not queued: the EXECUTE is then refused as stale.
+    pub(crate) fn reprepare_sql(&mut self, name: String, text: &str, decided: &Decided) {
+        if decided.analysis.block.is_some() && !self.rules.observe {
+            return;
+        }
+        let plan = std::sync::Arc::new(decided.analysis.statements.first().cloned().unwrap_or_default());
+        let generation = self.rules.view_generation();
+        let sent = decided.rewritten().unwrap_or(text).to_owned();
+        self.fresh_sql.push((
+            name,
+            sent,
+            super::state::SqlPrepared { plan, generation, text: std::sync::Arc::from(text) },
+        ));
         self.shared.metrics.reprepared_statements_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -124,7 +168,10 @@ impl Relay {
         let current = self.rules.view_generation();
         for e in &analysis.effects {
             let what = match e {
-                Effect::Executes(n) if self.sql_prepared.get(n).is_some_and(|p| p.generation != current) => {
+                Effect::Executes(n)
+                    if self.sql_prepared.get(n).is_some_and(|p| p.generation != current)
+                        && !self.fresh_sql.iter().any(|(m, ..)| m == n) =>
+                {
                     (format!("prepared statement \"{n}\" was prepared"), "DEALLOCATE it and PREPARE it again")
                 }
                 Effect::Fetches(n)
