@@ -208,7 +208,7 @@ pub async fn run_demo(port: u16) -> anyhow::Result<()> {
     psql(&setup)?;
     psql(SAMPLE_SQL)?;
     psql(
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO analyst, support, billing_admin, dba, app; GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO app",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO analyst, support, billing_admin, dba, app; GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO app",
     )?;
 
     let rules_path = dir.join("rules.yaml");
@@ -251,6 +251,8 @@ pub async fn run_demo(port: u16) -> anyhow::Result<()> {
          blocked:  SELECT * FROM customers;            -- as analyst: SELECT * over a protected table\n            \
          SELECT name FROM customers WHERE ssn LIKE '1%';   -- a predicate on a masked column\n  \
          allowed:  SELECT status, count(*), sum(amount) FROM orders GROUP BY status;\n\n\
+         A masked copy for staging (app's masks in every protected column):\n  \
+         pg_dump -N pgveil -d \"host=127.0.0.1 port={port} dbname=demo user=app password=app sslmode=require\" -f demo-masked.sql\n\n\
          Rules: {}  (edit it: pgveil reloads on save)\nAudit log: {}  (pgveil audit {} --summary)\nMetrics: http://127.0.0.1:{admin_port}/metrics\n\
          Press Ctrl-C to stop and remove everything.\nPGVEIL_DEMO_READY port={port} admin={admin_port} dir={}",
         line("analyst"),

@@ -19,6 +19,8 @@ mod drift;
 #[cfg(test)]
 mod drivers;
 #[cfg(test)]
+mod dump;
+#[cfg(test)]
 mod false_blocks;
 #[cfg(test)]
 mod faults;

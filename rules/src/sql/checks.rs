@@ -156,14 +156,58 @@ fn lone_path_set(found: &Found<'_>) -> Option<(String, bool)> {
     }
 }
 
+/// pg_dump's `SELECT set_config(name, 'value', false) FROM pg_settings WHERE name =
+/// 'setting'` (a setting set only where the server has it), exactly that and nothing else: the
+/// setting's name and the tokens of `name` (the first argument) and of `pg_settings`.
+fn settings_row_set(found: &Found<'_>, toks: &Tokens<'_>) -> Option<(String, usize, usize)> {
+    if found.kind != StmtKind::Select || found.funcs.len() != 1 || found.rels.len() != 1 || found.selects.len() != 1 {
+        return None;
+    }
+    let word = |i: usize, w: &str| toks.is(i, w);
+    let catalog = |i: usize| if word(i, "pg_catalog") && toks.text(i.saturating_add(1)) == "." { i + 2 } else { i };
+    let literal = |i: usize| plain_literal(toks.text(i));
+    let mut i = 0usize;
+    if !word(i, "select") {
+        return None;
+    }
+    i = catalog(i + 1);
+    if !(word(i, "set_config") && toks.text(i + 1) == "(" && word(i + 2, "name") && toks.text(i + 3) == ",") {
+        return None;
+    }
+    let arg = i + 2;
+    literal(i + 4)?;
+    if toks.text(i + 5) != "," || !(word(i + 6, "true") || word(i + 6, "false") || literal(i + 6).is_some()) {
+        return None;
+    }
+    if toks.text(i + 7) != ")" || !word(i + 8, "from") {
+        return None;
+    }
+    i = catalog(i + 9);
+    let rel = i;
+    if !(word(i, "pg_settings") && word(i + 1, "where") && word(i + 2, "name") && toks.text(i + 3) == "=") {
+        return None;
+    }
+    let setting = literal(i + 4)?;
+    let end = i + 5;
+    let rest = toks.len().checked_sub(end)?;
+    (rest == 0 || (rest == 1 && toks.text(end) == ";")).then_some((setting, arg, rel))
+}
+
+/// A standard string constant without backslashes or escapes: its value.
+fn plain_literal(t: &str) -> Option<String> {
+    let inner = t.strip_prefix('\'').and_then(|t| t.strip_suffix('\''))?;
+    (!inner.contains('\\')).then(|| inner.replace("''", "'"))
+}
+
 pub(crate) fn check(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Tokens<'_>) -> Result<Decided, Block> {
     statement(found, protect)?;
     let lone = lone_path_set(found);
     if let Some((value, _)) = &lone {
         search_path_allowed(&super::session::parse_list(value, ""))?;
     }
+    let row_set = settings_row_set(found, toks);
     for f in &found.funcs {
-        function(f, protect, lone.is_some())?;
+        function(f, protect, lone.is_some(), row_set.as_ref().map(|(n, ..)| n.as_str()))?;
     }
     for cte in &found.ctes {
         if let Some(r) = protect.resolve(None, cte)
@@ -180,6 +224,18 @@ pub(crate) fn check(found: &Found<'_>, protect: &mut Protection<'_>, toks: &Toke
         }
     }
     let mut decided = relations(found, protect, toks)?;
+    if let Some((setting, arg, rel)) = &row_set {
+        // The setting by name, from pg_catalog's pg_settings: what the server sets is what
+        // was checked, whatever a temporary `pg_settings` would have held.
+        decided.edits.push(Edit {
+            from: *arg,
+            to: arg + 1,
+            pieces: vec![Piece::Text(super::mask_sql::literal(setting))],
+        });
+        if !toks.is(rel.saturating_sub(1), ".") {
+            decided.edits.push(Edit { from: *rel, to: *rel, pieces: vec![Piece::Text("pg_catalog.".to_owned())] });
+        }
+    }
     // Pinned (I12): a built-in called by its bare name is pg_catalog's. Resolved through the
     // search_path, a function of the session's own with a better-matching signature
     // (`app.length(integer)`) would run instead, outside `functions: allow:`.
@@ -385,7 +441,13 @@ pub fn unsafe_encoding(value: &str) -> bool {
 /// `lone_path_set`: the statement is a lone `SELECT set_config('search_path', …)`, which the
 /// session follows like SET; anywhere else set_config of search_path could run any number of
 /// times, or not at all, and is refused.
-fn function(f: &walk::FuncSite, protect: &Protection<'_>, lone_path_set: bool) -> Result<(), Block> {
+/// `row_set`: the setting a pg_settings-row set_config names (`settings_row_set`).
+fn function(
+    f: &walk::FuncSite,
+    protect: &Protection<'_>,
+    lone_path_set: bool,
+    row_set: Option<&str>,
+) -> Result<(), Block> {
     let (schema, name) = match f.name.as_slice() {
         [n] => (None, n.as_str()),
         [s, n] => (Some(s.as_str()), n.as_str()),
@@ -393,7 +455,8 @@ fn function(f: &walk::FuncSite, protect: &Protection<'_>, lone_path_set: bool) -
         _ => return Ok(()),
     };
     if name == "set_config" && schema.is_none_or(|s| s == "pg_catalog") {
-        let setting_name = f.text_args.first().cloned().flatten().map(|s| s.to_lowercase());
+        let setting_name =
+            f.text_args.first().cloned().flatten().or_else(|| row_set.map(str::to_owned)).map(|s| s.to_lowercase());
         let value = f.text_args.get(1).cloned().flatten();
         return match setting_name.as_deref() {
             Some("search_path") if lone_path_set => Ok(()),
@@ -1201,7 +1264,7 @@ fn definition_relations_all(sql: &str, protect: &mut Protection<'_>) -> Vec<Stri
             }
         }
         for f in &found.funcs {
-            if function(f, protect, false).is_err() {
+            if function(f, protect, false, None).is_err() {
                 out.push(f.name.join("."));
             }
         }

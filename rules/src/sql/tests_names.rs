@@ -303,3 +303,26 @@ fn a_sublink_over_the_targets_table_binds_to_its_own_range_variable() {
         sent(PUBLIC, "UPDATE customers SET name = (SELECT notes FROM customers c2 WHERE c2.id = 1) WHERE id = 2");
     assert!(text.contains("SET name = (SELECT c2.notes FROM (SELECT "), "{text}");
 }
+
+#[test]
+fn pg_dumps_set_config_from_pg_settings_is_the_equivalent_set() {
+    let dump = "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings WHERE name = 'restrict_nonsystem_relation_kind'";
+    assert_eq!(
+        sent(PUBLIC, dump),
+        "SELECT pg_catalog.set_config('restrict_nonsystem_relation_kind', 'view, foreign-table', false) FROM pg_catalog.pg_settings WHERE name = 'restrict_nonsystem_relation_kind'"
+    );
+    // The setting it names is checked as SET would be; anything else of the shape is not it.
+    assert_eq!(
+        blocked("SELECT set_config(name, 'off', false) FROM pg_settings WHERE name = 'standard_conforming_strings'"),
+        "setting"
+    );
+    assert_eq!(blocked("SELECT set_config(name, 'x', false) FROM pg_settings WHERE name = 'search_path'"), "setting");
+    for other in [
+        "SELECT set_config(name, 'x', false) FROM pg_settings WHERE name LIKE 'search%'",
+        "SELECT set_config(name, 'x', false) FROM pg_settings WHERE name = 'jit' OR true",
+        "SELECT set_config(name, 'x', false) FROM pg_settings",
+        "SELECT set_config(name, 'x', false) FROM scratch.pg_settings WHERE name = 'jit'",
+    ] {
+        assert_eq!(blocked(other), "setting", "{other}");
+    }
+}

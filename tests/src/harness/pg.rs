@@ -232,10 +232,19 @@ impl Cluster {
 
     /// A database of its own for one test, copied from the fixture.
     pub fn fresh_db(&self) -> TestDb {
+        self.db_from("fixture")
+    }
+
+    /// An empty database of its own (from template0), to restore a dump into.
+    pub fn empty_db(&self) -> TestDb {
+        self.db_from("template0")
+    }
+
+    fn db_from(&self, template: &str) -> TestDb {
         let name = format!("t_{:016x}", rand::random::<u64>());
         let mut last = None;
         for _ in 0..20 {
-            match self.psql_admin("postgres", &format!("CREATE DATABASE {name} TEMPLATE fixture")) {
+            match self.psql_admin("postgres", &format!("CREATE DATABASE {name} TEMPLATE {template}")) {
                 Ok(_) => {
                     return TestDb {
                         name,
