@@ -80,6 +80,7 @@ async fn a_reload_reaches_what_the_server_stores() {
     let conn = url(p.port(), "app_user", &db.name, "sslmode=disable");
     let mut client = connect_plain(&conn).await.unwrap();
     let coded = connect_plain(&conn).await.unwrap();
+    let implied = connect_plain(&conn).await.unwrap();
     let stmt = client.prepare("SELECT name FROM customers WHERE id = $1").await.unwrap();
     let name: String = client.query_one(&stmt, &[&1i32]).await.unwrap().get(0);
     assert_eq!(name, "Canary One", "name is not protected yet");
@@ -100,6 +101,11 @@ async fn a_reload_reaches_what_the_server_stores() {
     let tx = client.transaction().await.unwrap();
     let portal = tx.bind(&stmt, &[&2i32]).await.unwrap();
     coded.batch_execute("CREATE TEMP VIEW names_v AS SELECT id, name FROM customers").await.unwrap();
+    // Temporary without saying so: the server makes a view over a temporary table temporary.
+    implied
+        .batch_execute("CREATE TEMP TABLE tt (x int); INSERT INTO tt VALUES (1); CREATE VIEW tv AS SELECT c.name, tt.x FROM tt, customers c")
+        .await
+        .unwrap();
 
     std::fs::write(&rules_path, masking_names()).unwrap();
     assert!(proxy::policy::reload(&p.shared), "the new rules are valid");
@@ -148,6 +154,8 @@ async fn a_reload_reaches_what_the_server_stores() {
     assert!(format!("{e:?}").contains("reloaded"), "{e:?}");
     // The session with a temporary view over the table ends, saying why.
     let e = coded.simple_query("SELECT name FROM names_v").await.unwrap_err();
+    assert!(format!("{e:?}").contains("rules were reloaded"), "{e:?}");
+    let e = implied.simple_query("SELECT name FROM tv").await.unwrap_err();
     assert!(format!("{e:?}").contains("rules were reloaded"), "{e:?}");
     let _ = client.batch_execute("CLOSE cur").await;
 }

@@ -76,7 +76,8 @@ pub(crate) struct Decided {
 }
 
 /// The session effects of a statement (the proxy follows them; checks decide apart).
-pub(crate) fn effects(found: &Found<'_>, effects: &mut Vec<Effect>) {
+/// `temp`: the session's temporary relations.
+pub(crate) fn effects(found: &Found<'_>, temp: &[String], effects: &mut Vec<Effect>) {
     effects.extend(found.temp_created.iter().cloned().map(Effect::TempRelation));
     effects.extend(found.executes.iter().cloned().map(Effect::Executes));
     match &found.kind {
@@ -102,11 +103,21 @@ pub(crate) fn effects(found: &Found<'_>, effects: &mut Vec<Effect>) {
     }
     // A temporary view reads what its text read when it was created; the catalog snapshot
     // cannot see it, so no rules change reaches it (threat model I11).
+    // A view over one of the session's temporary relations is temporary too, whatever its
+    // text says (the server makes it so).
+    let is_view = |r: &walk::RelSite<'_>| matches!(&r.site, Site::Other("ViewStmt", k) if k == "view");
     let temp_view = found.rels.iter().any(|r| {
-        matches!(&r.site, Site::Other("ViewStmt", k) if k == "view")
+        is_view(r)
             && (walk::str_field(r.rv, "relpersistence") == Some("t")
                 || r.schema().is_some_and(|s| s.starts_with("pg_temp")))
-    });
+    }) || (found.rels.iter().any(is_view)
+        && found.rels.iter().any(|r| {
+            !is_view(r)
+                && !r.cte
+                && r.schema().is_none_or(|s| s.starts_with("pg_temp"))
+                && (temp.iter().any(|t| t == r.relname())
+                    || effects.iter().any(|e| matches!(e, Effect::TempRelation(t) if t == r.relname())))
+        }));
     if temp_view {
         effects.push(Effect::StoredCode);
     }
@@ -344,6 +355,29 @@ fn statement(found: &Found<'_>, protect: &mut Protection<'_>) -> Result<(), Bloc
                 "SET search_path FROM CURRENT is not followed by pgveil",
                 "SET search_path to the schemas you need",
             ));
+        }
+        // A rule outlives the session on a permanent relation: its action keeps reading what
+        // it read under today's rules after a rules change protects more (I11), and fires
+        // for every session that writes the relation. On a temporary one it ends with the
+        // session (stored code: a reload ends the session).
+        StmtKind::Other(kind) if kind == "RuleStmt" => {
+            let on_temp = found.rels.iter().any(|r| {
+                matches!(&r.site, Site::Other("RuleStmt", k) if k == "relation")
+                    && (r.schema().is_some_and(|s| s.starts_with("pg_temp"))
+                        || (r.schema().is_none() && protect.temp.iter().any(|t| t == r.relname())))
+            });
+            let protected = found.rels.iter().any(|r| {
+                matches!(&r.site, Site::Other("RuleStmt", k) if k == "relation")
+                    && protect.resolve(r.schema(), r.relname()).is_some_and(|rel| protect.protected(&rel).is_some())
+            });
+            // (A protected relation's is refused as protected DDL, below.)
+            if !on_temp && !protected {
+                return Err(block(
+                    Reason::Function,
+                    "a rule on a permanent relation outlives the session and keeps reading what today's rules let it read",
+                    "ask a DBA to create the rule, or use a view",
+                ));
+            }
         }
         StmtKind::Other(kind) if CALLS_LATER.contains(&kind.as_str()) => {
             return Err(block(

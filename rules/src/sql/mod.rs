@@ -313,7 +313,7 @@ impl<'a> Analyzer<'a> {
                     Some(block(Reason::Unsupported, "the statement nests too deeply for pgveil", "simplify it"));
                 return out;
             }
-            checks::effects(&found, &mut out.effects);
+            checks::effects(&found, &self.temp, &mut out.effects);
             let mut plan = StatementPlan { session: checks::changes(&found, &self.user), ..StatementPlan::default() };
             for c in &plan.session {
                 path.apply(c, several);

@@ -326,3 +326,26 @@ fn pg_dumps_set_config_from_pg_settings_is_the_equivalent_set() {
         assert_eq!(blocked(other), "setting", "{other}");
     }
 }
+
+#[test]
+fn what_outlives_a_reload_is_refused_or_ends_the_session() {
+    use crate::sql::Effect;
+    // A rule on a permanent relation would keep reading what today's rules let it read.
+    assert_eq!(blocked("CREATE RULE r AS ON INSERT TO orders DO ALSO SELECT 1"), "function");
+    // On the session's temporary relation it is stored code: a reload ends the session.
+    let a = analyze(PUBLIC, &["t"], "CREATE RULE r AS ON INSERT TO t DO ALSO NOTHING");
+    assert_eq!(a.block, None);
+    assert!(a.effects.contains(&Effect::StoredCode), "{:?}", a.effects);
+    // A view over a temporary relation is temporary whatever its text says.
+    for (temp, sql) in [
+        (&["t"][..], "CREATE VIEW v AS SELECT c.name, t.x FROM t, customers c"),
+        (&[][..], "CREATE TEMP TABLE t2 (a int); CREATE VIEW v2 AS SELECT a, c.name FROM t2, customers c"),
+    ] {
+        let a = analyze(PUBLIC, temp, sql);
+        assert_eq!(a.block, None, "{sql}");
+        assert!(a.effects.contains(&Effect::StoredCode), "{sql}: {:?}", a.effects);
+    }
+    // A permanent view is not: lineage protects it after a reload.
+    let a = analyze(PUBLIC, &[], "CREATE VIEW v3 AS SELECT name FROM customers");
+    assert!(!a.effects.contains(&Effect::StoredCode), "{:?}", a.effects);
+}
