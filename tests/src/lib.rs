@@ -37,6 +37,8 @@ mod masking;
 #[cfg(test)]
 mod names;
 #[cfg(test)]
+mod relay_diff;
+#[cfg(test)]
 mod reload;
 #[cfg(test)]
 mod scram;

@@ -16,7 +16,7 @@ pub(super) enum Expect {
         blocked: Option<Box<ErrorResponse>>,
         source: Option<Source>,
     },
-    Bind,
+    Bind(BindUndo),
     /// `swallow`: a Describe pgveil sent itself (after preparing a statement again), whose
     /// answers update the statement's description and are not for the client.
     DescribeStatement {
@@ -42,6 +42,25 @@ pub(super) enum Expect {
     /// The ParseComplete of a statement prepared again after a rules change (not for the
     /// client); if it never comes, the server still holds the old text.
     Reprepared(Bytes),
+}
+
+/// What a Bind changed in the relay's portal names, undone if the server never runs it (an
+/// error answers it or an earlier one makes the server skip it): a later Execute of the name
+/// must find the portal the server has, not one it refused to create.
+#[derive(Debug)]
+pub(super) struct BindUndo {
+    pub portal: Bytes,
+    pub id: u64,
+    pub previous: Option<u64>,
+}
+
+/// What the server skips after an error, up to Sync.
+#[derive(Debug, Default)]
+pub(super) struct Skipped {
+    /// Statements whose new Parse the server will now not run.
+    pub not_reprepared: Vec<Bytes>,
+    /// Binds it will not run, oldest first.
+    pub binds: Vec<BindUndo>,
 }
 
 /// The expected responses, oldest first.
@@ -100,15 +119,27 @@ impl Queue {
 
     /// After an ErrorResponse in the extended protocol: the server ignores every message up
     /// to the next Sync, so their answers will never come.
-    /// Returns the statements whose new Parse the server will now not run.
-    pub fn skip_to_sync(&mut self) -> Vec<Bytes> {
-        let mut not_reprepared = Vec::new();
+    pub fn skip_to_sync(&mut self) -> Skipped {
+        let mut skipped = Skipped::default();
         while self.items.front().is_some_and(|e| !matches!(e, Expect::Sync)) {
-            if let Some(Expect::Reprepared(name)) = self.items.pop_front() {
-                not_reprepared.push(name);
+            match self.items.pop_front() {
+                Some(Expect::Reprepared(name)) => skipped.not_reprepared.push(name),
+                Some(Expect::Bind(undo)) => skipped.binds.push(undo),
+                _ => {}
             }
         }
-        not_reprepared
+        skipped
+    }
+
+    /// Answers still expected for portal `from` belong to portal `to` (a Bind that never ran:
+    /// a later Execute of its name runs the portal the server has under that name).
+    pub fn repoint(&mut self, from: u64, to: u64) {
+        for e in &mut self.items {
+            match e {
+                Expect::Execute(id) | Expect::DescribePortal { portal: id, .. } if *id == from => *id = to,
+                _ => {}
+            }
+        }
     }
 
     /// Whether a Close of this statement is still on its way (a Parse of the same name then
@@ -125,12 +156,15 @@ mod tests {
     #[test]
     fn skip_to_sync_keeps_the_sync_and_what_follows() {
         let mut q = Queue::default();
-        for e in [Expect::Bind, Expect::Execute(1), Expect::Sync, Expect::Bind] {
+        let bind = |id| Expect::Bind(BindUndo { portal: Bytes::from_static(b"p"), id, previous: None });
+        for e in [bind(1), Expect::Execute(1), Expect::Sync, bind(2)] {
             q.push_back(e);
         }
-        assert!(q.skip_to_sync().is_empty());
+        let skipped = q.skip_to_sync();
+        assert!(skipped.not_reprepared.is_empty());
+        assert_eq!(skipped.binds.iter().map(|b| b.id).collect::<Vec<_>>(), [1], "the Bind to undo");
         assert!(matches!(q.pop_front(), Some(Expect::Sync)));
-        assert!(matches!(q.pop_front(), Some(Expect::Bind)));
+        assert!(matches!(q.pop_front(), Some(Expect::Bind(_))));
         assert!(q.is_empty());
         assert!(q.pop(|_| true).is_err(), "an answer nothing was sent for ends the session");
     }

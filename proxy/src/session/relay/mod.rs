@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use bytes::{BufMut, Bytes, BytesMut};
 use rules::sql::{Analysis, Block, ColumnUse, Effect};
 
-use self::expect::{Expect, Queue};
+use self::expect::{BindUndo, Expect, Queue};
 use self::state::{Portal, Prepared, QueryState, Source, slice_of};
 use super::analysis::{Decided, SessionRules};
 use super::{SessionError, SessionInfo};
@@ -235,7 +235,7 @@ impl Relay {
     pub(crate) fn plausible_answer(&self) -> Option<u8> {
         Some(match self.expect.front()? {
             Expect::Parse { .. } => b'1',
-            Expect::Bind => b'2',
+            Expect::Bind(_) => b'2',
             Expect::DescribeStatement { .. } | Expect::DescribePortal { .. } => b'T',
             Expect::Execute(_) => b'C',
             Expect::Close(..) => b'3',
@@ -383,15 +383,11 @@ impl Relay {
                     generation,
                     ..Portal::default()
                 };
-                match self.portal_names.get_mut(bind.portal) {
-                    Some(id) => *id = self.next_id,
-                    None => {
-                        self.portal_names.insert(Bytes::copy_from_slice(bind.portal), self.next_id);
-                    }
-                }
+                let name = Bytes::copy_from_slice(bind.portal);
+                let previous = self.portal_names.insert(name.clone(), self.next_id);
                 self.portals.insert(self.next_id, portal);
                 self.to_server.put_slice(f.as_bytes());
-                self.expect.push_back(Expect::Bind);
+                self.expect.push_back(Expect::Bind(BindUndo { portal: name, id: self.next_id, previous }));
             }
             b'D' => {
                 let (kind, name) = messages::target(&f).ok_or(SessionError::UnexpectedClientMessage(b'D'))?;
@@ -411,7 +407,10 @@ impl Relay {
             }
             b'E' => {
                 let (name, _) = messages::execute_message(&f).ok_or(SessionError::UnexpectedClientMessage(b'E'))?;
-                let portal = self.portal_names.get(name).copied().unwrap_or(0);
+                let portal = match self.portal_names.get(name) {
+                    Some(id) => *id,
+                    None => self.unbound_portal(name),
+                };
                 if let Some(err) = self.stale_portal(portal, name) {
                     self.push_blocked_parse(err);
                     return Ok(true);
@@ -594,7 +593,7 @@ impl Relay {
                 }
             }
             b'2' => {
-                self.expect.pop(|e| matches!(e, Expect::Bind))?;
+                self.expect.pop(|e| matches!(e, Expect::Bind(_)))?;
                 self.forward(&f);
             }
             b'3' => {

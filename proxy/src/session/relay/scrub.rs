@@ -78,10 +78,27 @@ impl Relay {
                     }
                     _ => {}
                 }
-                for name in self.expect.skip_to_sync() {
+                let skipped = self.expect.skip_to_sync();
+                for name in skipped.not_reprepared {
                     // Its Parse never ran: the server still holds the text decided under the
                     // earlier rules, so it is prepared again at its next Bind.
                     self.forget_generation(&name);
+                }
+                // Binds that never ran (the failed one included) name no portal of theirs.
+                // Messages after the Sync that were sent before this answer came may name
+                // them: they run what the server has under the name instead.
+                for undo in skipped.binds.into_iter().rev() {
+                    if self.portal_names.get(&undo.portal) == Some(&undo.id) {
+                        match undo.previous {
+                            Some(id) => self.portal_names.insert(undo.portal.clone(), id),
+                            None => self.portal_names.remove(&undo.portal),
+                        };
+                    }
+                    let instead = match undo.previous {
+                        Some(id) => id,
+                        None => self.unbound_portal(&undo.portal),
+                    };
+                    self.expect.repoint(undo.id, instead);
                 }
             }
         }

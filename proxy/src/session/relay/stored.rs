@@ -20,7 +20,7 @@ use rules::sql::{Analysis, Block, Effect};
 
 use super::Relay;
 use super::expect::Expect;
-use super::state::Prepared;
+use super::state::{Portal, Prepared};
 use crate::audit::EventKind;
 use crate::protocol::Frame;
 use crate::protocol::messages::{self, ErrorResponse, sqlstate};
@@ -184,6 +184,26 @@ impl Relay {
             return Some(self.refuse_stale(&what.0, what.1, text));
         }
         None
+    }
+
+    /// A portal the client executes without having bound it: a SQL cursor (its rows are what
+    /// FETCH gives, its query decided at DECLARE; one declared under earlier rules is refused
+    /// as its FETCH would be), or one pgveil knows nothing of, whose rows a masked session
+    /// never sees (I1). A portal of its own for this Execute, forgotten once answered.
+    pub(super) fn unbound_portal(&mut self, name: &[u8]) -> u64 {
+        if name.is_empty() {
+            return 0;
+        }
+        let current = self.rules.view_generation();
+        let declared = std::str::from_utf8(name).ok().and_then(|n| self.cursors.get(n).copied()).or(self.cursors_floor);
+        self.next_id = self.next_id.wrapping_add(1);
+        let portal = Portal {
+            unknown_statement: declared.is_none(),
+            generation: declared.unwrap_or(current),
+            ..Portal::default()
+        };
+        self.portals.insert(self.next_id, portal);
+        self.next_id
     }
 
     pub(super) fn remember_cursor(&mut self, name: &str) {

@@ -1096,3 +1096,90 @@ proptest::proptest! {
         crate::fuzz::relay(&data);
     }
 }
+
+#[test]
+fn a_sql_cursor_executed_as_a_portal_returns_its_rows() {
+    let mut h = harness(APP);
+    h.clients(vec![
+        parse("", "BEGIN"),
+        bind("", "", &[]),
+        execute("", 0),
+        parse("", "DECLARE c CURSOR FOR SELECT id FROM orders"),
+        bind("", "", &[]),
+        execute("", 0),
+        execute("c", 2),
+        sync(),
+    ]);
+    // Each Execute gets a Describe of its own, whose answer the client never sees.
+    assert_eq!(tags(&h.sent()), "PBDEPBDEDES");
+    h.server(vec![
+        empty(b'1'),
+        empty(b'2'),
+        empty(b'n'),
+        complete("BEGIN"),
+        empty(b'1'),
+        empty(b'2'),
+        empty(b'n'),
+        complete("DECLARE CURSOR"),
+        row_desc(&[("id", 16_385, 1)]),
+        data_row(&["1"]),
+        data_row(&["2"]),
+        empty(b's'),
+        ready(),
+    ]);
+    assert_eq!(h.received_tags(), "12C12CDDsZ");
+}
+
+#[test]
+fn a_bind_the_server_refused_leaves_no_portal_behind() {
+    let mut h = harness(APP);
+    h.clients(vec![bind("c", "nosuch", &[]), sync()]);
+    h.sent();
+    h.server(vec![server_error("26000", "prepared statement \"nosuch\" does not exist"), ready()]);
+    h.received();
+    // "c" is now the server's cursor, not the portal the failed Bind would have made.
+    h.clients(vec![q("BEGIN; DECLARE c CURSOR FOR SELECT id FROM orders")]);
+    h.sent();
+    h.server(vec![complete("BEGIN"), complete("DECLARE CURSOR"), ready()]);
+    h.received();
+    h.clients(vec![execute("c", 0), sync()]);
+    assert_eq!(tags(&h.sent()), "DES");
+    h.server(vec![row_desc(&[("id", 16_385, 1)]), data_row(&["1"]), complete("FETCH 1"), ready()]);
+    assert_eq!(h.received_tags(), "DCZ");
+}
+
+#[test]
+fn an_execute_sent_behind_a_bind_the_server_refused_runs_the_servers_portal() {
+    let mut h = harness(APP);
+    // Both batches are sent before any answer: the second's Execute of "c" was first taken for
+    // the failed Bind's portal.
+    h.clients(vec![bind("c", "", &[]), sync()]);
+    h.clients(vec![
+        parse("", "BEGIN"),
+        bind("", "", &[]),
+        execute("", 0),
+        parse("", "DECLARE c CURSOR FOR SELECT id, name FROM customers ORDER BY id"),
+        bind("", "", &[]),
+        execute("", 0),
+        execute("c", 0),
+        sync(),
+    ]);
+    assert_eq!(tags(&h.sent()), "BSPBDEPBDEDES");
+    h.server(vec![
+        server_error("26000", "unnamed prepared statement does not exist"),
+        ready(),
+        empty(b'1'),
+        empty(b'2'),
+        empty(b'n'),
+        complete("BEGIN"),
+        empty(b'1'),
+        empty(b'2'),
+        empty(b'n'),
+        complete("DECLARE CURSOR"),
+        row_desc(&[("id", 16_384, 1), ("name", 16_384, 2)]),
+        data_row(&["1", "Canary One"]),
+        complete("FETCH 1"),
+        ready(),
+    ]);
+    assert_eq!(h.received_tags(), "EZ12C12CDCZ");
+}
