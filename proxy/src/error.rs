@@ -27,6 +27,10 @@ pub enum SessionError {
     ClientIo(#[source] std::io::Error),
     #[error("server connection: {0}")]
     UpstreamIo(#[source] std::io::Error),
+    /// The server closed the connection between messages (a crash, a shutdown, a terminated
+    /// backend after its FATAL): the client sees the same plain close.
+    #[error("the database server closed the connection")]
+    UpstreamClosed,
     #[error("startup did not complete within the startup timeout")]
     StartupTimeout,
     #[error("TLS is required for this connection")]
@@ -98,6 +102,7 @@ impl SessionError {
             Self::ServerProtocol(_)
             | Self::Truncated(Direction::FromServer)
             | Self::UpstreamIo(_)
+            | Self::UpstreamClosed
             | Self::Connect(_)
             | Self::UpstreamTlsRefused
             | Self::UnexpectedServerMessage(_)
@@ -142,7 +147,6 @@ impl SessionError {
             Self::ServerProtocol(_) | Self::UnexpectedServerMessage(_) | Self::Truncated(Direction::FromServer) => {
                 ErrorResponse::fatal(CONNECTION_FAILURE, "pgveil: the database server sent an invalid message")
             }
-            Self::UpstreamIo(_) => ErrorResponse::fatal(CONNECTION_FAILURE, "pgveil: lost the connection to the database server"),
             Self::ChannelBinding => ErrorResponse::fatal(
                 INVALID_AUTHORIZATION,
                 "pgveil: SCRAM channel binding cannot be relayed through a TLS-terminating proxy (auth.mode: relay with upstream TLS)",
@@ -155,8 +159,16 @@ impl SessionError {
             Self::Refused(e) => (**e).clone(),
             Self::Terminated => ErrorResponse::fatal(ADMIN_SHUTDOWN, "pgveil: session terminated"),
             Self::Policy(why) => ErrorResponse::fatal(INSUFFICIENT_PRIVILEGE, format!("pgveil: {why}; closing the session")),
-            Self::NoAlpn | Self::ClientTls(_) | Self::ClientIo(_) | Self::Truncated(Direction::FromClient) | Self::AuthFailed
-            | Self::ServerRefusedStartup => return None,
+            // A lost server connection is a plain close, as PostgreSQL's own end would be
+            // (what the server said last, a FATAL included, was relayed).
+            Self::NoAlpn
+            | Self::ClientTls(_)
+            | Self::ClientIo(_)
+            | Self::Truncated(Direction::FromClient)
+            | Self::AuthFailed
+            | Self::ServerRefusedStartup
+            | Self::UpstreamIo(_)
+            | Self::UpstreamClosed => return None,
         })
     }
 }

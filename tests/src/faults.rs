@@ -274,3 +274,86 @@ async fn a_deleted_rules_file_keeps_the_rules_in_force() {
     eventually("the restored file is reloaded", || ok() > before).await;
     assert_eq!(ssn(&fresh).await.unwrap(), MASKED_SSN);
 }
+
+/// Everything a raw session as trust_user receives after its login for `sql`, until the
+/// connection ends (bounded in time), as message tags with SQLSTATEs: `E(57P01)`, `Z`, ….
+async fn until_closed(port: u16, db: &str, sql: &str, cluster: &pg::Cluster) -> Vec<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let app = format!("endings-{}", rand::random::<u32>());
+    s.write_all(&crate::harness::startup_packet(&[
+        ("user", "trust_user"),
+        ("database", db),
+        ("application_name", &app),
+    ]))
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed during login");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let mut q = bytes::BytesMut::new();
+    bytes::BufMut::put_u8(&mut q, b'Q');
+    bytes::BufMut::put_u32(&mut q, u32::try_from(sql.len() + 5).unwrap());
+    bytes::BufMut::put_slice(&mut q, sql.as_bytes());
+    bytes::BufMut::put_u8(&mut q, 0);
+    s.write_all(&q).await.unwrap();
+    let find = format!("SELECT pid FROM pg_stat_activity WHERE application_name = '{app}' AND state = 'active'");
+    let mut pid = String::new();
+    for _ in 0..100 {
+        pid = cluster.psql_admin(db, &find).unwrap().trim().to_owned();
+        if !pid.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!pid.is_empty(), "the statement never reached the server");
+    cluster.psql_admin(db, &format!("SELECT pg_terminate_backend({pid})")).unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await.expect("closed promptly").unwrap();
+    let mut out = Vec::new();
+    let mut b = &rest[..];
+    while b.len() >= 5 {
+        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        let (msg, tail) = b.split_at((len + 1).min(b.len()));
+        let mut code = String::new();
+        if msg[0] == b'E' || msg[0] == b'N' {
+            // Fields: a type byte, then a NUL-terminated value; `C` is the SQLSTATE.
+            for field in msg[5..].split(|&c| c == 0) {
+                if let Some((b'C', value)) = field.split_first() {
+                    code = String::from_utf8_lossy(value).into_owned();
+                }
+            }
+        }
+        out.push(format!("{}({code})", char::from(msg[0])));
+        b = tail;
+    }
+    out
+}
+
+/// How a session ends when its backend goes, and when a client leaves before its startup
+/// packet: as PostgreSQL ends them (the server's FATAL, then a plain close; nothing at all),
+/// with no message of pgveil's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_endings_are_postgresqls() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    let p = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
+    let sql = "SELECT pg_sleep(30)";
+    let direct = until_closed(cluster.port, &db.name, sql, cluster).await;
+    assert_eq!(direct.last().map(String::as_str), Some("E(57P01)"), "PostgreSQL's own ending: {direct:?}");
+    assert_eq!(until_closed(p.port(), &db.name, sql, cluster).await, direct, "through pgveil, masked");
+    // Connected and gone at once (a port check, a pool's probe): no answer at all.
+    for port in [cluster.port, p.port()] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await.unwrap().unwrap();
+        assert!(rest.is_empty(), "port {port}: {:?}", String::from_utf8_lossy(&rest));
+    }
+    p.shutdown().await;
+}

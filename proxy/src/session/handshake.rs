@@ -189,7 +189,9 @@ async fn read_more<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> Resu
     let mut chunk = vec![0u8; want.min(1024)];
     let n = io.read(&mut chunk).await.map_err(SessionError::ClientIo)?;
     if n == 0 {
-        return Err(SessionError::Startup(startup::StartupError::BadLength));
+        // The client went away before a whole packet: PostgreSQL answers nothing (it only
+        // logs an incomplete startup packet), and neither does pgveil.
+        return Err(SessionError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
     }
     buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
     Ok(())

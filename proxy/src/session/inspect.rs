@@ -15,7 +15,7 @@ use super::relay::Relay;
 use super::{SessionError, SessionInfo};
 use crate::Shared;
 use crate::audit::{Event, EventKind};
-use crate::protocol::{Direction, Frame, messages};
+use crate::protocol::{Frame, messages};
 
 /// The longest a session whose probe budget is spent waits for the answers still owed to
 /// the client before its FATAL.
@@ -85,7 +85,7 @@ impl<'a> Inspector<'a> {
                 f = server.read_frame() => {
                     let Some(f) = f? else {
                         self.flush_client(client).await?;
-                        return Err(SessionError::Truncated(Direction::FromServer));
+                        return Err(SessionError::UpstreamClosed);
                     };
                     self.relay.on_server(f)?;
                     while let Some(f) = server.buffered_frame()? {
