@@ -17,6 +17,13 @@ fn random_text(rng: &mut rand::rngs::StdRng) -> String {
     (0..n).map(|_| PIECES[rng.random_range(0..PIECES.len())]).collect()
 }
 
+/// ASCII letters, digits and separators only (the shapes of SSNs, phones, card numbers).
+fn random_ascii(rng: &mut rand::rngs::StdRng) -> String {
+    const PIECES: &[&str] = &["1", "9", "0", "a", "Z", "-", " ", ".", "(", ")", "+", "/"];
+    let n = rng.random_range(0..16);
+    (0..n).map(|_| PIECES[rng.random_range(0..PIECES.len())]).collect()
+}
+
 fn cases(rng: &mut rand::rngs::StdRng) -> Vec<(Mask, PgType, &'static str, Vec<String>)> {
     let mut texts: Vec<String> = [
         "",
@@ -44,6 +51,8 @@ fn cases(rng: &mut rand::rngs::StdRng) -> Vec<(Mask, PgType, &'static str, Vec<S
     .map(|s| (*s).to_owned())
     .collect();
     texts.extend((0..60).map(|_| random_text(rng)));
+    texts.extend((0..80).map(|_| random_ascii(rng)));
+    texts.extend(["4000 0000 0000 0001", "-1234", "1234-", "a-bcde", "ab-cd-ef", "(555) 010-0001", "12-3"].map(String::from));
     let numbers: Vec<String> =
         ["0", "-0.5", "1234.56", "999.5", "-1500", "1000000", "0.01", "-98765.43", "500", "-500"]
             .iter()
@@ -78,6 +87,7 @@ fn cases(rng: &mut rand::rngs::StdRng) -> Vec<(Mask, PgType, &'static str, Vec<S
         (partial(0, 4), PgType::Text, "text", texts.clone()),
         (partial(2, 2), PgType::Text, "text", texts.clone()),
         (partial(1, 0), PgType::Text, "text", texts.clone()),
+        (partial(3, 4), PgType::Text, "text", texts.clone()),
         (Mask::Partial { keep_first: 0, keep_last: 2, fill: '#' }, PgType::Text, "text", texts.clone()),
         (Mask::Hash { length: 16 }, PgType::Text, "text", texts.clone()),
         (Mask::Hash { length: 7 }, PgType::Text, "text", texts.clone()),

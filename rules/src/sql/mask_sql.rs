@@ -281,11 +281,42 @@ fn partial(col: &str, first: usize, last: usize, fill: char, cast: &dyn Fn(&str)
     }
     let fast = format!("CASE WHEN {} THEN {} ELSE {fast} END", op(&len(&s), "<=", &keep.to_string()), repeat(&len(&s)));
     let rest = op(&op(&pre, "||", &replace(&mid)), "||", &suf);
+    // ASCII values with separators (SSNs, phone numbers, spaced card numbers) whose kept ends
+    // are letters and digits, with one masked between them: `translate` masks the middle
+    // without counting or anchored regular expressions. A value no longer than `keep` has at most
+    // `keep` letters and digits, all masked (the branch before, which also keeps `substr`'s
+    // length positive here).
+    let digits_letters = lit(ASCII_ALNUM);
+    let strip = |e: &str| func("translate", &[e, &digits_letters, &lit("")]);
+    let middle = func("substr", &[&s, &(first + 1).to_string(), &op(&len(&s), "-", &keep.to_string())]);
+    let mut ascii = vec![
+        op(&func("octet_length", &[&s]), "=", &len(&s)),
+        // An unanchored search stops at the first letter or digit: cheaper than comparing
+        // the translated middle's length (benches/results/mask-forms.md).
+        op(&middle, "~", &lit("[0-9A-Za-z]")),
+    ];
+    let mut ascii_fast = func("translate", &[&middle, &digits_letters, &lit(&fill.to_string().repeat(ASCII_ALNUM.len()))]);
+    if first > 0 {
+        let head = func("left", &[&s, &first.to_string()]);
+        ascii.push(op(&strip(&head), "=", &lit("")));
+        ascii_fast = op(&head, "||", &ascii_fast);
+    }
+    if last > 0 {
+        let tail = func("right", &[&s, &last.to_string()]);
+        ascii.push(op(&strip(&tail), "=", &lit("")));
+        ascii_fast = op(&ascii_fast, "||", &tail);
+    }
     cast(&format!(
-        "CASE WHEN {col} IS NULL THEN NULL WHEN {plain} THEN {fast} WHEN {} THEN {all} ELSE {rest} END",
+        "CASE WHEN {col} IS NULL THEN NULL WHEN {plain} THEN {fast} WHEN {} THEN {all} WHEN {} THEN {ascii_fast} \
+         WHEN {} THEN {all} ELSE {rest} END",
+        op(&len(&s), "<=", &keep.to_string()),
+        ascii.join(" AND "),
         op(&total, "<=", &keep.to_string())
     ))
 }
+
+/// The ASCII letters and digits, for `translate`.
+const ASCII_ALNUM: &str = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 fn hash(col: &str, ty: PgType, length: usize, fingerprint: &str, cast: &dyn Fn(&str) -> String) -> String {
     let h = format!("pgveil.hmac_hex({}, {})", text(col), lit(fingerprint));
