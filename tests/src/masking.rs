@@ -114,3 +114,50 @@ async fn blocked_statements_are_sql_errors_and_the_session_goes_on() {
     client.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(client.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
 }
+
+/// psql's meta-commands as a masked role give what they give direct (issue 30): they read
+/// the catalogs, never a protected column, and none of them is blocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_meta_commands_as_a_masked_role_equal_direct() {
+    let cluster = pg::cluster();
+    let db = cluster.fresh_db();
+    cluster
+        .psql_admin(
+            &db.name,
+            "CREATE VIEW public.order_totals AS SELECT customer_id, sum(amount) AS total FROM orders GROUP BY 1;
+             CREATE FUNCTION public.add_one(int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1 + 1';
+             COMMENT ON TABLE customers IS 'people we sell to';",
+        )
+        .unwrap();
+    let p = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
+    let direct = format!("host=127.0.0.1 port={} user=app_user password=app_user_pw dbname={}", cluster.port, db.name);
+    let through = url(p.port(), "app_user", &db.name, "sslmode=require");
+    for meta in [
+        "\\d customers",
+        "\\d+ customers",
+        "\\d+ order_totals",
+        "\\dt+",
+        "\\dv",
+        "\\di",
+        "\\ds",
+        "\\df+ add_one",
+        "\\sf add_one",
+        "\\sv order_totals",
+        "\\dp customers",
+        "\\dx",
+        "\\l",
+        "\\dn+",
+        "\\du",
+        "\\dT",
+        "\\dd customers",
+        "\\dconfig search_path",
+    ] {
+        let d = psql(&cluster.psql_bin(), &direct, meta);
+        let t = psql(&cluster.psql_bin(), &through, meta);
+        assert!(d.status.success(), "{meta} direct: {}", stderr(&d));
+        assert!(t.status.success(), "{meta} through pgveil: {}", stderr(&t));
+        assert_eq!(stdout(&t), stdout(&d), "{meta}");
+    }
+    crate::leaks::assert_layers_held(&p.shared);
+    p.shutdown().await;
+}
