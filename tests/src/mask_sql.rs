@@ -52,7 +52,9 @@ fn cases(rng: &mut rand::rngs::StdRng) -> Vec<(Mask, PgType, &'static str, Vec<S
     .collect();
     texts.extend((0..60).map(|_| random_text(rng)));
     texts.extend((0..80).map(|_| random_ascii(rng)));
-    texts.extend(["4000 0000 0000 0001", "-1234", "1234-", "a-bcde", "ab-cd-ef", "(555) 010-0001", "12-3"].map(String::from));
+    texts.extend(
+        ["4000 0000 0000 0001", "-1234", "1234-", "a-bcde", "ab-cd-ef", "(555) 010-0001", "12-3"].map(String::from),
+    );
     let numbers: Vec<String> =
         ["0", "-0.5", "1234.56", "999.5", "-1500", "1000000", "0.01", "-98765.43", "500", "-500"]
             .iter()

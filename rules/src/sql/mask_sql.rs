@@ -134,14 +134,19 @@ pub fn expr(mask: &Mask, col: &str, ty: PgType, sql_type: &str, key: Option<&Has
         }
         Mask::Constant(c) => keep_null(&literal(c)),
         Mask::Email => {
+            // The domain is what follows the last `@` (split_part's field -1, PostgreSQL 14
+            // and later); both it and the part before it must be non-empty. Without reverse()
+            // and character counts: 0.088 against 0.190 s per 200,000 e-mails
+            // (benches/results/mask-forms.md).
             let s = text(col);
-            let p = func("strpos", &[&func("reverse", &[&s]), &lit("@")]);
+            let domain = func("split_part", &[&s, &lit("@"), "-1"]);
             let local = op(&func("left", &[&s, "1"]), "||", &lit("***@"));
-            let domain = func("right", &[&s, &op(&p, "-", "1")]);
+            let octets = |e: &str| func("octet_length", &[e]);
             cast(&format!(
-                "CASE WHEN {col} IS NULL THEN NULL WHEN {} AND {} THEN {} ELSE {} END",
-                op(&p, ">", "1"),
-                op(&p, "<", &func("length", &[&s])),
+                "CASE WHEN {col} IS NULL THEN NULL WHEN {} AND {} AND {} THEN {} ELSE {} END",
+                op(&func("strpos", &[&s, &lit("@")]), ">", "0"),
+                op(&domain, "<>", &lit("")),
+                op(&op(&octets(&domain), "+", "1"), "<", &octets(&s)),
                 op(&local, "||", &domain),
                 lit("****")
             ))
@@ -295,7 +300,8 @@ fn partial(col: &str, first: usize, last: usize, fill: char, cast: &dyn Fn(&str)
         // the translated middle's length (benches/results/mask-forms.md).
         op(&middle, "~", &lit("[0-9A-Za-z]")),
     ];
-    let mut ascii_fast = func("translate", &[&middle, &digits_letters, &lit(&fill.to_string().repeat(ASCII_ALNUM.len()))]);
+    let mut ascii_fast =
+        func("translate", &[&middle, &digits_letters, &lit(&fill.to_string().repeat(ASCII_ALNUM.len()))]);
     if first > 0 {
         let head = func("left", &[&s, &first.to_string()]);
         ascii.push(op(&strip(&head), "=", &lit("")));
