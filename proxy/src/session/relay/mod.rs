@@ -381,6 +381,7 @@ impl Relay {
                     stmt_desc,
                     unknown_statement,
                     generation,
+                    bind_pending: true,
                     ..Portal::default()
                 };
                 let name = Bytes::copy_from_slice(bind.portal);
@@ -411,6 +412,13 @@ impl Relay {
                     Some(id) => *id,
                     None => self.unbound_portal(name),
                 };
+                if !name.is_empty() && self.portals.get(&portal).is_some_and(|p| p.bind_pending) {
+                    // Its Bind may yet fail: what the name would mean then, as of now.
+                    let declared = self.cursor_declared(name);
+                    if let Some(p) = self.portals.get_mut(&portal) {
+                        p.declared_if_unbound = declared;
+                    }
+                }
                 if let Some(err) = self.stale_portal(portal, name) {
                     self.push_blocked_parse(err);
                     return Ok(true);
@@ -593,7 +601,11 @@ impl Relay {
                 }
             }
             b'2' => {
-                self.expect.pop(|e| matches!(e, Expect::Bind(_)))?;
+                if let Expect::Bind(undo) = self.expect.pop(|e| matches!(e, Expect::Bind(_)))?
+                    && let Some(p) = self.portals.get_mut(&undo.id)
+                {
+                    p.bind_pending = false;
+                }
                 self.forward(&f);
             }
             b'3' => {

@@ -96,7 +96,11 @@ impl Relay {
                     }
                     let instead = match undo.previous {
                         Some(id) => id,
-                        None => self.unbound_portal(&undo.portal),
+                        None if undo.portal.is_empty() => 0,
+                        None => {
+                            let declared = self.portals.get(&undo.id).and_then(|p| p.declared_if_unbound);
+                            self.cursor_portal(declared)
+                        }
                     };
                     self.expect.repoint(undo.id, instead);
                 }

@@ -60,6 +60,12 @@ pub(super) struct Portal {
     pub unknown_statement: bool,
     /// The view generation its statement was decided under (I11).
     pub generation: u64,
+    /// An Execute of its name went out before the server confirmed its Bind: if the Bind never
+    /// runs, that Execute runs the server's own portal of the name, a SQL cursor declared
+    /// under this generation (`Some`) or none pgveil knows (`None`), as of that Execute.
+    pub declared_if_unbound: Option<u64>,
+    /// Its Bind is sent and not yet confirmed by BindComplete.
+    pub bind_pending: bool,
 }
 
 #[derive(Debug)]

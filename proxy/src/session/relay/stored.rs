@@ -194,8 +194,19 @@ impl Relay {
         if name.is_empty() {
             return 0;
         }
+        let declared = self.cursor_declared(name);
+        self.cursor_portal(declared)
+    }
+
+    /// The generation the SQL cursor of this name was declared under, if pgveil knows one.
+    pub(super) fn cursor_declared(&self, name: &[u8]) -> Option<u64> {
+        std::str::from_utf8(name).ok().and_then(|n| self.cursors.get(n).copied()).or(self.cursors_floor)
+    }
+
+    /// A portal of its own for the server's portal of a cursor declared under `declared`
+    /// (`None`: a portal pgveil knows nothing of, whose rows a masked session never sees).
+    pub(super) fn cursor_portal(&mut self, declared: Option<u64>) -> u64 {
         let current = self.rules.view_generation();
-        let declared = std::str::from_utf8(name).ok().and_then(|n| self.cursors.get(n).copied()).or(self.cursors_floor);
         self.next_id = self.next_id.wrapping_add(1);
         let portal = Portal {
             unknown_statement: declared.is_none(),

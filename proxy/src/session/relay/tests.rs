@@ -1183,3 +1183,45 @@ fn an_execute_sent_behind_a_bind_the_server_refused_runs_the_servers_portal() {
     ]);
     assert_eq!(h.received_tags(), "EZ12C12CDCZ");
 }
+
+#[test]
+fn a_cursor_closed_after_an_execute_sent_behind_a_failed_bind_still_serves_that_execute() {
+    let mut h = harness(APP);
+    h.clients(vec![bind("c", "", &[]), sync()]);
+    h.clients(vec![
+        parse("", "BEGIN"),
+        bind("", "", &[]),
+        execute("", 0),
+        parse("", "DECLARE c CURSOR FOR SELECT id, name FROM customers ORDER BY id"),
+        bind("", "", &[]),
+        execute("", 0),
+        execute("c", 0),
+        // Decided before the Bind's error comes: pgveil already forgot the cursor.
+        parse("", "CLOSE c"),
+        bind("", "", &[]),
+        execute("", 0),
+        sync(),
+    ]);
+    h.sent();
+    h.server(vec![
+        server_error("26000", "unnamed prepared statement does not exist"),
+        ready(),
+        empty(b'1'),
+        empty(b'2'),
+        empty(b'n'),
+        complete("BEGIN"),
+        empty(b'1'),
+        empty(b'2'),
+        empty(b'n'),
+        complete("DECLARE CURSOR"),
+        row_desc(&[("id", 16_384, 1), ("name", 16_384, 2)]),
+        data_row(&["1", "Canary One"]),
+        complete("FETCH 1"),
+        empty(b'1'),
+        empty(b'2'),
+        empty(b'n'),
+        complete("CLOSE CURSOR"),
+        ready(),
+    ]);
+    assert_eq!(h.received_tags(), "EZ12C12CDC12CZ");
+}
