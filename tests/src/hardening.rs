@@ -24,20 +24,6 @@ fn startup(user: &str, db: &str) -> BytesMut {
     crate::harness::startup_packet(&[("user", user), ("database", db)])
 }
 
-/// Logs in as trust_user and returns the stream positioned after the first ReadyForQuery.
-async fn logged_in(port: u16, db: &str) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(&startup("trust_user", db)).await.unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !seen.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed during login: {:?}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    s
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_clients_get_errors_and_others_carry_on() {
     let cluster = pg::cluster();
@@ -88,14 +74,14 @@ async fn malformed_clients_get_errors_and_others_carry_on() {
 
     // After login: an unknown message type, and a length below 4.
     for msg in [&b"Z\0\0\0\x04"[..], &b"Q\0\0\0\x02"[..]] {
-        let mut s = logged_in(p.port(), &db.name).await;
+        let mut s = crate::harness::client::raw_login(p.port(), &db.name).await;
         s.write_all(msg).await.unwrap();
         let reply = drain(&mut s).await;
         assert!(String::from_utf8_lossy(&reply).contains("08P01"), "{:?}: {:?}", msg, String::from_utf8_lossy(&reply));
     }
 
     // A message larger than the protocol allows for its type (Sync over 10,000 bytes).
-    let mut s = logged_in(p.port(), &db.name).await;
+    let mut s = crate::harness::client::raw_login(p.port(), &db.name).await;
     s.write_all(b"S\0\0\x27\x20").await.unwrap();
     let reply = drain(&mut s).await;
     assert!(String::from_utf8_lossy(&reply).contains("08P01"));
@@ -110,7 +96,7 @@ async fn invalid_utf8_in_a_masked_session_is_blocked_not_forwarded() {
     let db = cluster.fresh_db();
     let p = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
     // trust_user logs in without a password exchange and is masked like every non-exempt role.
-    let mut s = logged_in(p.port(), &db.name).await;
+    let mut s = crate::harness::client::raw_login(p.port(), &db.name).await;
     let body = b"SELECT '\xff\xfe' FROM customers\0";
     let mut msg = BytesMut::new();
     msg.put_u8(b'Q');
@@ -165,7 +151,7 @@ async fn a_client_that_stops_reading_pushes_back_on_the_backend() {
     let pump = harness_proxy::spawn(cluster).await;
     let inspected = harness_proxy::spawn_with_rules(cluster, RULES, |_| {}).await;
     for (name, port) in [("pump", pump.port()), ("inspected", inspected.port())] {
-        let mut s = logged_in(port, &db.name).await;
+        let mut s = crate::harness::client::raw_login(port, &db.name).await;
         // ~16 GB of rows, streamed (a set-returning function in the select list is not
         // materialized first): far more than every socket and proxy buffer together, and than
         // a proxy that buffered could hold.
@@ -217,7 +203,7 @@ async fn bytes_after_terminate_are_ignored_as_postgresql_ignores_them() {
     after_terminate.put_u32(2);
     after_terminate.put_slice(b"\xff\xfe junk");
     for (name, port) in [("direct", cluster.port), ("pump", pump.port()), ("inspected", inspected.port())] {
-        let mut s = logged_in(port, &db.name).await;
+        let mut s = crate::harness::client::raw_login(port, &db.name).await;
         s.write_all(&after_terminate).await.unwrap();
         let rest = drain(&mut s).await;
         assert!(

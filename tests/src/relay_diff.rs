@@ -16,7 +16,6 @@ use bytes::{Buf, BufMut, BytesMut};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::harness::{pg, proxy as harness_proxy};
 use crate::masking::RULES;
@@ -302,23 +301,10 @@ fn same(direct: &str, through: &str) -> bool {
     direct == through || (direct == "E(25P02)" && through == "E(refused)")
 }
 
-async fn login(port: u16, db: &str) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(&crate::harness::startup_packet(&[("user", "trust_user"), ("database", db)])).await.unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !seen.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed during login: {:?}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    s
-}
-
 /// Sends the batch on a new session and returns what the client receives, up to the marker
 /// query's ReadyForQuery (or the connection's end, or 10 s of silence).
 async fn run(port: u16, db: &str, batch: &BytesMut) -> Vec<String> {
-    let mut s = login(port, db).await;
+    let mut s = crate::harness::client::raw_login(port, db).await;
     let mut seen = Vec::new();
     if s.write_all(batch).await.is_err() {
         seen.push("WRITE FAILED".to_owned());

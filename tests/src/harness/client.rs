@@ -86,3 +86,18 @@ pub async fn cancel_and_wait(addr: std::net::SocketAddr, pid: i32, key: &[u8]) {
         .expect("read to the cancel connection's end");
     assert!(sink.is_empty(), "a cancel request gets no answer, only a close: {sink:?}");
 }
+
+/// Logs in as trust_user and returns the stream positioned after the first ReadyForQuery.
+pub async fn raw_login(port: u16, db: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(&crate::harness::startup_packet(&[("user", "trust_user"), ("database", db)])).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed during login: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    s
+}

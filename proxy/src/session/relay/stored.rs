@@ -198,9 +198,11 @@ impl Relay {
         self.cursor_portal(declared)
     }
 
-    /// The generation the SQL cursor of this name was declared under, if pgveil knows one.
+    /// The generation the SQL cursor of this name was declared under, if pgveil remembers it.
+    /// A name it does not remember (a cursor forgotten past `MAX_CURSORS`, a portal a function
+    /// opened) is not taken for a cursor: its rows are refused (fail closed, I1).
     pub(super) fn cursor_declared(&self, name: &[u8]) -> Option<u64> {
-        std::str::from_utf8(name).ok().and_then(|n| self.cursors.get(n).copied()).or(self.cursors_floor)
+        std::str::from_utf8(name).ok().and_then(|n| self.cursors.get(n).copied())
     }
 
     /// A portal of its own for the server's portal of a cursor declared under `declared`
